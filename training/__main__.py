@@ -1,0 +1,62 @@
+"""Command line: ``python -m training {train,evaluate,visualize} ...``.
+
+Each subcommand parses its arguments once, calls one function, and prints the result. Failures a user
+can fix (missing data, bad option) end with one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from training.config import add_train_arguments, config_from_args
+from training.data import DataNotFoundError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model; writes runs/<RUN>/best.pt and last.pt")
+    add_train_arguments(train)
+
+    ev = sub.add_parser("evaluate", help="score a checkpoint on a dataset's test split")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/eval-<dataset>/")
+    ev.add_argument("--workers", type=int, default=2)
+    ev.add_argument("--json", action="store_true", help="print the metrics as one JSON line (last line)")
+
+    vis = sub.add_parser("visualize", help="first-layer filters and feature maps as PNG")
+    vis.add_argument("--checkpoint", required=True)
+    vis.add_argument("--image", default=None, help="an image file to show feature maps for")
+    vis.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/visualize/")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            from training.train import fit
+            best = fit(config_from_args(args))
+            print(best)
+        elif args.command == "evaluate":
+            from training.evaluate import evaluate_checkpoint
+            metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.out_dir,
+                                          workers=args.workers)
+            if args.json:
+                print(json.dumps(metrics))
+            else:
+                print(f"accuracy {metrics['accuracy']:.4f} on {metrics['samples']} images of {args.dataset}")
+        else:
+            from training.visualize import visualize
+            for path in visualize(args.checkpoint, args.image, args.out_dir):
+                print(path)
+    except (ValueError, DataNotFoundError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

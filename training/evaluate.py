@@ -1,0 +1,64 @@
+"""``evaluate``: score a checkpoint on a dataset's test split; write the confusion matrix as JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from training.data import load_splits
+from training.engine import evaluate
+
+
+def evaluate_checkpoint(checkpoint: str | Path, dataset: str, data_dir: str | None = None,
+                        out_dir: str | Path | None = None, batch_size: int = 256,
+                        workers: int = 2) -> dict:
+    """Evaluate ``checkpoint`` on the test split of ``dataset``.
+
+    Returns the metrics dict (accuracy, loss, per_class, confusion_matrix) and writes
+    ``confusion_matrix.json`` and ``confusion_matrix.png`` to ``out_dir`` (default: beside the
+    checkpoint, in ``eval-<dataset>/``).
+    """
+    ckpt = load_checkpoint(checkpoint)
+    model, contract = model_from_checkpoint(ckpt)
+    splits = load_splits(dataset, data_dir, val_fraction=0.0)
+    if splits.contract != contract:
+        raise ValueError(f"checkpoint {checkpoint} was trained for input {contract} but dataset "
+                         f"{dataset!r} gives {splits.contract}; evaluate on the dataset it was trained on "
+                         f"({ckpt.get('dataset')!r})")
+    loader = DataLoader(splits.test, batch_size=batch_size, num_workers=workers)
+    metrics = evaluate(model, loader, torch.device("cpu"), contract.class_names)
+    metrics = {"checkpoint": str(checkpoint), "dataset": dataset, **metrics}
+    out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{dataset}"
+    atomic_write_bytes(out / "confusion_matrix.json", lambda f: f.write(json.dumps(
+        {"class_names": list(contract.class_names), "rows_true_cols_pred": metrics["confusion_matrix"]},
+        indent=1).encode()))
+    plot_confusion(metrics["confusion_matrix"], contract.class_names, out / "confusion_matrix.png",
+                   title=f"{Path(checkpoint).parent.name} on {dataset}: accuracy {metrics['accuracy']:.4f}")
+    return metrics
+
+
+def plot_confusion(matrix: list[list[int]], names, path: Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 1.0 + 0.5 * k), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = max(max(r) for r in matrix) or 1
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, matrix[i][j], ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i][j] > peak / 2 else "black")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
