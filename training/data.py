@@ -225,6 +225,15 @@ class CIFAR10(datasets.CIFAR10):
         return all((base / name).is_file() for name, _ in (*self.train_list, *self.test_list)) and \
             (base / self.meta["filename"]).is_file()
 
+    def _load_meta(self) -> None:
+        import pickle
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        if not path.is_file():
+            raise RuntimeError(f"CIFAR-10 metadata file {path} not found")
+        with open(path, "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
 
 # ---- embedded digits (scikit-learn, offline) ----------------------------------------------------
 class DigitsDataset(Dataset):
