@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,9 @@ def _load_torchscript(path: Path, device: str, threads: int | None):
 
     if threads is not None:
         torch.set_num_threads(threads)
-    model = torch.jit.load(str(path), map_location=device).eval()
+    with warnings.catch_warnings():  # deprecated, but TorchScript is what this torch runs INT8 with
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated.*")
+        model = torch.jit.load(str(path), map_location=device).eval()
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

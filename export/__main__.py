@@ -1,0 +1,75 @@
+"""Command line: ``python -m export --run RUN [options]``: checkpoint -> artifacts/<RUN>/.
+
+Exit status 0 when every variant passed its gates and the manifest is written; 1 with one
+``error: ...`` line naming the variant and its numbers when a gate fails; 2 for a problem a user can
+fix before exporting (missing checkpoint or data, bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from export.core import ExportConfig, GateError, export_run
+from export.runtime import VARIANTS, IntegrityError
+from training.data import DataNotFoundError
+
+
+def _csv(kind):
+    return lambda text: tuple(kind(v) for v in text.split(",") if v.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> ExportConfig:
+    d = ExportConfig(run="")
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="run name: reads <runs-dir>/RUN/best.pt, writes <out-dir>/RUN/")
+    p.add_argument("--runs-dir", default=d.runs_dir)
+    p.add_argument("--out-dir", default=d.out_dir)
+    p.add_argument("--checkpoint", default=None, help="default: <runs-dir>/<run>/best.pt")
+    p.add_argument("--data-dir", default=None, help="held-out/calibration data; default: the checkpoint's")
+    p.add_argument("--variants", type=_csv(str), default=d.variants,
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+    p.add_argument("--calib-size", type=int, default=d.calib_size, help="training images for INT8 calibration")
+    p.add_argument("--check-size", type=int, default=d.check_size,
+                   help="held-out images for the fp32 parity gate (0: all)")
+    p.add_argument("--eval-size", type=int, default=d.eval_size,
+                   help="held-out images for accuracy (0: the whole test split)")
+    p.add_argument("--max-int8-drop", type=float, default=d.max_int8_drop,
+                   help="accuracy points INT8 may lose against eager fp32")
+    p.add_argument("--atol", type=float, default=d.atol, help="max |logit diff| of fp32 variants vs eager")
+    p.add_argument("--quant-backend", default=d.quant_backend, choices=("x86", "fbgemm", "qnnpack"))
+    p.add_argument("--ort-reduce-range", action=argparse.BooleanOptionalAction, default=d.ort_reduce_range,
+                   help="7-bit ORT INT8 weights (default on: full range saturates on AVX2 without VNNI)")
+    p.add_argument("--ort-activation", choices=("uint8", "int8"), default=d.ort_activation)
+    p.add_argument("--latency-threads", type=_csv(int), default=d.latency_threads)
+    p.add_argument("--latency-rounds", type=int, default=d.latency_rounds, help="0 skips latency")
+    p.add_argument("--cpu-default", choices=VARIANTS, default=None,
+                   help="default CPU variant (default: the fastest that passed its gates)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    a = p.parse_args(argv)
+    return ExportConfig(run=a.run, runs_dir=a.runs_dir, out_dir=a.out_dir, checkpoint=a.checkpoint,
+                        data_dir=a.data_dir, variants=a.variants, calib_size=a.calib_size,
+                        check_size=a.check_size, eval_size=a.eval_size, max_int8_drop=a.max_int8_drop,
+                        atol=a.atol, quant_backend=a.quant_backend, ort_reduce_range=a.ort_reduce_range,
+                        ort_activation=a.ort_activation, latency_threads=a.latency_threads,
+                        latency_rounds=a.latency_rounds, cpu_default=a.cpu_default, seed=a.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        export_run(parse_args(argv))
+    except GateError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, DataNotFoundError, IntegrityError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Build the four exported variants of a trained model, each as one file taking uint8 NCHW pixels.
+
+- torchscript-fp32: traced then frozen (constants folded; reloads exactly; ``optimize_for_inference``
+  is not used because its saved file fails to reload on torch 2.14).
+- onnx-fp32: ``torch.onnx.export(dynamo=True)``, one self-contained file, dynamic batch dimension.
+- torchscript-int8: FX-mode static post-training quantization (``torch.ao.quantization``), traced and
+  frozen. FX rather than eager mode because the registry's models use functional ReLU / pooling and
+  residual adds, which eager mode cannot quantize without editing the model classes.
+- onnx-int8: ONNX Runtime ``quantize_static`` (QDQ, per-channel weights, MinMax calibration) on the
+  fp32 graph after ``quant_pre_process``.
+
+Normalisation stays in float in front of every graph (``WithPreprocessing``), so the INT8 models
+quantize the network, not the preprocessing constants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.contract import Contract, WithPreprocessing
+
+ONNX_OPSET = 20
+INPUT_NAME, OUTPUT_NAME = "pixels", "logits"
+
+
+@contextmanager
+def quiet_deprecations():
+    """TorchScript and torch.ao.quantization print a deprecation warning on every call; export uses
+    them on purpose (they are what TorchServe and this torch version run), so keep the log readable."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*TorchScript.*")
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
+        warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        yield
+
+
+def example_pixels(contract: Contract, n: int = 2) -> torch.Tensor:
+    """A uint8 example batch for tracing; batch 2 so the exporters keep the batch dimension dynamic."""
+    return torch.randint(0, 256, (n, *contract.input_shape), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
+
+
+def export_torchscript(model: nn.Module, contract: Contract, path: Path) -> None:
+    """Trace ``WithPreprocessing(model)`` on uint8 pixels, freeze, save. ``model`` may be quantized."""
+    wrapped = WithPreprocessing(model, contract).eval()
+    with quiet_deprecations(), torch.inference_mode():
+        traced = torch.jit.trace(wrapped, example_pixels(contract), check_trace=False)
+        torch.jit.freeze(traced).save(str(path))
+
+
+def export_onnx(model: nn.Module, contract: Contract, path: Path) -> None:
+    """ONNX fp32 with a dynamic batch dimension, weights inside the one file; checked by onnx.checker."""
+    import onnx
+
+    wrapped = WithPreprocessing(model, contract).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The dynamo exporter prints its progress to stdout; the export log has its own lines.
+    with quiet_deprecations(), contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(wrapped, (example_pixels(contract),), str(path), dynamo=True,
+                          external_data=False, opset_version=ONNX_OPSET, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def quantize_torch(model: nn.Module, contract: Contract, calibration: np.ndarray,
+                   backend: str = "x86") -> nn.Module:
+    """FX static PTQ of the float model, calibrated on uint8 training pixels (normalised here).
+
+    The ``x86`` qconfig observes activations with ``reduce_range=True`` (7-bit), which keeps the
+    u8 x s8 kernels of CPUs without VNNI from saturating.
+    """
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = backend
+    normalize = WithPreprocessing(nn.Identity(), contract).normalize
+    with quiet_deprecations():
+        prepared = prepare_fx(_copy(model).eval(), get_default_qconfig_mapping(backend),
+                              (normalize(example_pixels(contract)),))
+        with torch.inference_mode():
+            for batch in np.array_split(calibration, max(1, len(calibration) // 64)):
+                prepared(normalize(torch.from_numpy(batch)))
+        return convert_fx(prepared).eval()
+
+
+def quantize_onnx(fp32_path: Path, calibration: np.ndarray, path: Path, reduce_range: bool = True,
+                  activation_type: str = "uint8") -> None:
+    """ORT static INT8: pre-process the fp32 graph, then QDQ per-channel quantization.
+
+    Args:
+        reduce_range: 7-bit weights. Without it the u8 x s8 kernels saturate on AVX2 CPUs without
+            VNNI (this machine) and accuracy drops; measured, see README "Export".
+        activation_type: "uint8" (U8S8, ORT's fast path on x86) or "int8" (S8S8).
+    """
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(np.array_split(calibration, max(1, len(calibration) // 64)))
+
+        def get_next(self):
+            batch = next(self._batches, None)
+            return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch)}
+
+    activation = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
+    with tempfile.TemporaryDirectory() as tmp:
+        prepped = Path(tmp) / "prepped.onnx"
+        quant_pre_process(str(fp32_path), str(prepped))
+        quantize_static(str(prepped), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=reduce_range, activation_type=activation,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model)
