@@ -1,0 +1,245 @@
+"""Request bodies in, response bodies out: the wire formats the server speaks.
+
+Requests (one TorchServe request = one dict of parameters, see ``parse_request``):
+  * raw image bytes as the body (``curl -T cat.png`` or ``--data-binary @cat.png``);
+  * multipart/form-data, one image per file part (each part needs its own field name: TorchServe keeps
+    only the last of several parts sharing a name);
+  * JSON ``{"instances": [{"b64": "<base64>"}, ...], "parameters": {"topk": 3}}``;
+  * KServe v2 / Open Inference Protocol JSON (``POST /v2/models/<name>/infer``): one input tensor,
+    ``datatype`` BYTES (base64 image files, shape [N]) or UINT8 (pixels already at the contract,
+    shape [N, C, H, W]).
+Options ``topk`` (1..classes) and ``invert`` (auto|yes|no) come from the query string, or from
+``parameters`` in a JSON body.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from serving.core import INVERT_CHOICES, InputError, Limits
+from training.contract import Contract
+
+OPTION_NAMES = ("topk", "invert")
+PROTOCOL_PREDICTIONS, PROTOCOL_V2 = "predictions", "v2"
+
+
+@dataclass(frozen=True)
+class Request:
+    """A parsed request: encoded images (bytes) or contract pixels ((C, H, W) uint8), and options."""
+
+    items: tuple[bytes | np.ndarray, ...]
+    topk: int | None = None
+    invert: str = "auto"
+    protocol: str = PROTOCOL_PREDICTIONS
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What every response says about the model that answered."""
+
+    name: str
+    version: str
+    variant: str
+    device: str
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(400, "bad_parameter", "option values must be UTF-8 text") from None
+    return str(value)
+
+
+def _options(raw: Mapping[str, Any]) -> tuple[int | None, str]:
+    topk, invert = None, "auto"
+    if raw.get("topk") is not None:
+        text = _text(raw["topk"]).strip()
+        try:
+            topk = int(text)
+        except ValueError:
+            raise InputError(400, "bad_parameter", f"topk must be an integer, got {text!r}") from None
+    if raw.get("invert") is not None:
+        invert = _text(raw["invert"]).strip().lower()
+        if invert not in INVERT_CHOICES:
+            raise InputError(400, "bad_parameter",
+                             f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+    return topk, invert
+
+
+def _b64(text: Any, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise InputError(400, "bad_request", f"{where} must be a base64 string, got {type(text).__name__}")
+    if text.startswith("data:"):  # a data URL: data:image/png;base64,....
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InputError(400, "bad_base64", f"{where} is not valid base64 ({e})") from None
+
+
+def _check_count(n: int, limits: Limits) -> None:
+    if n > limits.max_images:
+        raise InputError(413, "too_many_images",
+                         f"{n} images in one request, over the limit of {limits.max_images}; "
+                         f"split the request")
+    if n == 0:
+        raise InputError(400, "empty_body", "the request lists no images")
+
+
+def _parse_json(data: bytes | str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise InputError(400, "malformed_json", f"the body is not valid JSON ({e})") from None
+
+
+def _looks_like_json(body: Any, content_type: str) -> bool:
+    if isinstance(body, (dict, list)):  # TorchServe already decoded it (decode_input_request=true)
+        return True
+    if "json" in content_type.lower():
+        return True
+    head = bytes(body[:64]) if isinstance(body, (bytes, bytearray)) else str(body)[:64].encode()
+    return head.lstrip()[:1] in (b"{", b"[")  # no image format starts with { or [
+
+
+def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
+                  content_types: Mapping[str, str] | None = None) -> Request:
+    """One TorchServe request (``{parameter name: value}``) -> ``Request``.
+
+    TorchServe names the raw body ``body`` and each multipart part by its field name; query-string
+    options arrive as parameters too.
+
+    Raises:
+        InputError: empty body, malformed JSON or base64, an unknown JSON shape, too many images.
+    """
+    content_types = content_types or {}
+    params = dict(params)
+    options = {k: params.pop(k) for k in OPTION_NAMES if k in params}
+    topk, invert = _options(options)
+    if not params:
+        raise InputError(400, "empty_body", "the request has no body: send image bytes, a multipart "
+                                            "file, or JSON {\"instances\": [{\"b64\": ...}]}")
+    if len(params) == 1 and "body" in params:
+        body = params["body"]
+        if body is None or len(body) == 0:
+            raise InputError(400, "empty_body", "the request body is empty: send image bytes")
+        if _looks_like_json(body, content_types.get("body", "")):
+            return _parse_json_request(body if isinstance(body, (dict, list)) else _parse_json(body),
+                                       contract, limits, topk, invert)
+        return Request((bytes(body),), topk, invert)
+    # multipart/form-data: every part that is not an option is one image file
+    _check_count(len(params), limits)
+    items = []
+    for name, value in params.items():
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        if not isinstance(value, (bytes, bytearray)):
+            raise InputError(400, "bad_request", f"multipart field {name!r} must be a file")
+        if len(value) == 0:
+            raise InputError(400, "empty_body", f"multipart field {name!r} is empty")
+        items.append(bytes(value))
+    return Request(tuple(items), topk, invert)
+
+
+def _parse_json_request(doc: Any, contract: Contract, limits: Limits, topk: int | None,
+                        invert: str) -> Request:
+    if not isinstance(doc, dict):
+        raise InputError(400, "bad_request", "the JSON body must be an object with \"instances\" "
+                                             "(or \"inputs\" for KServe v2)")
+    if doc.get("parameters") is not None:
+        if not isinstance(doc["parameters"], dict):
+            raise InputError(400, "bad_request", "\"parameters\" must be an object")
+        jt, ji = _options({k: v for k, v in doc["parameters"].items() if k in OPTION_NAMES})
+        topk = jt if jt is not None else topk
+        invert = ji if "invert" in doc["parameters"] else invert
+    if "instances" in doc:
+        instances = doc["instances"]
+        if not isinstance(instances, list):
+            raise InputError(400, "bad_request", "\"instances\" must be a list of {\"b64\": ...}")
+        _check_count(len(instances), limits)
+        items = []
+        for i, inst in enumerate(instances):
+            if not isinstance(inst, dict) or "b64" not in inst:
+                raise InputError(400, "bad_request", f"instances[{i}] must be an object {{\"b64\": ...}}")
+            items.append(_b64(inst["b64"], f"instances[{i}].b64"))
+        return Request(tuple(items), topk, invert)
+    if "inputs" in doc:
+        return _parse_v2(doc, contract, limits, topk, invert)
+    raise InputError(400, "bad_request", "the JSON body needs \"instances\": [{\"b64\": ...}] "
+                                         "(or \"inputs\" for KServe v2)")
+
+
+def _parse_v2(doc: dict, contract: Contract, limits: Limits, topk: int | None, invert: str) -> Request:
+    inputs = doc["inputs"]
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise InputError(400, "bad_request", "KServe v2: \"inputs\" must hold exactly one tensor object")
+    tensor = inputs[0]
+    missing = [k for k in ("name", "shape", "datatype", "data") if k not in tensor]
+    if missing:
+        raise InputError(400, "bad_request", f"KServe v2: the input tensor lacks {missing}")
+    shape, dtype, data = tensor["shape"], tensor["datatype"], tensor["data"]
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InputError(400, "bad_request", f"KServe v2: shape must be a list of sizes, got {shape!r}")
+    request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    if not isinstance(data, list):
+        raise InputError(400, "bad_request", "KServe v2: \"data\" must be a list")
+    _check_count(shape[0], limits)
+    if dtype == "BYTES":
+        flat = [x for row in data for x in (row if isinstance(row, list) else [row])]
+        if int(np.prod(shape)) != len(flat) or len(flat) != shape[0]:
+            raise InputError(400, "bad_request", f"KServe v2 BYTES: shape {shape} must be [N] (or [N, 1]) "
+                                                 f"with N base64 images, got {len(flat)} elements")
+        items = tuple(_b64(x, f"inputs[0].data[{i}]") for i, x in enumerate(flat))
+        return Request(items, topk, invert, PROTOCOL_V2, request_id)
+    if dtype == "UINT8":
+        want = [shape[0], *contract.input_shape]
+        if shape != want:
+            raise InputError(400, "bad_tensor", f"KServe v2 UINT8: shape must be [N, C, H, W] = {want} "
+                                                f"for this model, got {shape}")
+        try:
+            arr = np.asarray(data, dtype=np.int64).reshape(-1)
+        except (ValueError, TypeError, OverflowError):
+            raise InputError(400, "bad_tensor", "KServe v2 UINT8: data must be integers") from None
+        if arr.size != int(np.prod(shape)) or (arr.size and (arr.min() < 0 or arr.max() > 255)):
+            raise InputError(400, "bad_tensor", f"KServe v2 UINT8: need {int(np.prod(shape))} values in "
+                                                f"0..255, got {arr.size}")
+        pixels = arr.astype(np.uint8).reshape(shape)
+        return Request(tuple(pixels), topk, invert, PROTOCOL_V2, request_id)
+    raise InputError(400, "bad_request", f"KServe v2: datatype must be BYTES (encoded images) or UINT8 "
+                                         f"(pixels), got {dtype!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# responses
+# --------------------------------------------------------------------------------------------------
+def format_response(request: Request, info: ModelInfo, topk_lists: list[list[dict]]) -> dict:
+    """Top-k per image -> the response document for the request's protocol."""
+    if request.protocol == PROTOCOL_V2:
+        n, k = len(topk_lists), len(topk_lists[0]) if topk_lists else 0
+        out = {"model_name": info.name, "model_version": info.version,
+               "parameters": {"variant": info.variant, "device": info.device},
+               "outputs": [
+                   {"name": "label", "datatype": "BYTES", "shape": [n, k],
+                    "data": [c["label"] for row in topk_lists for c in row]},
+                   {"name": "index", "datatype": "INT64", "shape": [n, k],
+                    "data": [c["index"] for row in topk_lists for c in row]},
+                   {"name": "probability", "datatype": "FP32", "shape": [n, k],
+                    "data": [c["probability"] for row in topk_lists for c in row]}]}
+        if request.id is not None:
+            out["id"] = request.id
+        return out
+    return {"model": info.name, "version": info.version, "variant": info.variant, "device": info.device,
+            "predictions": topk_lists}
+
+
+def error_response(err: InputError) -> dict:
+    return err.to_dict()

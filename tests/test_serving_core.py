@@ -1,0 +1,312 @@
+"""Unit tests of the inference core, the wire protocol and the handler, without TorchServe running.
+
+The model is a fake runner (its logits are a function of the mean pixel, so a test can tell what the
+model saw); the handler gets TorchServe's own ``Context``/``RequestProcessor`` classes. The bad-input
+table here is reused by the integration test against a real server.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.core import InferenceCore, InputError, Limits, decode_image, to_mode, top_k
+from serving.protocol import PROTOCOL_V2, parse_request
+from training.contract import Contract
+
+DIGITS = Contract(28, 28, 1, (0.2,), (0.3,), tuple(str(i) for i in range(10)))
+RGB = Contract(32, 32, 3, (0.5,) * 3, (0.25,) * 3, tuple(f"c{i}" for i in range(10)))
+SMALL = Limits(max_images=4, max_pixels=1_000_000)
+
+
+# --------------------------------------------------------------------------------------------------
+# image makers shared with test_serving_server.py
+# --------------------------------------------------------------------------------------------------
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def digit_like(size: int = 28, light_on_dark: bool = True) -> Image.Image:
+    """A bright square stroke on black (MNIST style), or its negative."""
+    a = np.zeros((size, size), np.uint8)
+    a[size // 4: 3 * size // 4, size // 3: size // 2] = 255
+    return Image.fromarray(a if light_on_dark else 255 - a, "L")
+
+
+def bad_inputs(limits: Limits) -> dict[str, tuple[bytes, int, str]]:
+    """Every malformed or refused image body: name -> (bytes, HTTP status, error type)."""
+    side_big = int((limits.max_pixels * 1.2) ** 0.5)  # over the limit, under Pillow's 2x bomb line
+    side_bomb = int((limits.max_pixels * 2.5) ** 0.5)
+    png = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
+    jpeg = encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)), "JPEG")
+    return {
+        "empty": (b"", 400, "empty_body"),
+        "not_an_image": (b"this is plain text, not an image" * 4, 415, "not_an_image"),
+        "truncated_png": (png[: len(png) // 2], 400, "truncated_image"),
+        "truncated_jpeg": (jpeg[: len(jpeg) // 2], 400, "truncated_image"),
+        # valid signature and header, scrambled pixel data: zlib/CRC errors while decoding
+        "corrupt_data": (png[:60] + bytes(255 - b for b in png[60:-12]) + png[-12:], 400, "corrupt_image"),
+        # 1-bit images compress ~1000:1: a few KB on the wire, megapixels once decoded
+        "over_pixel_limit": (encode(Image.new("1", (side_big, side_big))), 413, "image_too_large"),
+        "decompression_bomb": (encode(Image.new("1", (side_bomb, side_bomb))), 413, "decompression_bomb"),
+        "float_tiff": (encode(Image.new("F", (8, 8), 0.5), "TIFF"), 415, "unsupported_mode"),
+    }
+
+
+def exotic_modes() -> dict[str, bytes]:
+    """Images in modes that must be converted (not refused)."""
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (10, 10, 20, 20))
+    return {
+        "png16": encode(Image.fromarray((np.full((20, 20), 40000)).astype(np.uint16))),
+        "cmyk_jpeg": encode(Image.new("CMYK", (20, 20), (0, 255, 255, 0)), "JPEG"),
+        "palette_gif": encode(Image.new("P", (20, 20), 3), "GIF"),
+        "rgba_png": encode(rgba),
+        "la_png": encode(Image.new("LA", (20, 20), (30, 200))),
+        "bmp": encode(Image.new("RGB", (20, 20), (9, 99, 199)), "BMP"),
+        "webp": encode(Image.new("RGB", (20, 20), (9, 99, 199)), "WEBP"),
+        "one_bit": encode(Image.new("1", (20, 20), 1)),
+    }
+
+
+class FakeRunner:
+    """Stands in for export.runtime.Runner: logit j is high when the mean pixel is near j * 255 / 9."""
+
+    def __init__(self, contract: Contract) -> None:
+        self.contract, self.variant, self.device = contract, "fake-fp32", "cpu"
+        self.manifest = {"version": "7"}
+        self.calls: list[tuple] = []
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        assert pixels.dtype == np.uint8 and pixels.shape[1:] == self.contract.input_shape
+        self.calls.append(pixels.shape)
+        mean = pixels.reshape(len(pixels), -1).mean(axis=1) / 255.0 * 9.0  # (N,)
+        centers = np.arange(self.contract.num_classes, dtype=np.float32)
+        return (-(mean[:, None] - centers[None, :]) ** 2 * 4.0).astype(np.float32)  # (N, K)
+
+
+# --------------------------------------------------------------------------------------------------
+# core
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(bad_inputs(SMALL)))
+def test_bad_images_raise_input_error(name):
+    data, code, kind = bad_inputs(SMALL)[name]
+    core = InferenceCore(FakeRunner(DIGITS), SMALL)
+    with pytest.raises(InputError) as err:
+        core.to_pixels(data)
+    assert (err.value.code, err.value.type) == (code, kind), err.value.message
+    assert err.value.message
+
+
+@pytest.mark.parametrize("name", list(exotic_modes()))
+@pytest.mark.parametrize("contract", [DIGITS, RGB], ids=["gray", "rgb"])
+def test_exotic_modes_convert_to_contract(name, contract):
+    pixels = InferenceCore(FakeRunner(contract), SMALL).to_pixels(exotic_modes()[name], invert="no")
+    assert pixels.dtype == np.uint8 and pixels.shape == contract.input_shape
+
+
+def test_mode_conversions_keep_meaning():
+    # 16-bit 40000/65535 -> ~156, not Pillow's clipped 255
+    gray16 = decode_image(exotic_modes()["png16"], SMALL)
+    assert abs(int(np.asarray(to_mode(gray16, 1)).mean()) - 40000 // 256) <= 1
+    # CMYK (0, 255, 255, 0) is red
+    assert tuple(np.asarray(to_mode(decode_image(exotic_modes()["cmyk_jpeg"], SMALL), 3))[5, 5]) \
+        == pytest.approx((255, 0, 0), abs=3)
+    # transparent pixels become white, opaque black stays black
+    rgba = np.asarray(to_mode(decode_image(exotic_modes()["rgba_png"], SMALL), 3))
+    assert tuple(rgba[0, 0]) == (255, 255, 255) and tuple(rgba[15, 15]) == (0, 0, 0)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("L", (40, 20), 0)
+    img.paste(255, (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW when displayed: the white half ends up on top
+    decoded = decode_image(encode(img, "JPEG", exif=exif), SMALL)
+    a = np.asarray(decoded)
+    assert decoded.size == (20, 40) and a[:20].mean() > 200 and a[20:].mean() < 50
+
+
+def test_large_jpeg_decodes_in_draft_mode():
+    big = encode(Image.new("RGB", (3000, 2000), (200, 30, 30)), "JPEG")
+    img = decode_image(big, Limits(), draft=("RGB", 32))
+    assert max(img.size) < 3000 and min(img.size) >= 32  # DCT-scaled, still larger than the contract
+
+
+def test_dark_on_light_digit_is_inverted_automatically():
+    core = InferenceCore(FakeRunner(DIGITS), SMALL)
+    light_on_dark = core.to_pixels(encode(digit_like(112)))
+    dark_on_light = core.to_pixels(encode(digit_like(112, light_on_dark=False)))
+    assert np.abs(light_on_dark.astype(int) - dark_on_light.astype(int)).max() <= 2
+    kept = core.to_pixels(encode(digit_like(112, light_on_dark=False)), invert="no")
+    assert kept.mean() > 128  # "no" keeps the light background
+    # RGB contracts are never inverted automatically
+    rgb = InferenceCore(FakeRunner(RGB), SMALL).to_pixels(encode(Image.new("RGB", (8, 8), "white")))
+    assert rgb.min() == 255
+
+
+def test_top_k_is_sorted_and_named():
+    logits = np.array([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]], np.float32)
+    out = top_k(logits, 2, ("a", "b", "c"))
+    assert [c["label"] for c in out[0]] == ["b", "c"] and out[1][0]["index"] == 0
+    assert out[0][0]["probability"] == pytest.approx(np.exp(3) / (1 + np.exp(3) + np.exp(1)), abs=1e-6)
+
+
+def test_classify_end_to_end_with_fake_runner():
+    core = InferenceCore(FakeRunner(RGB), SMALL)
+    white, black = encode(Image.new("RGB", (50, 70), "white")), encode(Image.new("RGB", (5, 5), "black"))
+    out = core.classify([white, black], topk=3)
+    assert out[0][0]["label"] == "c9" and out[1][0]["label"] == "c0" and len(out[0]) == 3
+    with pytest.raises(InputError, match="topk"):
+        core.classify([white], topk=11)
+
+
+# --------------------------------------------------------------------------------------------------
+# protocol
+# --------------------------------------------------------------------------------------------------
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_parse_raw_multipart_and_instances():
+    png = encode(digit_like())
+    assert parse_request({"body": png}, DIGITS, SMALL).items == (png,)
+    req = parse_request({"file0": png, "file1": png, "topk": b"3"}, DIGITS, SMALL)
+    assert len(req.items) == 2 and req.topk == 3
+    body = json.dumps({"instances": [{"b64": b64(png)}] * 3, "parameters": {"invert": "no"}}).encode()
+    req = parse_request({"body": body}, DIGITS, SMALL, {"body": "application/json"})
+    assert req.items == (png,) * 3 and req.invert == "no"
+    # already decoded by TorchServe (decode_input_request=true) works too
+    assert parse_request({"body": {"instances": [{"b64": b64(png)}]}}, DIGITS, SMALL).items == (png,)
+
+
+def test_parse_kserve_v2_bytes_and_uint8():
+    png = encode(digit_like())
+    doc = {"id": "r1", "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
+                                   "data": [b64(png), b64(png)]}]}
+    req = parse_request({"body": json.dumps(doc).encode()}, DIGITS, SMALL)
+    assert req.protocol == PROTOCOL_V2 and req.id == "r1" and req.items == (png, png)
+    pixels = np.arange(2 * 28 * 28, dtype=np.int64) % 256
+    doc = {"inputs": [{"name": "pixels", "shape": [2, 1, 28, 28], "datatype": "UINT8",
+                       "data": pixels.tolist()}]}
+    req = parse_request({"body": json.dumps(doc).encode()}, DIGITS, SMALL)
+    assert np.array_equal(np.stack(req.items).reshape(-1), pixels.astype(np.uint8))
+
+
+def bad_requests(limits: Limits) -> dict[str, tuple[dict, int, str]]:
+    """Malformed request bodies: name -> (TorchServe parameters, HTTP status, error type)."""
+    png = encode(digit_like())
+    many = json.dumps({"instances": [{"b64": b64(png)}] * (limits.max_images + 1)}).encode()
+    v2_wrong = {"inputs": [{"name": "x", "shape": [1, 3, 5, 5], "datatype": "UINT8", "data": [0] * 75}]}
+    return {
+        "no_parameters": ({}, 400, "empty_body"),
+        "malformed_json": ({"body": b'{"instances": [{"b64": '}, 400, "malformed_json"),
+        "deep_json": ({"body": b"[" * 100_000}, 400, "malformed_json"),
+        "bad_base64": ({"body": b'{"instances": [{"b64": "not base64 !!"}]}'}, 400, "bad_base64"),
+        "unknown_json": ({"body": b'{"images": []}'}, 400, "bad_request"),
+        "instance_not_object": ({"body": b'{"instances": ["abc"]}'}, 400, "bad_request"),
+        "empty_instances": ({"body": b'{"instances": []}'}, 400, "empty_body"),
+        "too_many_images": ({"body": many}, 413, "too_many_images"),
+        "too_many_parts": ({f"f{i}": png for i in range(limits.max_images + 1)}, 413, "too_many_images"),
+        "bad_topk": ({"body": png, "topk": b"zero"}, 400, "bad_parameter"),
+        "bad_invert": ({"body": png, "invert": b"maybe"}, 400, "bad_parameter"),
+        "v2_bad_datatype": ({"body": json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
+                                                             "data": [1.0]}]}).encode()}, 400, "bad_request"),
+        "v2_wrong_shape": ({"body": json.dumps(v2_wrong).encode()}, 400, "bad_tensor"),
+    }
+
+
+@pytest.mark.parametrize("name", list(bad_requests(SMALL)))
+def test_bad_requests_raise_input_error(name):
+    params, code, kind = bad_requests(SMALL)[name]
+    with pytest.raises(InputError) as err:
+        parse_request(params, DIGITS, SMALL)
+    assert (err.value.code, err.value.type) == (code, kind), err.value.message
+
+
+# --------------------------------------------------------------------------------------------------
+# handler, with TorchServe's own Context
+# --------------------------------------------------------------------------------------------------
+class RecordingMetrics:
+    """Collects what the handler emits (TorchServe's metric cache API: add_metric_to_cache -> metric)."""
+
+    def __init__(self) -> None:
+        self.emitted: list[tuple[str, float, list]] = []
+
+    def add_metric_to_cache(self, name, unit, dimension_names, metric_type):
+        outer = self
+
+        class Metric:
+            def add_or_update(self, value, dimension_values, request_id=""):
+                assert len(dimension_values) == len(dimension_names)
+                outer.emitted.append((name, value, dimension_values))
+        return Metric()
+
+
+def make_handler(contract: Contract = DIGITS):
+    from serving.handler import ClassifierHandler
+
+    metrics = RecordingMetrics()
+    handler = ClassifierHandler()
+    handler.setup(FakeRunner(contract), SMALL, "digits", metrics)
+    return handler, metrics
+
+
+def make_context(batch: list[dict]):
+    from ts.context import Context, RequestProcessor
+
+    ctx = Context("digits", "/nonexistent", {}, len(batch), None, "0.12.0")
+    ctx.request_processor = [RequestProcessor({}) for _ in batch]
+    ctx.request_ids = {i: f"req-{i}" for i in range(len(batch))}
+    return ctx
+
+
+def test_handler_isolates_bad_requests_in_a_batch():
+    handler, metrics = make_handler()
+    png = encode(digit_like())
+    batch = [{"body": png}, {"body": b"garbage bytes"}, {"body": json.dumps(
+        {"instances": [{"b64": b64(png)}, {"b64": b64(png)}]}).encode()}, {"body": b""}]
+    ctx = make_context(batch)
+    out = handler.handle(batch, ctx)
+    assert len(out) == 4
+    statuses = [ctx.get_response_status(i)[0] for i in range(4)]
+    assert statuses == [200, 415, 200, 400]
+    ok, err = json.loads(out[2]), json.loads(out[1])
+    assert ok["model"] == "digits" and ok["version"] == "7" and ok["variant"] == "fake-fp32"
+    assert ok["device"] == "cpu" and len(ok["predictions"]) == 2 and len(ok["predictions"][0]) == 5
+    assert set(err) == {"code", "type", "message"} and err["type"] == "not_an_image"
+    assert all(ctx.get_response_content_type(i) == "application/json" for i in range(4))
+    assert handler.core.runner.calls == [(3, 1, 28, 28)]  # the good images went through in one call
+    rejected = [(v, d[-1]) for n, v, d in metrics.emitted if n == "RejectedInputs"]
+    assert sorted(rejected) == [(1, "empty_body"), (1, "not_an_image")]
+    assert {n for n, _, _ in metrics.emitted} >= {"DecodeTime", "PreprocessTime", "InferenceTime"}
+
+
+def test_handler_v2_response_shape():
+    handler, _ = make_handler()
+    png = encode(digit_like())
+    doc = {"id": "abc", "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
+                                    "data": [b64(png)] * 2}], "parameters": {"topk": 3}}
+    batch = [{"body": json.dumps(doc).encode()}]
+    out = json.loads(handler.handle(batch, make_context(batch))[0])
+    assert out["id"] == "abc" and out["model_name"] == "digits"
+    assert [o["name"] for o in out["outputs"]] == ["label", "index", "probability"]
+    assert all(o["shape"] == [2, 3] and len(o["data"]) == 6 for o in out["outputs"])
+
+
+def test_handler_config_from_yaml():
+    from serving.handler import HandlerConfig
+
+    cfg = HandlerConfig.from_yaml({"handler": {"variant_cpu": "onnx-int8", "threads": 2, "max_images": 8}})
+    assert cfg.variant_cpu == "onnx-int8" and cfg.threads == 2 and cfg.limits.max_images == 8
+    with pytest.raises(ValueError, match="unknown keys"):
+        HandlerConfig.from_yaml({"handler": {"max_imgs": 8}})
+    with pytest.raises(ValueError, match="not one of"):
+        HandlerConfig.from_yaml({"handler": {"variant_cpu": "onnx-fp64"}})
