@@ -1,0 +1,154 @@
+"""Locust suite for the served classifiers: ``locust -f loadtest/locustfile.py [DigitsUser] [CifarnetUser]``.
+
+Each user posts held-out test images (``loadtest.images``) in the three forms the server accepts —
+raw bytes, a multipart file upload, and a base64 JSON batch of several images — plus a share of
+malformed requests (default 2 %) that must be refused with a 4xx: a 4xx counts as success, anything
+else as a failure. At quit time the SLO gates (``loadtest.gates``) decide the exit code.
+
+Add ``loadtest/shapes.py`` to ``-f`` for a step-load shape instead of a constant user count.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+from locust import FastHttpUser, between, events, task
+
+from loadtest.gates import (DEFAULT_MAX_ERROR_RATE, DEFAULT_P95_MS, DEFAULT_P99_MS, Thresholds, Totals,
+                            format_summary, gate_report)
+from loadtest.bodies import b64_batch_body, malformed_request, multipart_body, predictions_in
+from loadtest.images import ImagePool, load_pool
+
+POOLS: dict[str, ImagePool] = {}
+
+# Share of the well-formed requests sent in each form (the malformed share is taken off the top).
+FORM_WEIGHTS = {"raw": 0.6, "multipart": 0.2, "b64": 0.2}
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser) -> None:
+    group = parser.add_argument_group("visionpipe load test")
+    group.add_argument("--data-dir", default=None, env_var="LOADTEST_DATA_DIR",
+                       help="directory with the test split's files (cifar-10-batches-py for cifarnet)")
+    group.add_argument("--malformed-share", type=float, default=0.02, env_var="LOADTEST_MALFORMED_SHARE",
+                       help="fraction of requests that are malformed and must be answered 4xx")
+    group.add_argument("--batch-images", type=int, default=4, env_var="LOADTEST_BATCH_IMAGES",
+                       help="images per base64 JSON batch request")
+    group.add_argument("--p95-ms", type=float, default=DEFAULT_P95_MS, env_var="LOADTEST_P95_MS")
+    group.add_argument("--p99-ms", type=float, default=DEFAULT_P99_MS, env_var="LOADTEST_P99_MS")
+    group.add_argument("--max-error-rate", type=float, default=DEFAULT_MAX_ERROR_RATE,
+                       env_var="LOADTEST_MAX_ERROR_RATE")
+    group.add_argument("--gate-file", default=None, env_var="LOADTEST_GATE_FILE",
+                       help="write the gate verdict and totals as JSON here")
+    group.add_argument("--step-users", type=int, default=4, help="StepLoadShape: users added per step")
+    group.add_argument("--step-seconds", type=float, default=10.0, help="StepLoadShape: seconds per step")
+
+
+def _option(environment, name: str, default):
+    opts = environment.parsed_options
+    return getattr(opts, name, default) if opts is not None else default
+
+
+@events.init.add_listener
+def _load_images(environment, **_kw) -> None:
+    data_dir = _option(environment, "data_dir", None)
+    for cls in environment.user_classes:
+        run = getattr(cls, "run", None)
+        if run and run not in POOLS:
+            POOLS[run] = load_pool(run, data_dir)
+            print(f"[loadtest] {run}: {POOLS[run].source}", file=sys.stderr, flush=True)
+
+
+class ClassifierUser(FastHttpUser):
+    """Posts images of ``run`` to ``/predictions/<run>``; subclasses name the run."""
+
+    abstract = True
+    run = ""
+    # Short think time: 16 such users keep a small CPU server busy without a closed-loop stampede.
+    wait_time = between(0.0, 0.01)
+
+    def on_start(self) -> None:
+        self.pool = POOLS[self.run]
+        self.rng = random.Random()
+        self.malformed_share = float(_option(self.environment, "malformed_share", 0.02))
+        self.batch_images = int(_option(self.environment, "batch_images", 4))
+
+    def _image(self) -> bytes:
+        return self.pool.images[self.rng.randrange(len(self.pool))]
+
+    @task
+    def predict(self) -> None:
+        if self.rng.random() < self.malformed_share:
+            self._post_malformed()
+            return
+        form = self.rng.choices(list(FORM_WEIGHTS), weights=list(FORM_WEIGHTS.values()))[0]
+        if form == "raw":
+            self._post(f"{self.run} raw", self._image(), "application/octet-stream", expect=1)
+        elif form == "multipart":
+            body, ctype = multipart_body(self._image())
+            self._post(f"{self.run} multipart", body, ctype, expect=1)
+        else:
+            images = [self._image() for _ in range(self.batch_images)]
+            self._post(f"{self.run} b64x{self.batch_images}", b64_batch_body(images), "application/json",
+                       expect=self.batch_images)
+
+    def _post(self, name: str, body: bytes, ctype: str, expect: int) -> None:
+        with self.client.post(f"/predictions/{self.run}", data=body, headers={"Content-Type": ctype},
+                              name=name, catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                return
+            got = predictions_in(resp.content or b"")
+            if got is None:
+                resp.failure("200 with a non-JSON body")
+            elif got != expect:
+                resp.failure(f"{expect} images posted, {got} predictions returned")
+            else:
+                resp.success()
+
+    def _post_malformed(self) -> None:
+        kind, body, ctype = malformed_request(self.rng, self._image())
+        with self.client.post(f"/predictions/{self.run}", data=body, headers={"Content-Type": ctype},
+                              name=f"{self.run} malformed", catch_response=True) as resp:
+            if 400 <= resp.status_code < 500:
+                resp.success()
+            else:
+                resp.failure(f"malformed ({kind}) answered HTTP {resp.status_code}, expected 4xx")
+
+
+class DigitsUser(ClassifierUser):
+    run = "digits"
+
+
+class CifarnetUser(ClassifierUser):
+    run = "cifarnet"
+
+
+@events.quitting.add_listener
+def _apply_gates(environment, **_kw) -> None:
+    """Decide the exit code from the SLO gates (locust's own rule would fail on any single error)."""
+    total = environment.stats.total
+    totals = Totals(requests=total.num_requests, failures=total.num_failures,
+                    p50_ms=total.get_response_time_percentile(0.50) or 0.0,
+                    p95_ms=total.get_response_time_percentile(0.95) or 0.0,
+                    p99_ms=total.get_response_time_percentile(0.99) or 0.0,
+                    rps=total.total_rps)
+    thresholds = Thresholds(p95_ms=float(_option(environment, "p95_ms", DEFAULT_P95_MS)),
+                            p99_ms=float(_option(environment, "p99_ms", DEFAULT_P99_MS)),
+                            max_error_rate=float(_option(environment, "max_error_rate", DEFAULT_MAX_ERROR_RATE)))
+    per_name = {e.name: {"requests": e.num_requests, "failures": e.num_failures,
+                         "p50_ms": e.get_response_time_percentile(0.50),
+                         "p99_ms": e.get_response_time_percentile(0.99)}
+                for e in environment.stats.entries.values()}
+    report = gate_report(totals, thresholds, requests_by_name=per_name,
+                         image_sources={run: pool.source for run, pool in POOLS.items()},
+                         failures_by_message={f"{e.name}: {e.error}": e.occurrences
+                                              for e in environment.stats.errors.values()})
+    print("\n" + format_summary(report), file=sys.stderr, flush=True)
+    gate_file = _option(environment, "gate_file", None)
+    if gate_file:
+        from training.checkpoint import atomic_write_bytes
+        atomic_write_bytes(gate_file, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    environment.process_exit_code = 0 if report["passed"] else 1

@@ -1,0 +1,43 @@
+# ---- load tests and serving benchmarks (loadtest/, bench/bench_serve.py) -------------------------
+# make loadtest      locust, headless, against a running server (make serve); gates decide the exit code
+# make bench-serve   the TorchServe sweep: variants x batch settings x workers, baselines, plot, docs
+# make soak          a steady load at ~70 % of the measured maximum; RSS and latency over time
+# make fault         kill a worker, restart the server, an over-limit request -- all under load
+
+HOST           ?= http://127.0.0.1:8080
+USERS          ?= 16
+SPAWN_RATE     ?= $(USERS)
+DURATION       ?= 60s
+P95_MS         ?= 200
+P99_MS         ?= 500
+MAX_ERROR_RATE ?= 0.01
+MALFORMED      ?= 0.02
+LOADTEST_RUNS  ?= $(SERVED_RUNS)
+SHAPE          ?=
+REPORTS        ?= reports
+VENV_LOADTEST  := $(VENV)/.stamp-serve+loadtest+test
+
+# Locust user class of each served run (loadtest/locustfile.py).
+USER_CLASS_digits   := DigitsUser
+USER_CLASS_cifarnet := CifarnetUser
+
+.PHONY: loadtest bench-serve soak fault
+
+loadtest: $(VENV_LOADTEST)
+	@mkdir -p $(REPORTS)
+	$(PY) -m locust -f loadtest/locustfile.py$(if $(filter step,$(SHAPE)),$(comma)loadtest/shapes.py) \
+	  --headless --host $(HOST) --users $(USERS) --spawn-rate $(SPAWN_RATE) --run-time $(DURATION) \
+	  --only-summary --csv $(REPORTS)/loadtest --html $(REPORTS)/loadtest.html --json-file $(REPORTS)/loadtest \
+	  --p95-ms $(P95_MS) --p99-ms $(P99_MS) --max-error-rate $(MAX_ERROR_RATE) --malformed-share $(MALFORMED) \
+	  --gate-file $(REPORTS)/loadtest_gate.json $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
+	  $(foreach r,$(LOADTEST_RUNS),$(USER_CLASS_$(r)))
+
+BENCH_ARGS ?=
+bench-serve: $(VENV_LOADTEST)
+	$(PY) bench/bench_serve.py --reports $(REPORTS) $(BENCH_ARGS)
+
+soak: $(VENV_LOADTEST)
+	$(PY) -m loadtest.resilience soak --duration $(patsubst %s,%,$(DURATION)) --reports $(REPORTS) $(ARGS)
+
+fault: $(VENV_LOADTEST)
+	$(PY) -m loadtest.resilience fault --reports $(REPORTS) $(ARGS)

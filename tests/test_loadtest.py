@@ -1,0 +1,111 @@
+"""Load-test suite: SLO gate logic and request builders (unit), and a short real locust run against a
+real TorchServe serving the digits model (slow)."""
+
+from __future__ import annotations
+
+import email.parser
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loadtest.gates import Thresholds, Totals, check_gates, format_summary, gate_report
+from loadtest.bodies import b64_batch_body, malformed_request, multipart_body, predictions_in
+from loadtest.images import encode_png, load_pool, synthetic_pixels
+from loadtest.schedule import step_users
+from training.contract import Contract
+
+
+def totals(requests=1000, failures=0, p95=80.0, p99=150.0) -> Totals:
+    return Totals(requests=requests, failures=failures, p50_ms=20.0, p95_ms=p95, p99_ms=p99, rps=100.0)
+
+
+# ---- gates ---------------------------------------------------------------------------------------
+def test_gates_pass_within_every_threshold():
+    assert check_gates(totals(failures=10), Thresholds(p95_ms=100, p99_ms=200, max_error_rate=0.01)) == []
+
+
+@pytest.mark.parametrize("run, broken", [
+    (totals(failures=11), "error rate 1.10% (11/1000) > max 1.00%"),
+    (totals(p95=101), "p95 101 ms > 100 ms"),
+    (totals(p99=201), "p99 201 ms > 200 ms"),
+])
+def test_each_broken_threshold_is_named(run, broken):
+    assert check_gates(run, Thresholds(p95_ms=100, p99_ms=200, max_error_rate=0.01)) == [broken]
+
+
+def test_no_requests_fails_the_gate():
+    broken = check_gates(totals(requests=0, failures=0), Thresholds())
+    assert len(broken) == 1 and "no request completed" in broken[0]
+
+
+def test_gate_report_records_verdict_and_prints_failure():
+    report = gate_report(totals(p99=900), Thresholds(p99_ms=500))
+    assert report["passed"] is False and report["totals"]["p99_ms"] == 900
+    json.dumps(report)  # JSON-able
+    assert "FAIL" in format_summary(report) and "p99 900 ms > 500 ms" in format_summary(report)
+
+
+@pytest.mark.parametrize("kwargs", [{"p95_ms": 0}, {"p99_ms": -1}, {"max_error_rate": 1.5}])
+def test_thresholds_reject_nonsense(kwargs):
+    with pytest.raises(ValueError):
+        Thresholds(**kwargs)
+
+
+def test_step_shape_adds_users_per_period_up_to_the_cap():
+    assert [step_users(t, 4, 10, 16) for t in (0, 9.9, 10, 25, 60)] == [4, 4, 8, 12, 16]
+
+
+# ---- images and request bodies -------------------------------------------------------------------
+def test_digits_pool_is_the_held_out_split_as_png():
+    pool = load_pool("digits", limit=8)
+    assert len(pool) == 8 and all(y is not None for y in pool.labels) and "held-out" in pool.source
+    img = Image.open(__import__("io").BytesIO(pool.images[0]))
+    assert img.format == "PNG" and img.size == (28, 28) and img.mode == "L"
+
+
+def test_cifarnet_without_data_is_synthesised_in_the_contract_shape_and_says_so(tmp_path):
+    contract = Contract(32, 32, 3, (0.5,) * 3, (0.25,) * 3, tuple("abcdefghij"))
+    (tmp_path / "artifacts" / "cifarnet").mkdir(parents=True)
+    (tmp_path / "artifacts" / "cifarnet" / "manifest.json").write_text(json.dumps({"contract": contract.to_dict()}))
+    pool = load_pool("cifarnet", data_dir=tmp_path / "no-cifar-here", limit=4, repo=tmp_path)
+    assert pool.source.startswith("SYNTHESISED") and pool.labels == (None,) * 4
+    img = Image.open(__import__("io").BytesIO(pool.images[0]))
+    assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_cifarnet_reads_the_real_test_batch_when_given(tiny_cifar_dir):
+    pool = load_pool("cifarnet", data_dir=tiny_cifar_dir, limit=5)
+    assert "held-out" in pool.source and len(pool) == 5 and None not in pool.labels
+
+
+def test_multipart_body_parses_back_to_the_image():
+    png = encode_png(synthetic_pixels(Contract(8, 8, 1, (0.5,), (0.5,), ("a", "b")), 1)[0])
+    body, ctype = multipart_body(png)
+    msg = email.parser.BytesParser().parsebytes(f"Content-Type: {ctype}\r\n\r\n".encode() + body)
+    (part,) = msg.get_payload()
+    assert part.get_param("name", header="content-disposition") == "data"
+    assert part.get_payload(decode=True) == png
+
+
+def test_b64_batch_body_holds_every_image():
+    doc = json.loads(b64_batch_body([b"one", b"two", b"three"]))
+    assert [__import__("base64").b64decode(i["b64"]) for i in doc["instances"]] == [b"one", b"two", b"three"]
+
+
+def test_malformed_requests_cover_every_kind_and_are_not_valid_images():
+    rng, png = random.Random(0), encode_png(np.zeros((1, 8, 8), np.uint8))
+    kinds = {malformed_request(rng, png)[0] for _ in range(200)}
+    assert kinds == {"not-an-image", "truncated-png", "bad-base64", "empty-instances", "empty-body"}
+
+
+@pytest.mark.parametrize("body, n", [
+    (b'{"predictions": [[{"label": "3"}], [{"label": "5"}]]}', 2),
+    (b'[{"a": 1}, {"a": 2}, {"a": 3}]', 3),
+    (b'{"3": 0.9}', 1),
+    (b"<html>", None),
+])
+def test_predictions_in_counts_answers(body, n):
+    assert predictions_in(body) == n
