@@ -65,15 +65,19 @@ class Limits:
         max_pixels: width x height of one decoded image, checked from the header before decoding.
             Also set as Pillow's ``MAX_IMAGE_PIXELS``, so Pillow refuses anything over twice this
             as a decompression bomb. 40 MP covers any phone photo; it decodes to ~120 MB RGB.
+        max_image_bytes: size of one encoded image. Kept below TorchServe's ``max_request_size`` so
+            that an oversized image gets this JSON 413; a body over ``max_request_size`` is refused
+            by TorchServe's frontend (a bare 413) before the handler sees it.
         default_topk: classes returned per image when the request does not say.
     """
 
     max_images: int = 64
     max_pixels: int = 40_000_000
+    max_image_bytes: int = 12 * 2**20
     default_topk: int = 5
 
     def __post_init__(self) -> None:
-        if self.max_images < 1 or self.max_pixels < 1 or self.default_topk < 1:
+        if min(self.max_images, self.max_pixels, self.max_image_bytes, self.default_topk) < 1:
             raise ValueError(f"limits must be positive, got {self}")
 
 
@@ -102,6 +106,9 @@ def decode_image(data: bytes, limits: Limits, draft: tuple[str, int] | None = No
     """
     if not data:
         raise InputError(400, "empty_body", "the request carries no image bytes")
+    if len(data) > limits.max_image_bytes:
+        raise InputError(413, "file_too_large", f"image file is {len(data)} bytes, over the limit of "
+                                                f"{limits.max_image_bytes}; recompress or downscale it")
     Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow raises DecompressionBombError above 2x this
     try:
         with warnings.catch_warnings():

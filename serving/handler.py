@@ -49,7 +49,7 @@ class HandlerConfig:
     @classmethod
     def from_yaml(cls, model_yaml_config: dict | None) -> "HandlerConfig":
         section = dict((model_yaml_config or {}).get("handler") or {})
-        limit_keys = {"max_images", "max_pixels", "default_topk"}
+        limit_keys = {"max_images", "max_pixels", "max_image_bytes", "default_topk"}
         known = {"variant_cpu", "variant_cuda", "threads", *limit_keys}
         unknown = sorted(set(section) - known)
         if unknown:
@@ -135,7 +135,7 @@ class ClassifierHandler(BaseHandler):
                 offset += len(pixels)
                 body = format_response(req, self.info, top_k(rows, k, self.core.contract.class_names))
                 responses[i] = self._reply(context, i, 200, body)
-        self._emit_times(times, context)
+        self._emit_times(times, context, ran_model=bool(parsed))
         logger.debug("batch of %d handled in %.1f ms", len(data), (time.perf_counter() - start) * 1e3)
         return responses
 
@@ -166,7 +166,10 @@ class ClassifierHandler(BaseHandler):
             self._rejected.add_or_update(1, [self.info.name, "Model", err.type], request_id or "")
         return self._reply(context, idx, err.code, error_response(err))
 
-    def _emit_times(self, times: StageTimes, context) -> None:
+    def _emit_times(self, times: StageTimes, context, ran_model: bool) -> None:
+        """One observation per batch and stage; a batch of only rejected requests records none."""
+        if not ran_model:
+            return
         values = {"DecodeTime": times.decode_ms, "PreprocessTime": times.preprocess_ms,
                   "InferenceTime": times.inference_ms}
         request_id = context.get_request_id(0) if context is not None else None

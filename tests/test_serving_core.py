@@ -21,7 +21,7 @@ from training.contract import Contract
 
 DIGITS = Contract(28, 28, 1, (0.2,), (0.3,), tuple(str(i) for i in range(10)))
 RGB = Contract(32, 32, 3, (0.5,) * 3, (0.25,) * 3, tuple(f"c{i}" for i in range(10)))
-SMALL = Limits(max_images=4, max_pixels=1_000_000)
+SMALL = Limits(max_images=4, max_pixels=1_000_000, max_image_bytes=200_000)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,6 +56,7 @@ def bad_inputs(limits: Limits) -> dict[str, tuple[bytes, int, str]]:
         # 1-bit images compress ~1000:1: a few KB on the wire, megapixels once decoded
         "over_pixel_limit": (encode(Image.new("1", (side_big, side_big))), 413, "image_too_large"),
         "decompression_bomb": (encode(Image.new("1", (side_bomb, side_bomb))), 413, "decompression_bomb"),
+        "over_byte_limit": (np.random.default_rng(2).bytes(limits.max_image_bytes + 1), 413, "file_too_large"),
         "float_tiff": (encode(Image.new("F", (8, 8), 0.5), "TIFF"), 415, "unsupported_mode"),
     }
 

@@ -1,0 +1,37 @@
+# ---- serve: artifacts/<RUN>/ -> model_store/<RUN>.mar -> TorchServe (serving/) ------------------
+# make archive [RUN=x]   model_store/<RUN>.mar (no RUN: every exported run); ARCHIVE_ARGS goes to
+#                        `python -m serving archive` (--variant-cpu, --batch-size, --threads, ...)
+# make serve [TOKEN=1]   archive what is exported but not archived, start TorchServe in the background
+#                        (serving/config.properties; logs in logs/serve/), return once every model in
+#                        model_store/ answered a warm-up prediction, print curl commands
+# make stop              stop it
+# make demo-serve        serve -> post held-out digits, print predicted vs true -> stop
+ARCHIVE_ARGS ?=
+SERVE_ARGS   ?=
+TOKEN        ?=
+DEMO_COUNT   ?= 8
+
+.PHONY: archive serve stop demo-serve help-serve
+archive: $(VENV_SERVE)
+ifeq ($(RUN),)
+	@runs=$$(ls artifacts/*/manifest.json 2>/dev/null | cut -d/ -f2); \
+	if [ -z "$$runs" ]; then echo "error: nothing exported in artifacts/; run make export first" >&2; exit 2; fi; \
+	for r in $$runs; do $(PY) -m serving archive --run $$r $(ARCHIVE_ARGS) || exit 1; done
+else
+	$(PY) -m serving archive --run $(RUN) $(ARCHIVE_ARGS)
+endif
+
+serve: $(VENV_SERVE)
+	$(PY) -m serving serve $(if $(TOKEN),--token) $(ARCHIVE_ARGS) $(SERVE_ARGS)
+
+stop: $(VENV_SERVE)
+	$(PY) -m serving stop
+
+# Always stops the server, also when the client fails (its exit status is kept).
+demo-serve: $(VENV_SERVE)
+	$(PY) -m serving serve $(ARCHIVE_ARGS) $(SERVE_ARGS)
+	status=0; $(PY) -m serving.client demo --run digits --count $(DEMO_COUNT) || status=$$?; \
+	$(PY) -m serving stop; exit $$status
+
+help-serve:
+	@sed -n '2,8p' mk/serve.mk | sed 's/^# //'

@@ -1,0 +1,131 @@
+"""Command line: ``python -m serving archive|serve|stop``.
+
+  archive --run RUN   artifacts/RUN/ -> model_store/RUN.mar
+  serve               archive what is exported but not archived, start TorchServe in the background
+                      with every model_store/*.mar under its RUN name, return once each model answered
+                      a real warm-up prediction, print curl commands
+  stop                stop the TorchServe that `serve` started
+
+Exit status 0 on success; 1 when TorchServe fails to start or a warm-up fails; 2 for a problem the user
+can fix first (nothing exported, port taken, bad option). Errors are one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from serving.core import Limits
+from serving.server import ServerBusyError
+
+DEFAULT_WORKDIR = "logs/serve"
+
+
+def _archive_config(a, run: str):
+    from serving.archive import ArchiveConfig
+
+    return ArchiveConfig(run=run, artifacts_dir=a.artifacts_dir, model_store=a.model_store,
+                         variant_cpu=a.variant_cpu, variant_cuda=a.variant_cuda, batch_size=a.batch_size,
+                         max_batch_delay_ms=a.max_batch_delay, min_workers=a.workers, max_workers=a.workers,
+                         response_timeout_s=a.response_timeout, threads=a.threads,
+                         limits=Limits(max_images=a.max_images, max_pixels=a.max_pixels,
+                                       max_image_bytes=a.max_image_bytes))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = Limits()
+    p = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--artifacts-dir", default="artifacts")
+    common.add_argument("--model-store", default="model_store")
+    # archive settings (also used by `serve` when it archives)
+    common.add_argument("--variant-cpu", default=None, help="default: the manifest's CPU default")
+    common.add_argument("--variant-cuda", default=None, help="default: the manifest's CUDA default")
+    common.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (requests)")
+    common.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay (ms)")
+    common.add_argument("--workers", type=int, default=1, help="workers per model")
+    common.add_argument("--response-timeout", type=int, default=30, help="seconds")
+    common.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
+    common.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    common.add_argument("--max-pixels", type=int, default=d.max_pixels, help="pixels per image")
+    common.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="bytes per image file")
+
+    a = sub.add_parser("archive", parents=[common], help="build model_store/RUN.mar")
+    a.add_argument("--run", required=True)
+    s = sub.add_parser("serve", parents=[common], help="start TorchServe in the background")
+    s.add_argument("--config", default="serving/config.properties")
+    s.add_argument("--workdir", default=DEFAULT_WORKDIR, help="logs, pid file, key file")
+    s.add_argument("--token", action="store_true", help="turn token authorization on (as in the container)")
+    s.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every warm-up")
+    t = sub.add_parser("stop", help="stop the TorchServe `serve` started")
+    t.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    return p.parse_args(argv)
+
+
+def cmd_archive(a) -> int:
+    from serving.archive import build_archive
+
+    build_archive(_archive_config(a, a.run))
+    return 0
+
+
+def cmd_serve(a) -> int:
+    from export.runtime import MANIFEST_NAME
+    from serving.archive import build_archive, needs_archive
+    from serving.server import curl_examples, start_server, stop_server, wait_ready
+
+    for manifest in sorted(Path(a.artifacts_dir).glob(f"*/{MANIFEST_NAME}")):
+        run = manifest.parent.name
+        if needs_archive(manifest.parent, Path(a.model_store) / f"{run}.mar"):
+            build_archive(_archive_config(a, run))
+    models = sorted(p.stem for p in Path(a.model_store).glob("*.mar"))
+    if not models:
+        print(f"error: no archives in {a.model_store}/ and no exports in {a.artifacts_dir}/; run "
+              f"`make train export` (or `make export RUN=...`) first", file=sys.stderr)
+        return 2
+    overrides = {"disable_token_authorization": "false"} if a.token else {}
+    server = start_server(a.model_store, models, a.workdir, a.config, overrides)
+    print(f"TorchServe starting (pid {server.pid}, log {Path(a.workdir) / 'torchserve.log'}); "
+          f"warming up {', '.join(models)} ...", flush=True)
+    try:
+        answers = wait_ready(server, models, timeout=a.timeout)
+    except BaseException:
+        stop_server(a.workdir)
+        raise
+    for m, ans in answers.items():
+        print(f"  {m}: version {ans['version']}, {ans['variant']} on {ans['device']}: warm-up answered")
+    print(f"\nTorchServe is up at {server.local(server.inference_url)} (stop it with `make stop`). "
+          f"Try:\n{curl_examples(server, models)}")
+    return 0
+
+
+def cmd_stop(a) -> int:
+    from serving.server import stop_server
+
+    print("TorchServe stopped." if stop_server(a.workdir) else f"no TorchServe running from {a.workdir}.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        return {"archive": cmd_archive, "serve": cmd_serve, "stop": cmd_stop}[a.command](a)
+    except (FileNotFoundError, ValueError, ServerBusyError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # IntegrityError, ServerError, archiver failure
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    if len(lines) > 1:  # server errors carry a log tail: keep it, after the one line that matters
+        print("\n".join(lines[1:]), file=sys.stderr)
+    return lines[0] if lines else type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""A small client for the running server: ``python -m serving.client demo|predict``.
+
+  demo --run digits --count 8     post held-out digits (the test split, never trained on) as real PNG
+                                  files, print predicted vs true labels
+  predict --run NAME FILE...      post image files, print the JSON answers
+
+Exit status 0 when every request was answered 200; 1 when the server is unreachable or answered an
+error (one line naming it and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import urllib.error
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from serving.server import KEY_FILE, http
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_KEY_FILE = f"logs/serve/{KEY_FILE}"
+
+
+class ClientError(RuntimeError):
+    """The server is unreachable or answered with an error."""
+
+
+def heldout_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` images of the digits test split as uint8 (N, 1, 28, 28) pixels, and their labels."""
+    from export.data import load_pixels
+    from training.data import load_splits
+
+    contract = load_splits("digits", val_fraction=0.0, download=False).contract
+    px = load_pixels("digits", None, contract, "test", limit=count, seed=seed)
+    return px.images, px.labels
+
+
+def encode_png(chw: np.ndarray) -> bytes:
+    """(C, H, W) uint8 -> PNG file bytes."""
+    a = chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(a)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def multipart(files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
+    """{field: (filename, bytes, content type)} -> (body, Content-Type header) for multipart/form-data."""
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for field, (filename, data, ctype) in files.items():
+        out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
+                  f"filename=\"{filename}\"\r\nContent-Type: {ctype}\r\n\r\n".encode())
+        out.write(data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def read_token(key_file: str | Path | None) -> str | None:
+    """The inference key from TorchServe's key_file.json, when token authorization is on."""
+    if key_file and Path(key_file).is_file():
+        return json.loads(Path(key_file).read_text())["inference"]["key"]
+    return None
+
+
+def post(url: str, model: str, body: bytes, content_type: str, token: str | None = None,
+         query: str = "") -> dict:
+    """POST one request to ``/predictions/<model>``; returns the JSON answer or raises ClientError."""
+    headers = {"Content-Type": content_type}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    target = f"{url.rstrip('/')}/predictions/{model}{'?' + query if query else ''}"
+    try:
+        status, raw = http("POST", target, body, headers, timeout=60)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ClientError(f"no server at {url} ({reason}); start it with `make serve`") from None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = {"message": raw[:200].decode(errors="replace")}
+    if status != 200:
+        raise ClientError(f"{target} answered HTTP {status}: {doc.get('message', doc)}")
+    return doc
+
+
+def demo(url: str, run: str, count: int, token: str | None, seed: int = 0) -> int:
+    """Post ``count`` held-out digits one request each, then all of them as one multipart request."""
+    images, labels = heldout_digits(count, seed)
+    pngs = [encode_png(x) for x in images]
+    print(f"posting {len(pngs)} held-out digits (digits test split, seed {seed}) to {url}/predictions/{run}")
+    correct = 0
+    for i, (png, label) in enumerate(zip(pngs, labels)):
+        ans = post(url, run, png, "image/png", token, query="topk=1")
+        best = ans["predictions"][0][0]
+        correct += int(best["label"] == str(label))
+        print(f"  image {i}: true {label}  predicted {best['label']}  p={best['probability']:.3f}  "
+              f"{'ok' if best['label'] == str(label) else 'WRONG'}")
+    body, ctype = multipart({f"file{i}": (f"digit{i}.png", p, "image/png") for i, p in enumerate(pngs)})
+    batch = post(url, run, body, ctype, token, query="topk=1")
+    same = [row[0]["label"] for row in batch["predictions"]]
+    print(f"{correct}/{len(pngs)} correct; model {batch['model']} version {batch['version']}, "
+          f"{batch['variant']} on {batch['device']}; one multipart request with all {len(pngs)} images "
+          f"answered {' '.join(same)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=("demo", "predict"))
+    p.add_argument("files", nargs="*", help="image files (predict)")
+    p.add_argument("--run", default="digits", help="model name (the RUN it was trained as)")
+    p.add_argument("--url", default=DEFAULT_URL)
+    p.add_argument("--count", type=int, default=8, help="held-out digits to post (demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--key-file", default=DEFAULT_KEY_FILE, help="TorchServe key_file.json (token auth)")
+    p.add_argument("--topk", type=int, default=3)
+    a = p.parse_args(argv)
+    token = read_token(a.key_file)
+    try:
+        if a.command == "demo":
+            return demo(a.url, a.run, a.count, token, a.seed)
+        if not a.files:
+            p.error("predict needs at least one image file")
+        for f in a.files:
+            print(json.dumps(post(a.url, a.run, Path(f).read_bytes(), "application/octet-stream", token,
+                                  query=f"topk={a.topk}")))
+        return 0
+    except (ClientError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

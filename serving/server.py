@@ -1,0 +1,277 @@
+"""Start, warm up and stop a real TorchServe: used by ``make serve`` / ``make stop`` and the tests.
+
+TorchServe is launched as ``<venv>/bin/torchserve --foreground`` in its own process group, so that the
+Java frontend and its Python workers can always be stopped together (``stop_server``) and nothing leaks.
+The ``torchserve`` launcher passes its own interpreter to the frontend as the worker Python
+(``--python sys.executable``): started from the venv, workers import ``serving``, ``export`` and
+``training`` from the installed project. Everything a server writes (rendered config, logs, pid file,
+TorchServe's temp dir with the unpacked archives, ``key_file.json`` when token auth is on) stays in
+one work directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from training.checkpoint import atomic_write_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "serving" / "config.properties"
+PID_FILE, LOG_FILE, CONFIG_FILE, KEY_FILE = "torchserve.pid", "torchserve.log", "config.properties", "key_file.json"
+
+
+class ServerError(RuntimeError):
+    """TorchServe did not start, did not get ready in time, or a model failed its warm-up."""
+
+
+class ServerBusyError(ServerError):
+    """A server already runs from this work directory, or a configured port is taken."""
+
+
+# --------------------------------------------------------------------------------------------------
+# config.properties
+# --------------------------------------------------------------------------------------------------
+def read_properties(path: str | os.PathLike) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def render_config(base: str | os.PathLike, out: str | os.PathLike, overrides: dict[str, str] | None = None
+                  ) -> dict[str, str]:
+    """Write ``base`` with ``overrides`` applied and relative file paths made absolute (against the repo
+    root, where the base file's paths point), since TorchServe runs in the work directory."""
+    props = {**read_properties(base), **(overrides or {})}
+    for key in ("metrics_config",):
+        if key in props and not Path(props[key]).is_absolute():
+            props[key] = str(REPO / props[key])
+    text = "# rendered from {} by serving.server\n".format(base) + \
+        "".join(f"{k}={v}\n" for k, v in props.items())
+    atomic_write_bytes(out, lambda f: f.write(text.encode()))
+    return props
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(url: str) -> bool:
+    host, port = url.split("://", 1)[-1].rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host if host != "0.0.0.0" else "127.0.0.1", int(port))) == 0
+
+
+@dataclass(frozen=True)
+class Server:
+    """A started TorchServe: its addresses, work directory, process-group id and token (if any)."""
+
+    workdir: Path
+    pid: int
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    token_auth: bool
+
+    @classmethod
+    def from_config(cls, workdir: Path, pid: int, props: dict[str, str]) -> "Server":
+        return cls(Path(workdir), pid, props["inference_address"], props["management_address"],
+                   props["metrics_address"], props.get("disable_token_authorization", "false") != "true")
+
+    def local(self, url: str) -> str:
+        return url.replace("://0.0.0.0", "://127.0.0.1")
+
+    def token(self, kind: str = "inference") -> str | None:
+        """The bearer token TorchServe generated (``key_file.json``), or None without token auth."""
+        if not self.token_auth:
+            return None
+        path = self.workdir / KEY_FILE
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text())[kind]["key"]
+
+
+# --------------------------------------------------------------------------------------------------
+# start / ready / stop
+# --------------------------------------------------------------------------------------------------
+def start_server(model_store: str | os.PathLike, models: list[str], workdir: str | os.PathLike,
+                 config: str | os.PathLike = DEFAULT_CONFIG, overrides: dict[str, str] | None = None
+                 ) -> Server:
+    """Launch TorchServe in the background serving ``<model_store>/<name>.mar`` as ``name``.
+
+    Returns at once; call ``wait_ready`` next. Raises ServerError if one is already running in
+    ``workdir`` or a port is taken.
+    """
+    workdir = Path(workdir).resolve()
+    (workdir / "tmp").mkdir(parents=True, exist_ok=True)
+    if running_pid(workdir) is not None:
+        raise ServerBusyError(f"a TorchServe started from {workdir} is already running (pid "
+                          f"{running_pid(workdir)}); stop it first: make stop")
+    props = render_config(config, workdir / CONFIG_FILE, overrides)
+    for key in ("inference_address", "management_address", "metrics_address"):
+        if port_in_use(props[key]):
+            raise ServerBusyError(f"{key} {props[key]} is already in use; stop what listens there "
+                              f"(make stop) or change it in {config}")
+    (workdir / KEY_FILE).unlink(missing_ok=True)
+    torchserve = Path(sys.executable).parent / "torchserve"
+    cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(workdir / CONFIG_FILE),
+           "--model-store", str(Path(model_store).resolve()),
+           "--models", *[f"{m}={m}.mar" for m in models]]
+    env = {**os.environ,
+           # TorchServe's pid file and the unpacked archives go to the temp dir; keep them ours so
+           # that parallel servers (tests, make serve) never see each other.
+           "TMPDIR": str(workdir / "tmp"), "TEMP": str(workdir / "tmp"),
+           "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(workdir / LOG_FILE, "ab") as log:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    atomic_write_bytes(workdir / PID_FILE, lambda f: f.write(str(proc.pid).encode()))
+    return Server.from_config(workdir, proc.pid, props)
+
+
+def running_pid(workdir: str | os.PathLike) -> int | None:
+    path = Path(workdir) / PID_FILE
+    if not path.is_file():
+        return None
+    try:
+        pid = int(path.read_text().strip())
+        os.killpg(pid, 0)
+        return pid
+    except (ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def stop_server(workdir: str | os.PathLike, timeout: float = 30.0) -> bool:
+    """Stop the TorchServe started from ``workdir`` (its whole process group). False if none ran."""
+    workdir = Path(workdir)
+    pid = running_pid(workdir)
+    (workdir / PID_FILE).unlink(missing_ok=True)
+    if pid is None:
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        try:  # reap our own child if it is one, so the group can disappear
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    (workdir / KEY_FILE).unlink(missing_ok=True)
+    return True
+
+
+def warmup_image() -> bytes:
+    """A real PNG (a bright bar on black) every model can decode and classify."""
+    img = Image.new("L", (32, 32), 0)
+    img.paste(255, (12, 6, 18, 26))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def http(method: str, url: str, data: bytes | None = None, headers: dict | None = None,
+         timeout: float = 30.0) -> tuple[int, bytes]:
+    """One HTTP call with urllib; returns (status, body) for every status, raising only for no answer."""
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> dict[str, dict]:
+    """Block until ``/ping`` answers and every model returned a real prediction for a PNG.
+
+    Returns each model's warm-up response. Raises ServerError (with the log's tail) when the server
+    exits, a model answers with an error other than "not ready yet", or ``timeout`` passes.
+    """
+    deadline = time.monotonic() + timeout
+    base = server.local(server.inference_url)
+    answers: dict[str, dict] = {}
+    image = warmup_image()
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if running_pid(server.workdir) is None:
+            raise ServerError(f"TorchServe exited during start-up; last log lines:\n{log_tail(server)}")
+        for model in [m for m in models if m not in answers]:
+            headers = {"Content-Type": "image/png"}
+            token = server.token()
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            try:
+                status, body = http("POST", f"{base}/predictions/{model}", image, headers, timeout=30)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+                last = f"{model}: {e}"
+                continue
+            if status == 200:
+                answers[model] = json.loads(body)
+            elif status in (404, 503):  # model not registered yet / no worker up yet
+                last = f"{model}: HTTP {status} {body[:200]!r}"
+            else:
+                raise ServerError(f"warm-up of {model} answered HTTP {status}: {body[:500]!r}; "
+                                  f"log tail:\n{log_tail(server)}")
+        if len(answers) == len(models):
+            return answers
+        time.sleep(0.5)
+    raise ServerError(f"TorchServe not ready after {timeout:.0f} s ({last}); log tail:\n{log_tail(server)}")
+
+
+def log_tail(server: Server, lines: int = 30) -> str:
+    texts = []
+    for path in (server.workdir / LOG_FILE, server.workdir / "logs" / "model_log.log"):
+        if path.is_file():
+            texts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(texts)
+
+
+def curl_examples(server: Server, models: list[str]) -> str:
+    """Ready-to-paste commands for the running server."""
+    base = server.local(server.inference_url)
+    auth = ""
+    lines = []
+    if server.token_auth:
+        key = server.workdir / KEY_FILE
+        lines.append(f"TOKEN=$(python3 -c 'import json;print(json.load(open(\"{key}\"))[\"inference\"][\"key\"])')")
+        auth = ' -H "Authorization: Bearer $TOKEN"'
+    for m in models:
+        lines += [
+            f"curl{auth} -X POST {base}/predictions/{m} -T image.png",
+            f"curl{auth} {base}/predictions/{m} -F file0=@a.png -F file1=@b.jpg   # several images",
+            f"curl{auth} {base}/predictions/{m}?topk=3 -H 'Content-Type: application/json' "
+            f"-d '{{\"instances\": [{{\"b64\": \"'$(base64 -w0 image.png)'\"}}]}}'",
+            f"curl{auth} {base}/v2/models/{m}/infer -H 'Content-Type: application/json' -d '{{\"inputs\": "
+            f"[{{\"name\": \"images\", \"shape\": [1], \"datatype\": \"BYTES\", \"data\": [\"'$(base64 -w0 image.png)'\"]}}]}}'",
+        ]
+    lines += [f"curl {server.local(server.management_url)}/models          # management (loopback only)",
+              f"curl {server.local(server.metrics_url)}/metrics         # Prometheus"]
+    if server.token_auth:
+        lines[-2] = lines[-2].replace("curl ", "curl -H \"Authorization: Bearer $(python3 -c 'import json;"
+                                      f"print(json.load(open(\"{server.workdir / KEY_FILE}\"))[\"management\"][\"key\"])')\" ")
+    return "\n".join(lines)
