@@ -1,0 +1,120 @@
+"""Deployment files: `make k8s-validate` passes on the repository and fails on broken copies of it.
+
+The validation is the real one (kubectl kustomize, kubernetes-validate's bundled schemas, checkov,
+hadolint): these tests are how `make k8s-validate` runs inside `make test`. The broken-manifest tests
+validate a copy of deploy/ in tmp_path with one thing broken, and check the problem is named.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+validate = _load("deploy_validate", DEPLOY / "validate.py")
+
+
+@pytest.fixture
+def deploy_copy(tmp_path: Path) -> Path:
+    """A private copy of deploy/ to break."""
+    copy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}: update the test with the manifest"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_k8s_validate_passes_on_the_repository():
+    """`make k8s-validate` itself: every step, exit 0, a summary naming the version and the steps."""
+    done = subprocess.run([sys.executable, str(DEPLOY / "validate.py")], capture_output=True, text=True,
+                          timeout=400, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert f"Kubernetes {validate.K8S_VERSION}" in last and "render,schema,static,checkov,hadolint" in last
+    assert last.endswith(": 0 problem(s)")
+
+
+def test_unknown_field_in_the_base_fails_every_overlay(deploy_copy: Path):
+    _edit(deploy_copy / "k8s/base/deployment.yaml", "          imagePullPolicy: IfNotPresent\n",
+          "          imagePullPolicy: IfNotPresent\n          imagePullPolcy: Always\n")
+    problems, _ = validate.validate_deploy(deploy_copy, skip=("checkov", "hadolint"))
+    flagged = {p.split(":")[0] for p in problems if "'imagePullPolcy' was unexpected" in p}
+    assert flagged == {"k8s/base", "k8s/overlays/cpu", "k8s/overlays/gpu"}, problems
+
+
+def test_missing_security_context_is_caught_by_checkov(deploy_copy: Path):
+    """Schema-valid but insecure: only the linter can catch it, and must."""
+    deployment = deploy_copy / "k8s/base/deployment.yaml"
+    doc = yaml.safe_load(deployment.read_text())
+    del doc["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    deployment.write_text(yaml.safe_dump(doc))
+    problems, _ = validate.validate_deploy(deploy_copy, skip=("hadolint",))
+    text = "\n".join(problems)
+    assert "CKV_K8S_20" in text  # allowPrivilegeEscalation not set to false
+    assert "CKV_K8S_22" in text  # root filesystem not read-only
+    assert all(p.startswith("checkov:") for p in problems), problems  # the schema allows it
+
+
+def test_custom_resource_typo_and_bad_embedded_pod_are_caught(deploy_copy: Path):
+    _edit(deploy_copy / "k8s/monitoring/servicemonitor.yaml", "interval: 15s", "intervall: 15s")
+    _edit(deploy_copy / "k8s/training/pytorchjob.yaml", "privileged: false", "privileged: nope")
+    problems, _ = validate.validate_deploy(deploy_copy, skip=("checkov", "hadolint"))
+    assert any("ServiceMonitor/visionpipe-serve" in p and "'intervall' was unexpected" in p for p in problems)
+    assert any("PyTorchJob/visionpipe-train-ddp /spec/pytorchReplicaSpecs/Master/template" in p
+               and "'nope' is not of type 'boolean'" in p for p in problems), problems
+
+
+def test_unlisted_custom_resource_is_an_error():
+    crds = yaml.safe_load((DEPLOY / "crd-schemas.yaml").read_text())
+    obj = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {}}
+    [problem] = validate.validate_objects([obj], crds)
+    assert "no schema for example.com/v1 Widget" in problem
+
+
+def test_hadolint_fails_a_worse_dockerfile(deploy_copy: Path):
+    _edit(deploy_copy / "docker/Dockerfile", "apt-get install -y --no-install-recommends", "apt-get install -y")
+    problems = validate.run_hadolint(deploy_copy)
+    assert any("DL3015" in p for p in problems), problems  # --no-install-recommends
+
+
+def test_one_torchserve_config_everywhere():
+    """The ConfigMap is generated from deploy/config/config.properties byte for byte, and that file
+    keeps the management API on loopback and model registration off."""
+    [configmap] = [o for o in validate.render(DEPLOY / "k8s/overlays/cpu") if o["kind"] == "ConfigMap"]
+    source = (DEPLOY / "config/config.properties").read_text()
+    assert configmap["data"]["config.properties"] == source
+    settings = dict(line.split("=", 1) for line in source.splitlines() if line and not line.startswith("#"))
+    assert settings["management_address"] == "http://127.0.0.1:8081"
+    assert settings["enable_model_api"] == "false" and settings["metrics_mode"] == "prometheus"
+    dockerfile = (DEPLOY / "docker/Dockerfile").read_text()
+    assert "COPY deploy/config/config.properties" in dockerfile
+
+
+def test_entrypoint_refuses_an_empty_model_store(tmp_path: Path):
+    """One line naming the problem and the fix, exit 2, before TorchServe is started."""
+    env = {**os.environ, "MODEL_STORE": str(tmp_path), "MPLCONFIGDIR": str(tmp_path / "mpl"), "VARIANT": "cpu"}
+    done = subprocess.run(["bash", str(DEPLOY / "docker/entrypoint.sh")], capture_output=True, text=True,
+                          env=env, timeout=30)
+    assert done.returncode == 2
+    assert f"no .mar archive in {tmp_path}" in done.stderr and "make archive" in done.stderr
