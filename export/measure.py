@@ -45,6 +45,7 @@ def parity(reference: np.ndarray, logits: np.ndarray) -> dict:
         "samples": int(len(reference)),
         "top1_agreement": float((reference.argmax(1) == logits.argmax(1)).mean()),
         "max_abs_diff": float(np.abs(reference - logits).max()),
+        "mean_abs_diff": float(np.abs(reference - logits).mean()),
     }
 
 

@@ -1,0 +1,220 @@
+"""Export stage: real exports of tiny trained models, loaded back by the server's loader
+(``export.runtime.load_variant``: ONNX Runtime and TorchScript), gates that really fail, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.core import ExportConfig, GateError, export_run
+from export.data import load_pixels, random_pixels
+from export.measure import eager_predict
+from export.runtime import (MANIFEST_NAME, VARIANTS, IntegrityError, load_variant, read_manifest,
+                            sha256_file)
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(ckpt: Path, out_dir: Path, **overrides) -> ExportConfig:
+    """Small check/calibration sets and one short latency round: seconds, not minutes."""
+    base = ExportConfig(run=ckpt.parent.name, runs_dir=str(ckpt.parent.parent), out_dir=str(out_dir),
+                        calib_size=256, check_size=100, eval_size=0, latency_rounds=1,
+                        latency_threads=(1,))
+    return replace(base, **overrides)
+
+
+@pytest.fixture(scope="session")
+def digits_artifacts(digits_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("artifacts")
+    export_run(small_config(digits_checkpoint, out), log=lambda _: None)
+    return out / "digits"
+
+
+@pytest.fixture(scope="session")
+def cifar_artifacts(cifar_checkpoint, tmp_path_factory) -> Path:
+    """3-channel contract; the tiny CIFAR model is barely trained, so only parity is meaningful:
+    the INT8 accuracy gate is opened (a 100-point drop is allowed)."""
+    out = tmp_path_factory.mktemp("artifacts")
+    export_run(small_config(cifar_checkpoint, out, latency_rounds=0, max_int8_drop=100.0),
+               log=lambda _: None)
+    return out / "cifarnet"
+
+
+def eager_reference(artifact_dir: Path):
+    manifest = read_manifest(artifact_dir)
+    model, contract = model_from_checkpoint(load_checkpoint(manifest["source"]["checkpoint"]))
+    return eager_predict(model, contract), contract
+
+
+# ---- every variant, through the server's loader, against eager on fresh random inputs -----------
+@pytest.mark.parametrize("run", ["digits", "cifar"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_matches_eager_on_random_inputs(run, variant, request):
+    artifact_dir = request.getfixturevalue(f"{run}_artifacts")
+    eager, contract = eager_reference(artifact_dir)
+    runner = load_variant(artifact_dir, variant, threads=1)
+    pixels = random_pixels(contract, 64, seed=12345)  # not the images export checked
+    expected, got = eager(pixels), runner(pixels)
+    assert got.shape == (64, contract.num_classes) and got.dtype == np.float32
+    agreement = float((expected.argmax(1) == got.argmax(1)).mean())
+    if runner.precision == "fp32":
+        np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
+        assert agreement == 1.0
+    else:  # INT8 is an approximation: close on average, same class for nearly every input
+        scale = np.abs(expected).max()
+        assert np.abs(got - expected).mean() < 0.1 * scale, (variant, np.abs(got - expected).mean(), scale)
+        assert agreement >= 0.85, (variant, agreement)
+
+
+def test_manifest_records_contract_hashes_and_measurements(digits_artifacts, digits_checkpoint):
+    manifest = read_manifest(digits_artifacts)
+    ckpt = load_checkpoint(digits_checkpoint)
+    assert manifest["name"] == "digits"
+    assert manifest["contract"] == json.loads(json.dumps(ckpt["contract"]))
+    assert manifest["source"]["sha256"] == sha256_file(digits_checkpoint)
+    assert manifest["version"] == f"{ckpt['epoch']}.{manifest['source']['sha256'][:8]}"
+    assert list(manifest["variants"]) == list(VARIANTS)
+    for name, entry in manifest["variants"].items():
+        path = digits_artifacts / entry["file"]
+        assert entry["sha256"] == sha256_file(path) and entry["bytes"] == path.stat().st_size
+        assert 0.0 <= entry["accuracy"] <= 1.0 and entry["parity"]["samples"] == 100
+        assert entry["latency"]["threads_1"]["batch1_p50_ms"] > 0
+        assert entry["latency"]["threads_1"]["batch64_images_per_s"] > 0
+    for name in ("torchscript-fp32", "onnx-fp32"):
+        assert manifest["variants"][name]["parity"]["top1_agreement"] == 1.0
+    assert manifest["default_variant"]["cpu"] in VARIANTS
+    assert manifest["default_variant"]["cuda"] in ("torchscript-fp32", "onnx-fp32")
+    assert not list(digits_artifacts.parent.glob(".digits.staging-*")), "staging folder left behind"
+
+
+def test_int8_models_are_smaller(digits_artifacts):
+    v = read_manifest(digits_artifacts)["variants"]
+    assert v["onnx-int8"]["bytes"] < 0.5 * v["onnx-fp32"]["bytes"]
+    assert v["torchscript-int8"]["bytes"] < 0.5 * v["torchscript-fp32"]["bytes"]
+
+
+def test_onnx_graph_is_checked_and_has_a_dynamic_batch(digits_artifacts):
+    import onnx
+
+    model = onnx.load(str(digits_artifacts / "onnx-fp32.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+
+def test_default_variant_and_device_rules(digits_artifacts):
+    runner = load_variant(digits_artifacts)
+    assert runner.variant == read_manifest(digits_artifacts)["default_variant"]["cpu"]
+    with pytest.raises(ValueError, match="cpu"):
+        load_variant(digits_artifacts, "torchscript-int8", device="cuda")
+    with pytest.raises(ValueError, match="choose one of"):
+        load_variant(digits_artifacts, "tensorrt-fp16")
+
+
+def test_runner_rejects_wrong_input(digits_artifacts):
+    runner = load_variant(digits_artifacts, "onnx-fp32")
+    with pytest.raises(ValueError, match="uint8"):
+        runner(np.zeros((1, 1, 28, 28), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
+        runner(np.zeros((1, 3, 28, 28), dtype=np.uint8))
+
+
+# ---- integrity ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["onnx-fp32", "torchscript-int8"])
+def test_tampered_file_fails_the_sha256_check(digits_artifacts, tmp_path, variant):
+    copy = tmp_path / "digits"
+    shutil.copytree(digits_artifacts, copy)
+    entry = read_manifest(copy)["variants"][variant]
+    path = copy / entry["file"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as err:
+        load_variant(copy, variant)
+    msg = str(err.value)
+    assert entry["file"] in msg and entry["sha256"] in msg and sha256_file(path) in msg
+    assert "make export" in msg
+    path.unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        load_variant(copy, variant)
+
+
+def test_missing_or_broken_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make export"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_manifest(tmp_path)
+
+
+# ---- gates really fail ---------------------------------------------------------------------------
+def test_int8_gate_fails_when_the_allowed_drop_is_negative(digits_checkpoint, tmp_path):
+    cfg = small_config(digits_checkpoint, tmp_path, variants=("torchscript-int8",), max_int8_drop=-1.0,
+                       latency_rounds=0)
+    with pytest.raises(GateError, match=r"torchscript-int8 accuracy 0\.\d{4} is -?\d+\.\d\d points below"):
+        export_run(cfg, log=lambda _: None)
+    assert not (tmp_path / "digits").exists(), "a failed export must publish nothing"
+    assert not list(tmp_path.glob(".digits.staging-*"))
+
+
+def test_fp32_parity_gate_fails_with_an_impossible_tolerance(digits_checkpoint, tmp_path):
+    cfg = small_config(digits_checkpoint, tmp_path, variants=("torchscript-fp32",), atol=-1.0,
+                       latency_rounds=0)
+    with pytest.raises(GateError, match=r"torchscript-fp32 parity: top-1 agreement 1\.0000"):
+        export_run(cfg, log=lambda _: None)
+
+
+def test_heldout_pixels_are_the_dataset_images_exactly():
+    """The uint8 images the gates use are the dataset's own pixels (normalisation undone exactly)."""
+    from training.data import _digits_arrays, load_splits
+
+    contract = load_splits("digits").contract
+    pixels = load_pixels("digits", None, contract, "test")
+    images, labels = _digits_arrays(False)
+    np.testing.assert_array_equal(pixels.images[:, 0], images)
+    np.testing.assert_array_equal(pixels.labels, labels)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "export", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
+
+
+def test_cli_gate_failure_exits_nonzero_with_one_line(digits_checkpoint, tmp_path):
+    runs = str(digits_checkpoint.parent.parent)
+    res = run_cli("--run", "digits", "--runs-dir", runs, "--out-dir", str(tmp_path), "--variants",
+                  "torchscript-int8", "--calib-size", "32", "--eval-size", "100", "--latency-rounds", "0",
+                  "--max-int8-drop", "-1")
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "torchscript-int8 accuracy" in lines[0]
+
+
+def test_cli_missing_checkpoint_exits_2(tmp_path, capsys):
+    from export.__main__ import main
+
+    assert main(["--run", "nope", "--runs-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: checkpoint {tmp_path}/nope/best.pt not found; train it first: make train RUN=nope"]
+
+
+def test_cli_rejects_unknown_variant(tmp_path, capsys):
+    from export.__main__ import main
+
+    assert main(["--run", "digits", "--runs-dir", str(tmp_path), "--variants", "onnx-fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown variants ['onnx-fp16']" in err[0]
