@@ -69,12 +69,14 @@ def read_token(key_file: str | Path | None) -> str | None:
 
 
 def post(url: str, model: str, body: bytes, content_type: str, token: str | None = None,
-         query: str = "") -> dict:
+         topk: int | None = None) -> dict:
     """POST one request to ``/predictions/<model>``; returns the JSON answer or raises ClientError."""
     headers = {"Content-Type": content_type}
+    if topk is not None:
+        headers["X-TopK"] = str(topk)
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    target = f"{url.rstrip('/')}/predictions/{model}{'?' + query if query else ''}"
+    target = f"{url.rstrip('/')}/predictions/{model}"
     try:
         status, raw = http("POST", target, body, headers, timeout=60)
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
@@ -96,13 +98,13 @@ def demo(url: str, run: str, count: int, token: str | None, seed: int = 0) -> in
     print(f"posting {len(pngs)} held-out digits (digits test split, seed {seed}) to {url}/predictions/{run}")
     correct = 0
     for i, (png, label) in enumerate(zip(pngs, labels)):
-        ans = post(url, run, png, "image/png", token, query="topk=1")
+        ans = post(url, run, png, "image/png", token, topk=1)
         best = ans["predictions"][0][0]
         correct += int(best["label"] == str(label))
         print(f"  image {i}: true {label}  predicted {best['label']}  p={best['probability']:.3f}  "
               f"{'ok' if best['label'] == str(label) else 'WRONG'}")
     body, ctype = multipart({f"file{i}": (f"digit{i}.png", p, "image/png") for i, p in enumerate(pngs)})
-    batch = post(url, run, body, ctype, token, query="topk=1")
+    batch = post(url, run, body, ctype, token, topk=1)
     same = [row[0]["label"] for row in batch["predictions"]]
     print(f"{correct}/{len(pngs)} correct; model {batch['model']} version {batch['version']}, "
           f"{batch['variant']} on {batch['device']}; one multipart request with all {len(pngs)} images "
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("predict needs at least one image file")
         for f in a.files:
             print(json.dumps(post(a.url, a.run, Path(f).read_bytes(), "application/octet-stream", token,
-                                  query=f"topk={a.topk}")))
+                                  topk=a.topk)))
         return 0
     except (ClientError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

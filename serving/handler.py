@@ -114,7 +114,7 @@ class ClassifierHandler(BaseHandler):
         for i, params in enumerate(data):
             try:
                 req = parse_request(params, self.core.contract, self.core.limits,
-                                    self._content_types(context, i, params))
+                                    self._content_types(context, i, params), self._headers(context, i))
                 k = self.core.check_topk(req.topk)
                 pixels = np.stack([self.core.to_pixels(x, req.invert, times) for x in req.items])
                 parsed[i] = (req, pixels, k)
@@ -151,6 +151,15 @@ class ClassifierHandler(BaseHandler):
             if isinstance(header, dict) and header.get("content-type"):
                 out[name] = str(header["content-type"])
         return out
+
+    @staticmethod
+    def _headers(context, idx: int) -> dict[str, str]:
+        """The request's HTTP headers, names lower-cased (HTTP header names are case-insensitive)."""
+        processors = getattr(context, "request_processor", None)
+        if not processors:
+            return {}
+        props = processors[idx].get_request_properties() or {}
+        return {str(k).lower(): v for k, v in props.items() if isinstance(v, str)}
 
     @staticmethod
     def _reply(context, idx: int, code: int, body: dict) -> str:

@@ -8,8 +8,10 @@ Requests (one TorchServe request = one dict of parameters, see ``parse_request``
   * KServe v2 / Open Inference Protocol JSON (``POST /v2/models/<name>/infer``): one input tensor,
     ``datatype`` BYTES (base64 image files, shape [N]) or UINT8 (pixels already at the contract,
     shape [N, C, H, W]).
-Options ``topk`` (1..classes) and ``invert`` (auto|yes|no) come from the query string, or from
-``parameters`` in a JSON body.
+Options ``topk`` (1..classes) and ``invert`` (auto|yes|no) come from ``parameters`` in a JSON body,
+a multipart text field of that name, or an ``X-TopK`` / ``X-Invert`` header, in that order of
+precedence. (TorchServe 0.12 drops the query string of ``/predictions`` requests, so ``?topk=`` cannot
+work.)
 """
 
 from __future__ import annotations
@@ -111,19 +113,24 @@ def _looks_like_json(body: Any, content_type: str) -> bool:
     return head.lstrip()[:1] in (b"{", b"[")  # no image format starts with { or [
 
 
+HEADER_OPTIONS = {"x-topk": "topk", "x-invert": "invert"}
+
+
 def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
-                  content_types: Mapping[str, str] | None = None) -> Request:
+                  content_types: Mapping[str, str] | None = None,
+                  headers: Mapping[str, str] | None = None) -> Request:
     """One TorchServe request (``{parameter name: value}``) -> ``Request``.
 
-    TorchServe names the raw body ``body`` and each multipart part by its field name; query-string
-    options arrive as parameters too.
+    TorchServe names the raw body ``body`` and each multipart part by its field name. ``headers``
+    are the HTTP headers with lower-case names (for ``X-TopK`` / ``X-Invert``).
 
     Raises:
         InputError: empty body, malformed JSON or base64, an unknown JSON shape, too many images.
     """
     content_types = content_types or {}
     params = dict(params)
-    options = {k: params.pop(k) for k in OPTION_NAMES if k in params}
+    options = {name: (headers or {})[h] for h, name in HEADER_OPTIONS.items() if h in (headers or {})}
+    options.update({k: params.pop(k) for k in OPTION_NAMES if k in params})
     topk, invert = _options(options)
     if not params:
         raise InputError(400, "empty_body", "the request has no body: send image bytes, a multipart "

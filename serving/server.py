@@ -264,7 +264,7 @@ def curl_examples(server: Server, models: list[str]) -> str:
         lines += [
             f"curl{auth} -X POST {base}/predictions/{m} -T image.png",
             f"curl{auth} {base}/predictions/{m} -F file0=@a.png -F file1=@b.jpg   # several images",
-            f"curl{auth} {base}/predictions/{m}?topk=3 -H 'Content-Type: application/json' "
+            f"curl{auth} {base}/predictions/{m} -H 'X-TopK: 3' -H 'Content-Type: application/json' "
             f"-d '{{\"instances\": [{{\"b64\": \"'$(base64 -w0 image.png)'\"}}]}}'",
             f"curl{auth} {base}/v2/models/{m}/infer -H 'Content-Type: application/json' -d '{{\"inputs\": "
             f"[{{\"name\": \"images\", \"shape\": [1], \"datatype\": \"BYTES\", \"data\": [\"'$(base64 -w0 image.png)'\"]}}]}}'",

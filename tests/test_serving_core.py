@@ -188,6 +188,15 @@ def test_parse_raw_multipart_and_instances():
     assert parse_request({"body": {"instances": [{"b64": b64(png)}]}}, DIGITS, SMALL).items == (png,)
 
 
+def test_options_from_headers_fields_and_json():
+    png = encode(digit_like())
+    assert parse_request({"body": png}, DIGITS, SMALL, headers={"x-topk": "2", "x-invert": "no"}).topk == 2
+    assert parse_request({"f": png, "topk": b"4"}, DIGITS, SMALL, headers={"x-topk": "2"}).topk == 4
+    body = json.dumps({"instances": [{"b64": b64(png)}], "parameters": {"topk": 1}}).encode()
+    req = parse_request({"body": body}, DIGITS, SMALL, headers={"x-topk": "2", "x-invert": "yes"})
+    assert (req.topk, req.invert) == (1, "yes")
+
+
 def test_parse_kserve_v2_bytes_and_uint8():
     png = encode(digit_like())
     doc = {"id": "r1", "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
@@ -264,7 +273,7 @@ def make_context(batch: list[dict]):
     from ts.context import Context, RequestProcessor
 
     ctx = Context("digits", "/nonexistent", {}, len(batch), None, "0.12.0")
-    ctx.request_processor = [RequestProcessor({}) for _ in batch]
+    ctx.request_processor = [RequestProcessor({"X-TopK": "5"}) for _ in batch]
     ctx.request_ids = {i: f"req-{i}" for i in range(len(batch))}
     return ctx
 
