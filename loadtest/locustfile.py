@@ -55,22 +55,22 @@ def _option(environment, name: str, default):
 def _load_images(environment, **_kw) -> None:
     data_dir = _option(environment, "data_dir", None)
     for cls in environment.user_classes:
-        run = getattr(cls, "run", None)
+        run = getattr(cls, "served_run", None)
         if run and run not in POOLS:
             POOLS[run] = load_pool(run, data_dir)
             print(f"[loadtest] {run}: {POOLS[run].source}", file=sys.stderr, flush=True)
 
 
 class ClassifierUser(FastHttpUser):
-    """Posts images of ``run`` to ``/predictions/<run>``; subclasses name the run."""
+    """Posts images of ``run`` to ``/predictions/<run>``; subclasses name the run in ``served_run``."""
 
     abstract = True
-    run = ""
+    served_run = ""
     # Short think time: 16 such users keep a small CPU server busy without a closed-loop stampede.
     wait_time = between(0.0, 0.01)
 
     def on_start(self) -> None:
-        self.pool = POOLS[self.run]
+        self.pool = POOLS[self.served_run]
         self.rng = random.Random()
         self.malformed_share = float(_option(self.environment, "malformed_share", 0.02))
         self.batch_images = int(_option(self.environment, "batch_images", 4))
@@ -85,17 +85,17 @@ class ClassifierUser(FastHttpUser):
             return
         form = self.rng.choices(list(FORM_WEIGHTS), weights=list(FORM_WEIGHTS.values()))[0]
         if form == "raw":
-            self._post(f"{self.run} raw", self._image(), "application/octet-stream", expect=1)
+            self._post(f"{self.served_run} raw", self._image(), "application/octet-stream", expect=1)
         elif form == "multipart":
             body, ctype = multipart_body(self._image())
-            self._post(f"{self.run} multipart", body, ctype, expect=1)
+            self._post(f"{self.served_run} multipart", body, ctype, expect=1)
         else:
             images = [self._image() for _ in range(self.batch_images)]
-            self._post(f"{self.run} b64x{self.batch_images}", b64_batch_body(images), "application/json",
+            self._post(f"{self.served_run} b64x{self.batch_images}", b64_batch_body(images), "application/json",
                        expect=self.batch_images)
 
     def _post(self, name: str, body: bytes, ctype: str, expect: int) -> None:
-        with self.client.post(f"/predictions/{self.run}", data=body, headers={"Content-Type": ctype},
+        with self.client.post(f"/predictions/{self.served_run}", data=body, headers={"Content-Type": ctype},
                               name=name, catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
@@ -110,8 +110,8 @@ class ClassifierUser(FastHttpUser):
 
     def _post_malformed(self) -> None:
         kind, body, ctype = malformed_request(self.rng, self._image())
-        with self.client.post(f"/predictions/{self.run}", data=body, headers={"Content-Type": ctype},
-                              name=f"{self.run} malformed", catch_response=True) as resp:
+        with self.client.post(f"/predictions/{self.served_run}", data=body, headers={"Content-Type": ctype},
+                              name=f"{self.served_run} malformed", catch_response=True) as resp:
             if 400 <= resp.status_code < 500:
                 resp.success()
             else:
@@ -119,11 +119,11 @@ class ClassifierUser(FastHttpUser):
 
 
 class DigitsUser(ClassifierUser):
-    run = "digits"
+    served_run = "digits"
 
 
 class CifarnetUser(ClassifierUser):
-    run = "cifarnet"
+    served_run = "cifarnet"
 
 
 @events.quitting.add_listener
