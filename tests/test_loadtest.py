@@ -6,6 +6,9 @@ from __future__ import annotations
 import email.parser
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +19,8 @@ from loadtest.bodies import b64_batch_body, malformed_request, multipart_body, p
 from loadtest.images import encode_png, load_pool, synthetic_pixels
 from loadtest.schedule import step_users
 from training.contract import Contract
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def totals(requests=1000, failures=0, p95=80.0, p99=150.0) -> Totals:
@@ -109,3 +114,57 @@ def test_malformed_requests_cover_every_kind_and_are_not_valid_images():
 ])
 def test_predictions_in_counts_answers(body, n):
     assert predictions_in(body) == n
+
+
+# ---- smoke: locust against a real TorchServe serving the tiny digits model -----------------------
+@pytest.fixture(scope="session")
+def digits_server(tmp_path_factory, digits_checkpoint):
+    """TorchServe (serving.server, shipped config, private ports) serving the tiny digits run's ONNX
+    variant through the real handler, batch 4."""
+    from export.core import ExportConfig, export_run
+    from loadtest.torchserve import PrivateServer
+    from serving.archive import ArchiveConfig, build_archive
+
+    root = tmp_path_factory.mktemp("loadtest-serve")
+    export_run(ExportConfig(run="digits", runs_dir=str(digits_checkpoint.parent.parent),
+                            out_dir=str(root / "artifacts"), checkpoint=str(digits_checkpoint),
+                            variants=("onnx-fp32",), calib_size=64, check_size=64, eval_size=120,
+                            latency_rounds=0, max_int8_drop=100.0), log=lambda _m: None)
+    build_archive(ArchiveConfig(run="digits", artifacts_dir=str(root / "artifacts"),
+                                model_store=str(root / "store"), variant_cpu="onnx-fp32", batch_size=4,
+                                max_batch_delay_ms=5, min_workers=1, max_workers=1), log=lambda _m: None)
+    with PrivateServer(root / "store", ["digits"], workdir=root / "work") as server:
+        yield server
+
+
+def run_locust(url: str, out: Path, seconds: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
+           "--host", url, "--users", "4", "--spawn-rate", "4", "--run-time", f"{seconds}s", "--only-summary",
+           "--csv", str(out / "lt"), "--html", str(out / "lt.html"), "--json-file", str(out / "lt"),
+           "--gate-file", str(out / "gate.json"), *extra, "DigitsUser"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_locust_smoke_passes_gates_and_every_request_form_is_answered(digits_server, tmp_path):
+    # Latency gates are loose on purpose: this checks the plumbing, speed lives in bench/.
+    proc = run_locust(digits_server.url, tmp_path, 6, "--malformed-share", "0.15",
+                      "--p95-ms", "20000", "--p99-ms", "30000", "--max-error-rate", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gate.json").read_text())
+    assert report["passed"] and report["totals"]["failures"] == 0
+    by_name = report["requests_by_name"]
+    for form in ("digits raw", "digits multipart", "digits b64x4", "digits malformed"):
+        assert by_name[form]["requests"] > 0 and by_name[form]["failures"] == 0, by_name
+    assert "held-out" in report["image_sources"]["digits"]
+    for f in ("lt_stats.csv", "lt.html", "lt.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert "gates:" in proc.stderr and "PASS" in proc.stderr
+
+
+@pytest.mark.slow
+def test_locust_exits_nonzero_when_a_gate_breaks(digits_server, tmp_path):
+    proc = run_locust(digits_server.url, tmp_path, 2, "--p99-ms", "0.001")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gate.json").read_text())
+    assert not report["passed"] and any(v.startswith("p99") for v in report["violations"])
