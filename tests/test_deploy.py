@@ -118,3 +118,72 @@ def test_entrypoint_refuses_an_empty_model_store(tmp_path: Path):
                           env=env, timeout=30)
     assert done.returncode == 2
     assert f"no .mar archive in {tmp_path}" in done.stderr and "make archive" in done.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def digits_mar(digits_checkpoint: Path, tmp_path_factory) -> Path:
+    """model_store/digits.mar from the tiny digits run, through the real export and archive CLIs."""
+    out = tmp_path_factory.mktemp("deploy-model")
+    runs = digits_checkpoint.parents[1]
+    for cmd in (["-m", "export", "--run", "digits", "--runs-dir", str(runs), "--out-dir", str(out / "artifacts"),
+                 "--variants", "onnx-fp32", "--check-size", "32", "--eval-size", "64", "--latency-rounds", "1"],
+                ["-m", "serving", "archive", "--run", "digits", "--artifacts-dir", str(out / "artifacts"),
+                 "--model-store", str(out / "model_store")]):
+        done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out / "model_store" / "digits.mar"
+
+
+@pytest.mark.slow
+def test_entrypoint_serves_until_healthy_then_stops_gracefully_on_sigterm(digits_mar: Path, tmp_path: Path):
+    """The image's entrypoint, healthcheck and golden-image check, run on the host with the real
+    TorchServe and the container's config.properties (addresses moved to free loopback ports)."""
+    import signal
+    import time
+
+    ports = {name: _free_port() for name in ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_I", "GRPC_M")}
+    for d in ("tmp", "logs"):
+        (tmp_path / d).mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "VARIANT": "cpu",
+           "MODEL_STORE": str(digits_mar.parent), "TS_CONFIG": str(DEPLOY / "config/config.properties"),
+           "LOG_LOCATION": str(tmp_path / "logs"), "METRICS_LOCATION": str(tmp_path / "logs"),
+           # a private temp dir: TorchServe's pid file and worker sockets live there
+           "TEMP": str(tmp_path / "tmp"), "TMPDIR": str(tmp_path / "tmp"), "MPLCONFIGDIR": str(tmp_path / "tmp"),
+           "DRAIN_SECONDS": "1",
+           "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports['INFERENCE']}",
+           "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ports['MANAGEMENT']}",
+           "TS_METRICS_ADDRESS": f"http://127.0.0.1:{ports['METRICS']}",
+           "TS_GRPC_INFERENCE_PORT": str(ports["GRPC_I"]), "TS_GRPC_MANAGEMENT_PORT": str(ports["GRPC_M"])}
+    log = (tmp_path / "entrypoint.log").open("w")
+    proc = subprocess.Popen(["bash", str(DEPLOY / "docker/entrypoint.sh")], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        health = [sys.executable, str(DEPLOY / "docker/healthcheck.py")]
+        deadline = time.monotonic() + 180
+        while True:
+            done = subprocess.run(health, env=env, capture_output=True, text=True, timeout=30)
+            if done.returncode == 0:
+                break
+            assert proc.poll() is None, (tmp_path / "entrypoint.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not healthy after 180 s: {done.stdout}"
+            time.sleep(2)
+        check = subprocess.run([sys.executable, str(DEPLOY / "smoke/predict_check.py"), "--url",
+                                env["TS_INFERENCE_ADDRESS"], "--run", "digits", "--count", "16",
+                                "--min-accuracy", "0.5"], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert check.returncode == 0 and check.stdout.startswith("PASS"), check.stdout + check.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "entrypoint.log").read_text()
+    assert "entrypoint: SIGTERM: draining" in text and "entrypoint: TorchServe stopped" in text

@@ -15,7 +15,7 @@ SMOKE_MODEL_STORE="${SMOKE_MODEL_STORE:-$PWD/model_store}"
 BASE_IMAGE="${BASE_IMAGE:-localhost/debian-bookworm:smoke}"
 IMAGE="${IMAGE:-localhost/visionpipe-serve:smoke}"
 PORT="${SMOKE_PORT:-18080}"            # host network: ports away from a `make serve` on 8080-8082
-MPORT=$((PORT + 1)) METRICS_PORT=$((PORT + 2))
+MPORT=$((PORT + 1)) METRICS_PORT=$((PORT + 2)) GRPC_PORT=$((PORT + 3)) GRPC_MPORT=$((PORT + 4))
 NAME=visionpipe-smoke
 # runc, cgroupfs, host network, no default ulimits: see deploy/smoke/containers.conf.
 export CONTAINERS_CONF="$PWD/deploy/smoke/containers.conf"
@@ -64,6 +64,7 @@ podman run -d --name "$NAME" --network host --read-only --tmpfs /tmp --tmpfs /va
     -v "$SMOKE_MODEL_STORE:/opt/visionpipe/model-store:ro" \
     -e TS_INFERENCE_ADDRESS="http://127.0.0.1:$PORT" -e TS_MANAGEMENT_ADDRESS="http://127.0.0.1:$MPORT" \
     -e TS_METRICS_ADDRESS="http://127.0.0.1:$METRICS_PORT" -e TS_MODELS=digits=digits.mar \
+    -e TS_GRPC_INFERENCE_PORT="$GRPC_PORT" -e TS_GRPC_MANAGEMENT_PORT="$GRPC_MPORT" \
     "$IMAGE" >/dev/null
 start=$(date +%s)
 until podman exec "$NAME" python3 /opt/visionpipe/bin/healthcheck.py >"$SMOKE_DIR/health.txt" 2>&1; do
