@@ -135,6 +135,9 @@ class ClassifierHandler(BaseHandler):
                 offset += len(pixels)
                 body = format_response(req, self.info, top_k(rows, k, self.core.contract.class_names))
                 responses[i] = self._reply(context, i, 200, body)
+        if context is not None:  # observability: how many requests shared this model call
+            for i in range(len(data)):
+                context.set_response_header(i, "X-Batch-Size", str(len(data)))
         self._emit_times(times, context, ran_model=bool(parsed))
         logger.debug("batch of %d handled in %.1f ms", len(data), (time.perf_counter() - start) * 1e3)
         return responses

@@ -293,6 +293,7 @@ def test_handler_isolates_bad_requests_in_a_batch():
     assert ok["device"] == "cpu" and len(ok["predictions"]) == 2 and len(ok["predictions"][0]) == 5
     assert set(err) == {"code", "type", "message"} and err["type"] == "not_an_image"
     assert all(ctx.get_response_content_type(i) == "application/json" for i in range(4))
+    assert ctx.get_response_headers(0)["X-Batch-Size"] == "4"
     assert handler.core.runner.calls == [(3, 1, 28, 28)]  # the good images went through in one call
     rejected = [(v, d[-1]) for n, v, d in metrics.emitted if n == "RejectedInputs"]
     assert sorted(rejected) == [(1, "empty_body"), (1, "not_an_image")]

@@ -1,0 +1,241 @@
+"""End-to-end: a real TorchServe (Java frontend, Python workers) serving archives built here.
+
+One server per test session: the tiny digits and cifarnet runs are exported through ``export``'s
+Python API, cifarnet is archived with its TorchScript variant, and ``python -m serving serve`` (what
+``make serve`` runs) archives digits itself (exported, not yet archived), starts TorchServe on free
+ports from a config rendered into tmp_path, and returns after each model's warm-up. Tests post real
+PNG/JPEG bytes, multipart and base64 batches, KServe v2 requests, and every bad input; the server is
+always stopped (its whole process group), also when a test fails.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.client import encode_png, heldout_digits, multipart
+from serving.core import Limits
+from serving.server import REPO, http, read_properties, stop_server
+from test_serving_core import bad_inputs, bad_requests, encode, exotic_modes
+
+pytestmark = pytest.mark.slow
+
+LIMITS = Limits(max_images=4, max_pixels=1_000_000, max_image_bytes=200_000)
+MAX_REQUEST_SIZE = 1_000_000  # TorchServe's own body limit in this test server
+
+
+def _export(checkpoint: Path, out: Path, variants: tuple[str, ...]) -> dict:
+    from export.core import ExportConfig, export_run
+
+    cfg = ExportConfig(run=checkpoint.parent.name, runs_dir=str(checkpoint.parent.parent),
+                       out_dir=str(out), checkpoint=str(checkpoint), variants=variants,
+                       calib_size=64, check_size=64, eval_size=120, latency_rounds=0,
+                       max_int8_drop=100.0)  # plumbing, not accuracy: a 1-epoch model may be noisy
+    return export_run(cfg, log=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, digits_checkpoint, cifar_checkpoint):
+    """The running server: yields a dict with its URLs, model names, manifests and work dir."""
+    from serving.archive import ArchiveConfig, build_archive
+    from serving.server import free_port
+
+    root = tmp_path_factory.mktemp("serve")
+    artifacts, store, work = root / "artifacts", root / "model_store", root / "work"
+    manifests = {"digits": _export(digits_checkpoint, artifacts, ("onnx-fp32", "onnx-int8")),
+                 "cifarnet": _export(cifar_checkpoint, artifacts, ("torchscript-fp32",))}
+    build_archive(ArchiveConfig(run="cifarnet", artifacts_dir=str(artifacts), model_store=str(store),
+                                variant_cpu="torchscript-fp32", batch_size=4, max_batch_delay_ms=200,
+                                limits=LIMITS), log=lambda _m: None)
+    props = read_properties(REPO / "serving" / "config.properties")
+    props.update({"inference_address": f"http://127.0.0.1:{free_port()}",
+                  "management_address": f"http://127.0.0.1:{free_port()}",
+                  "metrics_address": f"http://127.0.0.1:{free_port()}",
+                  "max_request_size": str(MAX_REQUEST_SIZE),
+                  "metrics_config": str(REPO / "serving" / "metrics.yaml")})
+    config = root / "config.properties"
+    config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    cmd = [sys.executable, "-m", "serving", "serve", "--config", str(config),
+           "--artifacts-dir", str(artifacts), "--model-store", str(store), "--workdir", str(work),
+           "--batch-size", "4", "--max-batch-delay", "200", "--max-images", str(LIMITS.max_images),
+           "--max-pixels", str(LIMITS.max_pixels), "--max-image-bytes", str(LIMITS.max_image_bytes),
+           "--timeout", "300"]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
+        assert proc.returncode == 0, f"serve failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        yield {"url": props["inference_address"], "management": props["management_address"],
+               "metrics": props["metrics_address"], "manifests": manifests, "work": work,
+               "artifacts": artifacts, "serve_output": proc.stdout}
+    finally:
+        stop_server(work)
+
+
+def post(served, model: str, body: bytes, content_type: str = "application/octet-stream",
+         headers: dict | None = None, path: str | None = None) -> tuple[int, dict | None, dict]:
+    url = served["url"] + (path or f"/predictions/{model}")
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": content_type, **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, raw, hdrs = r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        status, raw, hdrs = e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        doc = None
+    return status, doc, hdrs
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def assert_serves(served) -> None:
+    """The next valid request after any failure must succeed."""
+    status, doc, _ = post(served, "digits", encode_png(heldout_digits(1)[0][0]), "image/png")
+    assert status == 200 and doc["predictions"], doc
+
+
+# --------------------------------------------------------------------------------------------------
+def test_serve_cli_archived_and_warmed_up(served):
+    out = served["serve_output"]
+    assert "digits: wrote" in out  # exported but not archived -> archived by `serve`
+    assert "cifarnet: version" in out and "digits: version" in out and "warm-up answered" in out
+    assert "curl -X POST" in out and "/predictions/digits -T image.png" in out
+    assert (served["work"] / "torchserve.pid").is_file()
+
+
+def test_png_predictions_match_the_exported_variant(served):
+    """Posting held-out digits as PNG gives what the variant itself says about the same pixels."""
+    from export.runtime import load_variant
+
+    images, labels = heldout_digits(6, seed=1)
+    runner = load_variant(served["artifacts"] / "digits", "onnx-fp32")
+    expected = runner(images).argmax(axis=1)
+    manifest = served["manifests"]["digits"]
+    for img, want in zip(images, expected):
+        status, doc, hdrs = post(served, "digits", encode_png(img), "image/png")
+        assert status == 200, doc
+        assert hdrs["content-type"].startswith("application/json")
+        assert (doc["model"], doc["version"], doc["variant"], doc["device"]) == \
+            ("digits", manifest["version"], "onnx-fp32", "cpu")
+        top = doc["predictions"][0]
+        assert len(top) == 5 and top[0]["index"] == int(want) and top[0]["label"] == str(int(want))
+        probs = [c["probability"] for c in top]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_jpeg_to_cifarnet_torchscript(served):
+    rgb = Image.fromarray(np.random.default_rng(3).integers(0, 255, (240, 320, 3), np.uint8))
+    status, doc, _ = post(served, "cifarnet", encode(rgb, "JPEG", quality=90), "image/jpeg",
+                          headers={"X-TopK": "3"})
+    assert status == 200, doc
+    assert doc["variant"] == "torchscript-fp32" and len(doc["predictions"][0]) == 3
+    names = set(served["manifests"]["cifarnet"]["contract"]["class_names"])
+    assert {c["label"] for c in doc["predictions"][0]} <= names
+
+
+def test_multipart_and_base64_batches_agree_with_single_posts(served):
+    images, _ = heldout_digits(3, seed=2)
+    pngs = [encode_png(x) for x in images]
+    singles = [post(served, "digits", p, "image/png")[1]["predictions"][0] for p in pngs]
+    body, ctype = multipart({f"file{i}": (f"{i}.png", p, "image/png") for i, p in enumerate(pngs)})
+    status, doc, _ = post(served, "digits", body, ctype)
+    assert status == 200 and doc["predictions"] == singles
+    body = json.dumps({"instances": [{"b64": b64(p)} for p in pngs], "parameters": {"topk": 2}}).encode()
+    status, doc, _ = post(served, "digits", body, "application/json")
+    assert status == 200 and doc["predictions"] == [s[:2] for s in singles]
+
+
+def test_kserve_v2_infer(served):
+    images, _ = heldout_digits(2, seed=3)
+    doc = {"id": "req-1", "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
+                                      "data": [b64(encode_png(x)) for x in images]}]}
+    status, out, _ = post(served, "digits", json.dumps(doc).encode(), "application/json",
+                          path="/v2/models/digits/infer")
+    assert status == 200, out
+    assert out["id"] == "req-1" and out["model_name"] == "digits"
+    assert [o["name"] for o in out["outputs"]] == ["label", "index", "probability"]
+    assert out["outputs"][0]["shape"] == [2, 5]
+    doc = {"inputs": [{"name": "pixels", "shape": [2, 1, 28, 28], "datatype": "UINT8",
+                       "data": images.reshape(-1).tolist()}], "parameters": {"topk": 1}}
+    status, out2, _ = post(served, "digits", json.dumps(doc).encode(), "application/json",
+                           path="/v2/models/digits/infer")
+    assert status == 200 and out2["outputs"][1]["data"] == out["outputs"][1]["data"][::5]
+
+
+@pytest.mark.parametrize("name", list(exotic_modes()))
+def test_exotic_modes_are_served(served, name):
+    status, doc, _ = post(served, "cifarnet", exotic_modes()[name])
+    assert status == 200, doc
+
+
+def _as_http(params: dict) -> tuple[bytes, str, dict]:
+    """TorchServe parameters (as the handler sees them) -> the HTTP request that produces them."""
+    headers = {f"X-{k}": v.decode() for k, v in params.items() if k in ("topk", "invert")}
+    if "body" in params:
+        return params["body"], "application/json" if params["body"][:1] in b"{[" else "image/png", headers
+    if not params:
+        return b"", "image/png", headers
+    body, ctype = multipart({k: (k, v, "image/png") for k, v in params.items()})
+    return body, ctype, {}
+
+
+def test_every_bad_input_gets_a_4xx_json_and_the_server_keeps_serving(served):
+    cases = {f"image:{k}": (data, "image/png", {}, code, kind)
+             for k, (data, code, kind) in bad_inputs(LIMITS).items()}
+    cases.update({f"request:{k}": (*_as_http(params), code, kind)
+                  for k, (params, code, kind) in bad_requests(LIMITS).items()})
+    failures = []
+    for name, (body, ctype, headers, code, kind) in cases.items():
+        status, doc, _ = post(served, "digits", body, ctype, headers)
+        if status != code or not doc or doc.get("type") != kind or set(doc) != {"code", "type", "message"}:
+            failures.append(f"{name}: HTTP {status} {doc}")
+    assert not failures, "\n".join(failures)
+    assert_serves(served)
+
+
+def test_body_over_max_request_size_is_refused_by_torchserve(served):
+    status, _, _ = post(served, "digits", b"\0" * (MAX_REQUEST_SIZE + 1), "image/png")
+    assert status == 413  # TorchServe's frontend answers before any worker; no JSON body of ours
+    assert_serves(served)
+
+
+def test_one_bad_request_in_a_batch_does_not_fail_the_others(served):
+    images, _ = heldout_digits(3, seed=4)
+    bodies = [encode_png(x) for x in images] + [b"not an image at all"]
+    for _attempt in range(5):  # batching depends on arrival times; retry until one batch held >1
+        with cf.ThreadPoolExecutor(len(bodies)) as pool:
+            results = list(pool.map(lambda b: post(served, "digits", b, "image/png"), bodies))
+        assert [r[0] for r in results] == [200, 200, 200, 415], [r[1] for r in results]
+        assert results[3][1]["type"] == "not_an_image"
+        if int(results[3][2].get("x-batch-size", "1")) > 1:
+            break
+    else:
+        pytest.fail("the bad request never shared a batch with good ones (X-Batch-Size stayed 1)")
+    assert_serves(served)
+
+
+def test_metrics_and_operations(served):
+    status, raw = http("GET", served["metrics"] + "/metrics")
+    text = raw.decode()
+    assert status == 200
+    assert 'RejectedInputs{ModelName="digits",Level="Model",Reason="not_an_image"' in text
+    for name in ("DecodeTime_count", "PreprocessTime_count", "InferenceTime_count"):
+        assert f'{name}{{ModelName="digits"' in text
+    # registration API off; management answers on loopback
+    status, raw = http("POST", served["management"] + "/models?url=digits.mar")
+    assert status == 405, raw
+    status, raw = http("GET", served["management"] + "/models")
+    assert status == 200 and {m["modelName"] for m in json.loads(raw)["models"]} == {"digits", "cifarnet"}
