@@ -220,24 +220,34 @@ def measure_latency(cfg: ExportConfig, src: Source, staging: Path, entries: dict
 
     Returns the eager baseline's numbers ({"threads_N": {...}}).
     """
+    table = latency_table(staging, list(entries), src.model, src.contract, cfg.latency_threads,
+                          cfg.latency_rounds, cfg.seed)
+    baseline = {}
+    for key, numbers in table.items():
+        baseline[key] = numbers.pop("eager-fp32")
+        for name, n in numbers.items():
+            entries[name]["latency"][key] = n
+        log(f"{cfg.run}: latency, {key.split('_')[1]} thread(s): " + ", ".join(
+            f"{name} {n['batch1_p50_ms']:.3f} ms b1 / {n['batch64_images_per_s']:,.0f} img/s b64"
+            for name, n in {"eager-fp32": baseline[key], **numbers}.items()))
+    return baseline
+
+
+def latency_table(artifact_dir: Path, names: list[str], model: torch.nn.Module, contract,
+                  threads_list: tuple[int, ...], rounds: int, seed: int = 0) -> dict[str, dict]:
+    """{"threads_N": {"eager-fp32": {...}, variant: {...}}}: eager and each variant (loaded through
+    ``load_variant``) measured side by side at each thread count. Also used by bench/bench_export.py."""
     saved_threads = torch.get_num_threads()
-    baseline: dict[str, dict] = {}
+    table = {}
     try:
-        for threads in cfg.latency_threads:
+        for threads in threads_list:
             torch.set_num_threads(threads)  # eager and TorchScript; ORT sessions get their own count
-            predicts = {"eager-fp32": eager_predict(src.model, src.contract)}
-            predicts.update({name: load_variant(staging, name, threads=threads) for name in entries})
-            numbers = latency(predicts, src.contract, rounds=cfg.latency_rounds, seed=cfg.seed)
-            key = f"threads_{threads}"
-            baseline[key] = numbers.pop("eager-fp32")
-            for name, n in numbers.items():
-                entries[name].setdefault("latency", {})[key] = n
-            log(f"{cfg.run}: latency, {threads} thread(s): " + ", ".join(
-                f"{name} {n['batch1_p50_ms']:.3f} ms b1 / {n['batch64_images_per_s']:,.0f} img/s b64"
-                for name, n in {"eager-fp32": baseline[key], **numbers}.items()))
+            predicts = {"eager-fp32": eager_predict(model, contract)}
+            predicts.update({name: load_variant(artifact_dir, name, threads=threads) for name in names})
+            table[f"threads_{threads}"] = latency(predicts, contract, rounds=rounds, seed=seed)
     finally:
         torch.set_num_threads(saved_threads)
-    return baseline
+    return table
 
 
 def choose_cpu_default(cfg: ExportConfig, entries: dict[str, dict]) -> str:

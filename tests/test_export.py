@@ -218,3 +218,17 @@ def test_cli_rejects_unknown_variant(tmp_path, capsys):
     assert main(["--run", "digits", "--runs-dir", str(tmp_path), "--variants", "onnx-fp16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown variants ['onnx-fp16']" in err[0]
+
+
+def test_bench_script_writes_a_markdown_table(digits_artifacts, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_export", REPO / "bench" / "bench_export.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.md"
+    assert bench.main([str(digits_artifacts), "--threads", "1", "--rounds", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    for name in ("eager-fp32", *VARIANTS):
+        assert f"| {name} | " in text
+    assert "ORT fp32 vs eager at batch 1" in text and "best INT8" in text

@@ -1,0 +1,103 @@
+"""Latency of every exported variant against eager PyTorch, side by side, as a markdown table.
+
+    python bench/bench_export.py artifacts/digits artifacts/cifarnet [--threads 1,2] [--rounds 30]
+
+For each run: reloads the trained model from the checkpoint the manifest names (its sha256 checked)
+as the eager fp32 baseline, loads each variant through ``export.runtime.load_variant``, and measures
+p50 latency at batch 1 and images/s at batch 64 with each thread count, the runtimes taking turns in
+every round (``export.measure.latency``) so that load on a shared machine hits them alike. Accuracy
+comes from the manifest (held-out test split, measured at export). Prints markdown; ``--out`` also
+writes it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.core import cpu_name, latency_table  # noqa: E402
+from export.runtime import read_manifest, verify_file  # noqa: E402
+from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint  # noqa: E402
+
+# The issue's targets, single thread: ORT fp32 vs eager at batch 1; best INT8 vs eager and vs ORT fp32
+# in images/s at batch 64.
+TARGET_ORT_B1, TARGET_INT8_VS_EAGER, TARGET_INT8_VS_ORT = 2.5, 2.5, 1.3
+
+
+def bench_run(artifact_dir: Path, threads: tuple[int, ...], rounds: int) -> list[str]:
+    manifest = read_manifest(artifact_dir)
+    src = manifest["source"]
+    verify_file(src["checkpoint"], src["sha256"])  # the baseline is the model that was exported
+    model, contract = model_from_checkpoint(load_checkpoint(src["checkpoint"]))
+    names = list(manifest["variants"])
+    table = latency_table(artifact_dir, names, model, contract, threads, rounds)
+    base_acc = manifest["baseline"]["accuracy"]
+    acc = {"eager-fp32": base_acc, **{n: manifest["variants"][n]["accuracy"] for n in names}}
+    t1 = table[f"threads_{threads[0]}"]
+    eager = t1["eager-fp32"]
+
+    lines = [f"**{manifest['name']}** ({src['arch']} on {src['dataset']}, version {manifest['version']}; "
+             f"accuracy on {manifest['heldout']['samples']} held-out test images; "
+             f"CPU default: {manifest['default_variant']['cpu']})", "",
+             "| variant | accuracy | " + " | ".join(f"{t}T b1 p50 ms | {t}T b64 img/s" for t in threads)
+             + f" | b1 speed-up vs eager ({threads[0]}T) | b64 img/s vs eager ({threads[0]}T) |",
+             "|---|---|" + "---|---|" * len(threads) + "---|---|"]
+    for name in ["eager-fp32", *names]:
+        cells = [f"{acc[name]:.4f}"]
+        for t in threads:
+            n = table[f"threads_{t}"][name]
+            cells += [f"{n['batch1_p50_ms']:.3f}", f"{n['batch64_images_per_s']:,.0f}"]
+        n = t1[name]
+        cells += [f"{eager['batch1_p50_ms'] / n['batch1_p50_ms']:.2f}x",
+                  f"{n['batch64_images_per_s'] / eager['batch64_images_per_s']:.2f}x"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    lines.append("")
+    if "onnx-fp32" in t1:
+        r = eager["batch1_p50_ms"] / t1["onnx-fp32"]["batch1_p50_ms"]
+        lines.append(f"- ORT fp32 vs eager at batch 1, {threads[0]} thread: {r:.2f}x "
+                     f"(target >= {TARGET_ORT_B1}x: {'met' if r >= TARGET_ORT_B1 else 'missed'})")
+    int8 = [n for n in names if manifest["variants"][n]["precision"] == "int8"]
+    if int8:
+        best = max(int8, key=lambda n: t1[n]["batch64_images_per_s"])
+        ips = t1[best]["batch64_images_per_s"]
+        vs_eager = ips / eager["batch64_images_per_s"]
+        drop = (base_acc - acc[best]) * 100
+        line = (f"- best INT8 ({best}) at batch 64, {threads[0]} thread: {vs_eager:.2f}x eager images/s "
+                f"(target >= {TARGET_INT8_VS_EAGER}x: {'met' if vs_eager >= TARGET_INT8_VS_EAGER else 'missed'})")
+        if "onnx-fp32" in t1:
+            vs_ort = ips / t1["onnx-fp32"]["batch64_images_per_s"]
+            line += (f", {vs_ort:.2f}x ORT fp32 (target >= {TARGET_INT8_VS_ORT}x: "
+                     f"{'met' if vs_ort >= TARGET_INT8_VS_ORT else 'missed'})")
+        lines.append(line + f"; accuracy {drop:+.2f} points lost vs fp32 (limit 1.0)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("artifact_dirs", nargs="+", type=Path)
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts; the first is the reference")
+    p.add_argument("--rounds", type=int, default=30, help="rounds of 10 batch-1 and 1 batch-64 calls each")
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    a = p.parse_args(argv)
+    threads = tuple(int(t) for t in a.threads.split(","))
+    lines = [f"CPU: {cpu_name()}; p50 = median over {a.rounds * 10} batch-1 calls and {a.rounds} "
+             f"batch-64 calls per runtime, runtimes interleaved.", ""]
+    try:
+        for d in a.artifact_dirs:
+            lines += bench_run(d, threads, a.rounds) + [""]
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        atomic_write_bytes(a.out, lambda f: f.write(text.encode()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
