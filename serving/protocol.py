@@ -128,6 +128,12 @@ def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
         InputError: empty body, malformed JSON or base64, an unknown JSON shape, too many images.
     """
     content_types = content_types or {}
+    if (headers or {}).get("content-type", "").lower().startswith("application/x-www-form-urlencoded"):
+        # curl --data-binary's default type: TorchServe has already split the bytes as a form.
+        raise InputError(415, "form_encoded_body",
+                         "Content-Type application/x-www-form-urlencoded cannot carry an image; send the "
+                         "file with its own type (curl -T file, or -H 'Content-Type: image/png'), as "
+                         "multipart (-F file=@...) or as JSON")
     params = dict(params)
     options = {name: (headers or {})[h] for h, name in HEADER_OPTIONS.items() if h in (headers or {})}
     options.update({k: params.pop(k) for k in OPTION_NAMES if k in params})

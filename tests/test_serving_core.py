@@ -197,6 +197,12 @@ def test_options_from_headers_fields_and_json():
     assert (req.topk, req.invert) == (1, "yes")
 
 
+def test_form_encoded_body_is_refused_with_the_fix():
+    with pytest.raises(InputError, match="curl -T") as err:
+        parse_request({}, DIGITS, SMALL, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert (err.value.code, err.value.type) == (415, "form_encoded_body")
+
+
 def test_parse_kserve_v2_bytes_and_uint8():
     png = encode(digit_like())
     doc = {"id": "r1", "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",

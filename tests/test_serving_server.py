@@ -202,6 +202,11 @@ def test_every_bad_input_gets_a_4xx_json_and_the_server_keeps_serving(served):
         status, doc, _ = post(served, "digits", body, ctype, headers)
         if status != code or not doc or doc.get("type") != kind or set(doc) != {"code", "type", "message"}:
             failures.append(f"{name}: HTTP {status} {doc}")
+    # curl --data-binary without -H: TorchServe parses the bytes as a form
+    status, doc, _ = post(served, "digits", encode_png(heldout_digits(1)[0][0]),
+                          "application/x-www-form-urlencoded")
+    if status != 415 or not doc or doc.get("type") != "form_encoded_body":
+        failures.append(f"form-encoded: HTTP {status} {doc}")
     assert not failures, "\n".join(failures)
     assert_serves(served)
 
