@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,13 +35,13 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 
 from export.runtime import read_manifest  # noqa: E402
-from loadtest.images import load_pool  # noqa: E402
+from loadtest.docs import update_section  # noqa: E402
+from loadtest.wrk import run_wrk, write_images, write_wrk_script  # noqa: E402
 from loadtest.torchserve import NOOP_HANDLER, STOCK_HANDLER, PrivateServer, baseline_archive  # noqa: E402
 from serving.archive import ArchiveConfig, build_archive  # noqa: E402
 from training.checkpoint import atomic_write_bytes  # noqa: E402
 
 CORES = os.cpu_count() or 1
-DOCS_BEGIN, DOCS_END = "<!-- bench-serve:begin -->", "<!-- bench-serve:end -->"
 
 
 @dataclass(frozen=True)
@@ -107,55 +106,7 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-# ---- wrk -----------------------------------------------------------------------------------------
-WRK_SCRIPT = r"""
--- POST a random held-out image per request; print one JSON line at the end.
-local bodies = {}
-function init(args)
-  for i = 1, #args do
-    local f = assert(io.open(args[i], "rb")); bodies[#bodies + 1] = f:read("*all"); f:close()
-  end
-  math.randomseed(os.time() + (args.n or 0))
-end
-function request()
-  return wrk.format("POST", nil, {["Content-Type"] = "application/octet-stream"}, bodies[math.random(#bodies)])
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, ' ..
-    '"write": %d, "status": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d}\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
-end
-"""
-
-
-def write_images(run: str, data_dir: str | None, out: Path) -> tuple[list[Path], str]:
-    pool = load_pool(run, data_dir, limit=128, repo=REPO)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, png in enumerate(pool.images):
-        p = out / f"{i:03d}.png"
-        p.write_bytes(png)
-        paths.append(p)
-    return paths, pool.source
-
-
-def run_wrk(url: str, images: list[Path], connections: int, duration_s: float, script: Path) -> dict:
-    """One wrk run; returns its JSON summary plus the CPU seconds wrk used."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--timeout", "10s",
-                           "-s", str(script), url, "--", *map(str, images)],
-                          capture_output=True, text=True, timeout=duration_s + 60)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()[-300:] or proc.stdout[-300:]}")
-    out = json.loads(line[len("WRKJSON "):])
-    out["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return out
-
-
+# ---- load and CPU accounting ---------------------------------------------------------------------
 def server_cpu_s(pid: int) -> float:
     """CPU seconds used so far by a process and all its descendants (frontend + workers)."""
     total = 0.0
@@ -228,9 +179,8 @@ def sweep_run(cfg: BenchConfig, run: str, work: Path) -> tuple[list[Result], str
     artifact_dir = cfg.artifacts_dir / run
     manifest = read_manifest(artifact_dir)
     variants = [v for v in manifest["variants"] if cfg.variants is None or v in cfg.variants]
-    images, source = write_images(run, cfg.data_dir, work / f"{run}-images")
-    script = work / "post.lua"
-    script.write_text(WRK_SCRIPT)
+    images, source = write_images(run, cfg.data_dir, work / f"{run}-images", REPO)
+    script = write_wrk_script(work / "post.lua")
     print(f"{run}: {source}", flush=True)
     results: list[Result] = []
 
@@ -330,19 +280,6 @@ def plot(results: list[Result], slo_p99_ms: float, out: Path) -> None:
     fig.tight_layout()
     atomic_write_bytes(out, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-
-
-def update_docs(path: Path, section: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (between its markers), or append it."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{DOCS_BEGIN}\n{section.strip()}\n{DOCS_END}"
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, _, rest = text.partition(DOCS_BEGIN)
-        _, _, tail = rest.partition(DOCS_END)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def render_section(cfg: BenchConfig, results: list[Result], recs: dict, checks: dict, sources: dict,
@@ -458,7 +395,7 @@ def main(argv=None) -> int:
     plot(results, cfg.slo_p99_ms, cfg.reports / "bench_serve.png")
     if cfg.docs:
         shutil.copyfile(cfg.reports / "bench_serve.png", cfg.docs.parent / "bench_serve.png")
-        update_docs(cfg.docs, section)
+        update_section(cfg.docs, "bench-serve", section)
     print("\n" + section)
     return 0
 

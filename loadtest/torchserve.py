@@ -62,6 +62,7 @@ class PrivateServer:
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="ts-loadtest-"))
         self.server: Server | None = None
         self.ready_s: float | None = None
+        self.overrides = private_overrides()  # kept, so that a restart comes back on the same ports
 
     @property
     def url(self) -> str:
@@ -74,7 +75,7 @@ class PrivateServer:
     def start(self) -> "PrivateServer":
         """Start and block until every model answered a real prediction; records ``ready_s``."""
         t0 = time.monotonic()
-        self.server = start_server(self.model_store, self.models, self.workdir, overrides=private_overrides())
+        self.server = start_server(self.model_store, self.models, self.workdir, overrides=self.overrides)
         try:
             wait_ready(self.server, self.models, timeout=self.ready_timeout_s)
         except BaseException:

@@ -168,3 +168,35 @@ def test_locust_exits_nonzero_when_a_gate_breaks(digits_server, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     report = json.loads((tmp_path / "gate.json").read_text())
     assert not report["passed"] and any(v.startswith("p99") for v in report["violations"])
+
+
+# ---- soak / fault analysis on synthetic records -------------------------------------------------
+def test_windows_count_successes_errors_and_percentiles():
+    from loadtest.resilience import Record, percentile, window, windows
+    recs = [Record(t / 10, 200, float(t % 10 + 1)) for t in range(100)] + [Record(5.5, 0, 10000.0)]
+    w = window(recs, 0, 10)
+    assert (w.requests, w.errors, w.rps) == (101, 1, 10.0)
+    assert w.p50_ms == 5.0 and w.p99_ms == 10.0  # the failed request's latency is not counted
+    assert [x.requests for x in windows(recs, 0, 10, 5)] == [50, 51]
+    assert percentile([], 99) == 0.0 and percentile([3.0], 50) == 3.0
+
+
+def test_recovery_is_the_first_clean_window_back_near_baseline():
+    from loadtest.resilience import Record, recovery_s
+    # 100 req/s before t=10; errors and half rate until t=14; full rate again after.
+    recs = [Record(t / 100, 200, 5.0) for t in range(1000)]
+    recs += [Record(10 + t / 50, 0 if t < 20 else 200, 5.0) for t in range(200)]
+    recs += [Record(14 + t / 100, 200, 5.0) for t in range(1000)]
+    got = recovery_s(recs, 10.0, baseline_rps=100.0)
+    assert got is not None and 4.0 <= got <= 6.5
+    assert recovery_s([Record(11, 0, 1.0)], 10.0, 100.0, horizon=5) is None
+
+
+def test_rss_growth_after_warmup_and_p99_stability():
+    from loadtest.resilience import Window, p99_stable, rss_growth
+    assert rss_growth([(0, 100.0), (60, 200.0), (600, 210.0)], warmup_s=60) == pytest.approx(0.05)
+    assert rss_growth([(0, 100.0)], warmup_s=0) is None
+
+    def ws(p99s):
+        return [Window(i, i + 1, 10, 0, 10.0, 1.0, p) for i, p in enumerate(p99s)]
+    assert p99_stable(ws([10, 11, 10, 12, 10, 11])) and not p99_stable(ws([10, 10, 10, 30, 30, 30]))
