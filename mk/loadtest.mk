@@ -15,6 +15,7 @@ MALFORMED      ?= 0.02
 LOADTEST_RUNS  ?= $(SERVED_RUNS)
 SHAPE          ?=
 REPORTS        ?= reports
+LOADTEST_ARGS  ?=
 VENV_LOADTEST  := $(VENV)/.stamp-serve+loadtest+test
 
 # Locust user class of each served run (loadtest/locustfile.py).
@@ -30,14 +31,14 @@ loadtest: $(VENV_LOADTEST)
 	  --only-summary --csv $(REPORTS)/loadtest --html $(REPORTS)/loadtest.html --json-file $(REPORTS)/loadtest \
 	  --p95-ms $(P95_MS) --p99-ms $(P99_MS) --max-error-rate $(MAX_ERROR_RATE) --malformed-share $(MALFORMED) \
 	  --gate-file $(REPORTS)/loadtest_gate.json $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
-	  $(foreach r,$(LOADTEST_RUNS),$(USER_CLASS_$(r)))
+	  $(LOADTEST_ARGS) $(foreach r,$(LOADTEST_RUNS),$(USER_CLASS_$(r)))
 
 BENCH_ARGS ?=
 bench-serve: $(VENV_LOADTEST)
 	$(PY) bench/bench_serve.py --reports $(REPORTS) $(BENCH_ARGS)
 
 soak: $(VENV_LOADTEST)
-	$(PY) -m loadtest.resilience soak --duration $(patsubst %s,%,$(DURATION)) --reports $(REPORTS) $(ARGS)
+	$(PY) -m loadtest.resilience soak --duration $(patsubst %s,%,$(DURATION)) --reports $(REPORTS) $(LOADTEST_ARGS)
 
 fault: $(VENV_LOADTEST)
-	$(PY) -m loadtest.resilience fault --reports $(REPORTS) $(ARGS)
+	$(PY) -m loadtest.resilience fault --reports $(REPORTS) $(LOADTEST_ARGS)
