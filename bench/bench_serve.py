@@ -179,7 +179,7 @@ def sweep_run(cfg: BenchConfig, run: str, work: Path) -> tuple[list[Result], str
     artifact_dir = cfg.artifacts_dir / run
     manifest = read_manifest(artifact_dir)
     variants = [v for v in manifest["variants"] if cfg.variants is None or v in cfg.variants]
-    images, source = write_images(run, cfg.data_dir, work / f"{run}-images", REPO)
+    images, source = write_images(run, cfg.data_dir, work / f"{run}-images", cfg.artifacts_dir, cfg.runs_dir)
     script = write_wrk_script(work / "post.lua")
     print(f"{run}: {source}", flush=True)
     results: list[Result] = []

@@ -75,4 +75,7 @@ def format_summary(report: dict) -> str:
         f"errors <= {th['max_error_rate']:.2%}: " + ("PASS" if report["passed"] else "FAIL"),
     ]
     lines += [f"  broken: {v}" for v in report["violations"]]
+    for name, e in sorted(report.get("requests_by_name", {}).items()):
+        lines.append(f"  {name:24s} {e['requests']:7d} requests {e['failures']:5d} failures  "
+                     f"p50 {e['p50_ms'] or 0:.0f} ms  p99 {e['p99_ms'] or 0:.0f} ms")
     return "\n".join(lines)

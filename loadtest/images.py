@@ -76,14 +76,14 @@ def _chw(image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def served_contract(run: str, repo: str | os.PathLike = ".") -> Contract:
-    """The contract a served run was exported with: ``artifacts/<RUN>/manifest.json``, else the
-    checkpoint ``runs/<RUN>/best.pt``."""
-    repo = Path(repo)
-    manifest = repo / "artifacts" / run / "manifest.json"
+def served_contract(run: str, artifacts_dir: str | os.PathLike = "artifacts",
+                    runs_dir: str | os.PathLike = "runs") -> Contract:
+    """The contract a served run was exported with: ``<artifacts_dir>/<RUN>/manifest.json``, else the
+    checkpoint ``<runs_dir>/<RUN>/best.pt``."""
+    manifest = Path(artifacts_dir) / run / "manifest.json"
     if manifest.is_file():
         return Contract.from_dict(json.loads(manifest.read_text())["contract"])
-    ckpt = repo / "runs" / run / "best.pt"
+    ckpt = Path(runs_dir) / run / "best.pt"
     if ckpt.is_file():
         from training.checkpoint import load_checkpoint
         return Contract.from_dict(load_checkpoint(ckpt)["contract"])
@@ -108,7 +108,7 @@ def synthetic_pixels(contract: Contract, n: int, seed: int = 0) -> np.ndarray:
 
 
 def load_pool(run: str, data_dir: str | os.PathLike | None = None, limit: int = 256,
-              repo: str | os.PathLike = ".") -> ImagePool:
+              artifacts_dir: str | os.PathLike = "artifacts", runs_dir: str | os.PathLike = "runs") -> ImagePool:
     """Images for ``run``: its dataset's test split when available, else synthesised (cifarnet only)."""
     from training.data import DataNotFoundError
 
@@ -119,7 +119,7 @@ def load_pool(run: str, data_dir: str | os.PathLike | None = None, limit: int = 
         source = f"{len(labels)} held-out test images of {dataset} ({where})"
         label_list: tuple[int | None, ...] = tuple(int(y) for y in labels)
     except DataNotFoundError:
-        contract = served_contract(run, repo)
+        contract = served_contract(run, artifacts_dir, runs_dir)
         pixels = synthetic_pixels(contract, limit)
         source = (f"SYNTHESISED: {limit} random {contract.width}x{contract.height}x{contract.channels} "
                   f"images ({dataset} test split not found; pass --data-dir DIR holding "

@@ -32,6 +32,8 @@ def _add_options(parser) -> None:
     group = parser.add_argument_group("visionpipe load test")
     group.add_argument("--data-dir", default=None, env_var="LOADTEST_DATA_DIR",
                        help="directory with the test split's files (cifar-10-batches-py for cifarnet)")
+    group.add_argument("--artifacts-dir", default="artifacts", env_var="LOADTEST_ARTIFACTS_DIR",
+                       help="where <run>/manifest.json gives the contract of synthesised images")
     group.add_argument("--malformed-share", type=float, default=0.02, env_var="LOADTEST_MALFORMED_SHARE",
                        help="fraction of requests that are malformed and must be answered 4xx")
     group.add_argument("--batch-images", type=int, default=4, env_var="LOADTEST_BATCH_IMAGES",
@@ -57,7 +59,7 @@ def _load_images(environment, **_kw) -> None:
     for cls in environment.user_classes:
         run = getattr(cls, "served_run", None)
         if run and run not in POOLS:
-            POOLS[run] = load_pool(run, data_dir)
+            POOLS[run] = load_pool(run, data_dir, artifacts_dir=_option(environment, "artifacts_dir", "artifacts"))
             print(f"[loadtest] {run}: {POOLS[run].source}", file=sys.stderr, flush=True)
 
 

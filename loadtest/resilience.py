@@ -228,7 +228,7 @@ def soak(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp, \
             PrivateServer(Path(args.model_store), [model]) as ts:
         work = Path(tmp)
-        images, source = write_images(model, args.data_dir, work / "images")
+        images, source = write_images(model, args.data_dir, work / "images", Path(args.artifacts_dir))
         bodies = [p.read_bytes() for p in images]
         peak = max_rps(ts, model, images, work)
         rate = args.share * peak["rps"]
@@ -278,7 +278,7 @@ def fault(args) -> dict:
     out: dict = {"run": model}
     with tempfile.TemporaryDirectory(prefix="fault-") as tmp:
         work = Path(tmp)
-        images, out["images"] = write_images(model, args.data_dir, work / "images")
+        images, out["images"] = write_images(model, args.data_dir, work / "images", Path(args.artifacts_dir))
         bodies = [p.read_bytes() for p in images]
         ts = PrivateServer(Path(args.model_store), [model], workdir=work / "ts").start()
         try:
@@ -400,6 +400,7 @@ def main(argv=None) -> int:
     p.add_argument("--run", default="digits")
     p.add_argument("--model-store", default="model_store", help="holds <run>.mar (make archive)")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--artifacts-dir", default="artifacts", help="for the contract of synthesised images")
     p.add_argument("--reports", default="reports")
     p.add_argument("--docs", default="docs/benchmarks.md", help="'' to skip the docs update")
     p.add_argument("--share", type=float, default=0.7, help="load as a share of the measured maximum")

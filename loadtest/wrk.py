@@ -34,12 +34,13 @@ end
 """
 
 
-def write_images(run: str, data_dir: str | None, out: Path, repo: Path = Path(".")) -> tuple[list[Path], str]:
+def write_images(run: str, data_dir: str | None, out: Path, artifacts_dir: Path = Path("artifacts"),
+                 runs_dir: Path = Path("runs")) -> tuple[list[Path], str]:
     """Held-out images of ``run`` as PNG files in ``out`` (wrk reads bodies from files); returns the
     paths and where the images came from."""
     from loadtest.images import load_pool
 
-    pool = load_pool(run, data_dir, limit=128, repo=repo)
+    pool = load_pool(run, data_dir, limit=128, artifacts_dir=artifacts_dir, runs_dir=runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, png in enumerate(pool.images):

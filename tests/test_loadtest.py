@@ -75,7 +75,8 @@ def test_cifarnet_without_data_is_synthesised_in_the_contract_shape_and_says_so(
     contract = Contract(32, 32, 3, (0.5,) * 3, (0.25,) * 3, tuple("abcdefghij"))
     (tmp_path / "artifacts" / "cifarnet").mkdir(parents=True)
     (tmp_path / "artifacts" / "cifarnet" / "manifest.json").write_text(json.dumps({"contract": contract.to_dict()}))
-    pool = load_pool("cifarnet", data_dir=tmp_path / "no-cifar-here", limit=4, repo=tmp_path)
+    pool = load_pool("cifarnet", data_dir=tmp_path / "no-cifar-here", limit=4,
+                     artifacts_dir=tmp_path / "artifacts")
     assert pool.source.startswith("SYNTHESISED") and pool.labels == (None,) * 4
     img = Image.open(__import__("io").BytesIO(pool.images[0]))
     assert img.size == (32, 32) and img.mode == "RGB"
