@@ -17,10 +17,10 @@ TORCH_INDEX_URL_cuda :=
 DOCKER_BUILD_ARGS ?=
 
 .PHONY: docker-build docker-smoke k8s-validate k8s-deploy k8s-smoke help-deploy
+# --format docker: podman's default OCI image format drops HEALTHCHECK and SHELL.
 docker-build:
 	@case "$(VARIANT)" in cpu|cuda) ;; *) echo "error: VARIANT=$(VARIANT): use VARIANT=cpu or VARIANT=cuda" >&2; exit 2;; esac
 	@ls model_store/*.mar >/dev/null 2>&1 || echo "warning: no model_store/*.mar: the image will need models mounted at /opt/visionpipe/model-store (make archive bakes them in)" >&2
-	# --format docker: podman's default OCI format drops HEALTHCHECK and SHELL.
 	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker) -f deploy/docker/Dockerfile \
 	  --build-arg VARIANT=$(VARIANT) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL_$(VARIANT)) \
 	  $(DOCKER_BUILD_ARGS) -t $(IMAGE):$(VARIANT) .
