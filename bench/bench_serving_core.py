@@ -4,7 +4,7 @@
 
 For each exported run and its CPU default variant (plus onnx-int8 when exported):
   * decode + convert-to-contract per image (``InferenceCore.to_pixels``) for a contract-sized PNG and a
-    1024x768 JPEG photo;
+    1024x768 JPEG photo; JPEG decoding with and without draft mode (DCT-domain downscaling);
   * the variant's forward at batch 1 and 8 with 1 and 2 intra-op threads (median of repeated calls);
   * two processes running batch-1 forwards at once (two workers on this machine, e.g. one per served
     model) with 1 vs 2 threads each: total calls/s, i.e. whether 2 threads per worker oversubscribe.
@@ -29,7 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.runtime import load_variant, read_manifest  # noqa: E402
-from serving.core import InferenceCore  # noqa: E402
+from serving.core import InferenceCore, Limits, decode_image  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -114,6 +114,16 @@ def main() -> int:
         for name, data in sample_images(core.contract).items():
             print(f"| {manifest['name']} | decode + to contract | {name} ({len(data):,} B) | "
                   f"{median_ms(lambda d=data: core.to_pixels(d), a.repeats // 4):.3f} |")
+    print("\n| JPEG | bytes | decode with draft (DCT downscale) ms | full decode ms |\n|---|---|---|---|")
+    y, x = np.mgrid[0:768, 0:1024]
+    photo = np.stack([(x / 4) % 256, (y / 3) % 256, ((x + y) / 7) % 256], -1).astype(np.uint8)
+    for reps in (1, 4):  # 1024x768 and a 12.6 MP tile of it
+        buf = io.BytesIO()
+        Image.fromarray(np.tile(photo, (reps, reps, 1))).save(buf, "JPEG", quality=90)
+        d = buf.getvalue()
+        draft = median_ms(lambda: decode_image(d, Limits(), draft=("RGB", 32)), a.repeats // 5)
+        full = median_ms(lambda: decode_image(d, Limits(), draft=None), a.repeats // 5)
+        print(f"| {1024 * reps}x{768 * reps} | {len(d):,} | {draft:.2f} | {full:.2f} |")
     print("\n| run | variant | threads | batch 1 ms | batch 8 ms | 2 workers at once, batch 1: calls/s |")
     print("|---|---|---|---|---|---|")
     for art in a.artifacts:
