@@ -187,3 +187,45 @@ def test_entrypoint_serves_until_healthy_then_stops_gracefully_on_sigterm(digits
         log.close()
     text = (tmp_path / "entrypoint.log").read_text()
     assert "entrypoint: SIGTERM: draining" in text and "entrypoint: TorchServe stopped" in text
+
+
+@pytest.mark.parametrize("ping_status, ping, models, workers, healthy", [
+    (200, {"status": "Healthy"}, ["digits"], ["READY"], True),
+    (200, {"status": "Healthy"}, [], [], False),                      # /ping is Healthy with no model
+    (200, {"status": "Healthy"}, ["digits"], ["UNLOADING"], False),   # seen while a worker loads
+    (500, {"status": "Partial Healthy"}, ["digits"], ["READY", "UNLOADING"], False),
+])
+def test_healthcheck_needs_a_ready_worker_per_model(monkeypatch, ping_status, ping, models, workers, healthy):
+    """Unit test of the HEALTHCHECK's logic against a fake TorchServe (the real one: the slow test)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class FakeTorchServe(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/ping":
+                code, body = ping_status, ping
+            elif self.path == "/models":
+                code, body = 200, {"models": [{"modelName": m, "modelUrl": f"{m}.mar"} for m in models]}
+            else:
+                code, body = 200, [{"modelName": self.path.rsplit("/", 1)[-1],
+                                    "workers": [{"id": str(9000 + i), "status": s} for i, s in enumerate(workers)]}]
+            raw = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), FakeTorchServe)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("TS_INFERENCE_ADDRESS", url)
+        monkeypatch.setenv("TS_MANAGEMENT_ADDRESS", url)
+        healthcheck = _load("deploy_healthcheck", DEPLOY / "docker/healthcheck.py")
+        assert (healthcheck.problems() == []) is healthy, healthcheck.problems()
+    finally:
+        server.shutdown()
