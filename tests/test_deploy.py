@@ -178,6 +178,7 @@ def test_entrypoint_serves_until_healthy_then_stops_gracefully_on_sigterm(digits
         check = subprocess.run([sys.executable, str(DEPLOY / "smoke/predict_check.py"), "--url",
                                 env["TS_INFERENCE_ADDRESS"], "--run", "digits", "--count", "16",
                                 "--min-accuracy", "0.5"], capture_output=True, text=True, timeout=120, cwd=REPO)
+        print(check.stdout)
         assert check.returncode == 0 and check.stdout.startswith("PASS"), check.stdout + check.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
