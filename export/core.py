@@ -83,7 +83,7 @@ class ExportConfig:
                              f"{', '.join(self.variants)}")
         for name in ("calib_size", "check_size", "eval_size", "latency_rounds"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if any(t < 1 for t in self.latency_threads):
             raise ValueError(f"latency threads must be >= 1, got {self.latency_threads}")
         if self.ort_activation not in ("uint8", "int8"):

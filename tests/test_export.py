@@ -25,6 +25,14 @@ from training.checkpoint import load_checkpoint, model_from_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """load_variant(threads=N) sets torch's process-wide thread count; leave it as found for later tests."""
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
 def small_config(ckpt: Path, out_dir: Path, **overrides) -> ExportConfig:
     """Small check/calibration sets and one short latency round: seconds, not minutes."""
     base = ExportConfig(run=ckpt.parent.name, runs_dir=str(ckpt.parent.parent), out_dir=str(out_dir),
