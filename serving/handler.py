@@ -19,7 +19,7 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from export.runtime import VARIANTS, load_variant
+from export.runtime import VARIANTS, IntegrityError, load_variant
 from serving.core import InferenceCore, InputError, Limits, StageTimes, top_k
 from serving.protocol import ModelInfo, error_response, format_response, parse_request
 
@@ -81,7 +81,11 @@ class ClassifierHandler(BaseHandler):
         self.config = HandlerConfig.from_yaml(getattr(context, "model_yaml_config", None))
         device = pick_device(props.get("gpu_id"))
         variant = self.config.variant_cuda if device.startswith("cuda") else self.config.variant_cpu
-        runner = load_variant(props["model_dir"], variant, device=device, threads=self.config.threads)
+        try:
+            runner = load_variant(props["model_dir"], variant, device=device, threads=self.config.threads)
+        except IntegrityError as e:  # fail the worker loudly, naming the archive and the fix
+            raise IntegrityError(f"archive of model {context.model_name!r} is corrupt: {e} -- rebuild it: "
+                                 f"make archive RUN={context.model_name}") from e
         self.setup(runner, self.config.limits, context.model_name, context.metrics)
         logger.info("loaded %r: %s on %s, %s threads, limits %s", self.info.name, runner.variant,
                     runner.device, self.config.threads, self.config.limits)

@@ -91,11 +91,14 @@ class Server:
     management_url: str
     metrics_url: str
     token_auth: bool
+    model_log_offset: int = 0  # bytes of logs/model_log.log written by earlier runs in this workdir
 
     @classmethod
-    def from_config(cls, workdir: Path, pid: int, props: dict[str, str]) -> "Server":
+    def from_config(cls, workdir: Path, pid: int, props: dict[str, str], model_log_offset: int = 0
+                    ) -> "Server":
         return cls(Path(workdir), pid, props["inference_address"], props["management_address"],
-                   props["metrics_address"], props.get("disable_token_authorization", "false") != "true")
+                   props["metrics_address"], props.get("disable_token_authorization", "false") != "true",
+                   model_log_offset)
 
     def local(self, url: str) -> str:
         return url.replace("://0.0.0.0", "://127.0.0.1")
@@ -132,6 +135,8 @@ def start_server(model_store: str | os.PathLike, models: list[str], workdir: str
             raise ServerBusyError(f"{key} {props[key]} is already in use; stop what listens there "
                               f"(make stop) or change it in {config}")
     (workdir / KEY_FILE).unlink(missing_ok=True)
+    model_log = workdir / "logs" / "model_log.log"  # log4j appends across runs
+    offset = model_log.stat().st_size if model_log.is_file() else 0
     torchserve = Path(sys.executable).parent / "torchserve"
     cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(workdir / CONFIG_FILE),
            "--model-store", str(Path(model_store).resolve()),
@@ -146,7 +151,7 @@ def start_server(model_store: str | os.PathLike, models: list[str], workdir: str
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     atomic_write_bytes(workdir / PID_FILE, lambda f: f.write(str(proc.pid).encode()))
-    return Server.from_config(workdir, proc.pid, props)
+    return Server.from_config(workdir, proc.pid, props, offset)
 
 
 def running_pid(workdir: str | os.PathLike) -> int | None:
@@ -220,6 +225,9 @@ def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> dic
     while time.monotonic() < deadline:
         if running_pid(server.workdir) is None:
             raise ServerError(f"TorchServe exited during start-up; last log lines:\n{log_tail(server)}")
+        fatal = fatal_load_error(server)
+        if fatal:  # TorchServe would restart the worker forever; a bad artifact will not heal
+            raise ServerError(f"a model failed to load: {fatal}; log tail:\n{log_tail(server)}")
         for model in [m for m in models if m not in answers]:
             headers = {"Content-Type": "image/png"}
             token = server.token()
@@ -235,12 +243,29 @@ def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> dic
             elif status in (404, 503):  # model not registered yet / no worker up yet
                 last = f"{model}: HTTP {status} {body[:200]!r}"
             else:
-                raise ServerError(f"warm-up of {model} answered HTTP {status}: {body[:500]!r}; "
-                                  f"log tail:\n{log_tail(server)}")
+                cause = fatal_load_error(server)
+                raise ServerError(f"warm-up of {model} answered HTTP {status} "
+                                  f"({cause or body[:300]!r}); log tail:\n{log_tail(server)}")
         if len(answers) == len(models):
             return answers
         time.sleep(0.5)
     raise ServerError(f"TorchServe not ready after {timeout:.0f} s ({last}); log tail:\n{log_tail(server)}")
+
+
+FATAL_LOAD_ERRORS = ("IntegrityError", "ModuleNotFoundError", "ImportError")
+
+
+def fatal_load_error(server: Server) -> str | None:
+    """The worker-log line naming an error no restart can fix (tampered file, missing module)."""
+    path = server.workdir / "logs" / "model_log.log"
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(server.model_log_offset)
+        text = f.read().decode(errors="replace")
+    hits = [line for line in text.splitlines() if any(f"{e}:" in line for e in FATAL_LOAD_ERRORS)]
+    # the last one: a re-raised error with context follows the one it wraps in a traceback
+    return hits[-1].split("MODEL_LOG - ", 1)[-1].strip() if hits else None
 
 
 def log_tail(server: Server, lines: int = 30) -> str:
