@@ -130,10 +130,13 @@ def start_server(model_store: str | os.PathLike, models: list[str], workdir: str
         raise ServerBusyError(f"a TorchServe started from {workdir} is already running (pid "
                           f"{running_pid(workdir)}); stop it first: make stop")
     props = render_config(config, workdir / CONFIG_FILE, overrides)
-    for key in ("inference_address", "management_address", "metrics_address"):
-        if port_in_use(props[key]):
-            raise ServerBusyError(f"{key} {props[key]} is already in use; stop what listens there "
-                              f"(make stop) or change it in {config}")
+    grpc = {k: f"http://{props.get(k.replace('port', 'address'), '127.0.0.1')}:{props.get(k, d)}"
+            for k, d in (("grpc_inference_port", 7070), ("grpc_management_port", 7071))}
+    addresses = {k: props[k] for k in ("inference_address", "management_address", "metrics_address")}
+    for key, url in {**addresses, **grpc}.items():
+        if port_in_use(url):
+            raise ServerBusyError(f"{key} {url} is already in use; stop what listens there "
+                                  f"(make stop) or change it in {config}")
     (workdir / KEY_FILE).unlink(missing_ok=True)
     model_log = workdir / "logs" / "model_log.log"  # log4j appends across runs
     offset = model_log.stat().st_size if model_log.is_file() else 0

@@ -68,6 +68,7 @@ def served(tmp_path_factory, serve_artifacts):
     props.update({"inference_address": f"http://127.0.0.1:{free_port()}",
                   "management_address": f"http://127.0.0.1:{free_port()}",
                   "metrics_address": f"http://127.0.0.1:{free_port()}",
+                  "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
                   "max_request_size": str(MAX_REQUEST_SIZE),
                   "metrics_config": str(REPO / "serving" / "metrics.yaml")})
     config = root / "config.properties"
