@@ -64,22 +64,25 @@ def served(tmp_path_factory, serve_artifacts):
     build_archive(ArchiveConfig(run="cifarnet", artifacts_dir=str(artifacts), model_store=str(store),
                                 variant_cpu="torchscript-fp32", batch_size=4, max_batch_delay_ms=200,
                                 limits=LIMITS), log=lambda _m: None)
-    props = read_properties(REPO / "serving" / "config.properties")
-    props.update({"inference_address": f"http://127.0.0.1:{free_port()}",
-                  "management_address": f"http://127.0.0.1:{free_port()}",
-                  "metrics_address": f"http://127.0.0.1:{free_port()}",
-                  "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
-                  "max_request_size": str(MAX_REQUEST_SIZE),
-                  "metrics_config": str(REPO / "serving" / "metrics.yaml")})
-    config = root / "config.properties"
-    config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-    cmd = [sys.executable, "-m", "serving", "serve", "--config", str(config),
-           "--artifacts-dir", str(artifacts), "--model-store", str(store), "--workdir", str(work),
-           "--batch-size", "4", "--max-batch-delay", "200", "--max-images", str(LIMITS.max_images),
-           "--max-pixels", str(LIMITS.max_pixels), "--max-image-bytes", str(LIMITS.max_image_bytes),
-           "--timeout", "300"]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
+        for attempt in range(2):  # a free port can be taken by another process before TorchServe binds it
+            props = read_properties(REPO / "serving" / "config.properties")
+            props.update({"inference_address": f"http://127.0.0.1:{free_port()}",
+                          "management_address": f"http://127.0.0.1:{free_port()}",
+                          "metrics_address": f"http://127.0.0.1:{free_port()}",
+                          "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+                          "max_request_size": str(MAX_REQUEST_SIZE),
+                          "metrics_config": str(REPO / "serving" / "metrics.yaml")})
+            config = root / "config.properties"
+            config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+            cmd = [sys.executable, "-m", "serving", "serve", "--config", str(config),
+                   "--artifacts-dir", str(artifacts), "--model-store", str(store), "--workdir", str(work),
+                   "--batch-size", "4", "--max-batch-delay", "200", "--max-images", str(LIMITS.max_images),
+                   "--max-pixels", str(LIMITS.max_pixels), "--max-image-bytes", str(LIMITS.max_image_bytes),
+                   "--timeout", "300"]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
+            if proc.returncode == 0 or "already in use" not in proc.stderr or attempt == 1:
+                break
         assert proc.returncode == 0, f"serve failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         yield {"url": props["inference_address"], "management": props["management_address"],
                "metrics": props["metrics_address"], "manifests": manifests, "work": work,
