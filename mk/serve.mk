@@ -14,7 +14,7 @@ DEMO_COUNT   ?= 8
 .PHONY: archive serve stop demo-serve help-serve
 archive: $(VENV_SERVE)
 ifeq ($(RUN),)
-	@runs=$$(ls artifacts/*/manifest.json 2>/dev/null | cut -d/ -f2); \
+	@runs=$$(ls artifacts/*/manifest.json 2>/dev/null | cut -d/ -f2 || true); \
 	if [ -z "$$runs" ]; then echo "error: nothing exported in artifacts/; run make export first" >&2; exit 2; fi; \
 	for r in $$runs; do $(PY) -m serving archive --run $$r $(ARCHIVE_ARGS) || exit 1; done
 else
