@@ -3,7 +3,8 @@
 One server per test session: the tiny digits and cifarnet runs are exported through ``export``'s
 Python API, cifarnet is archived with its TorchScript variant, and ``python -m serving serve`` (what
 ``make serve`` runs) archives digits itself (exported, not yet archived), starts TorchServe on free
-ports from a config rendered into tmp_path, and returns after each model's warm-up. Tests post real
+ports from a config rendered into tmp_path, with token authorization on, and returns after each
+model's warm-up (which needs the token). Tests post real
 PNG/JPEG bytes, multipart and base64 batches, KServe v2 requests, and every bad input; the server is
 always stopped (its whole process group), also when a test fails.
 """
@@ -79,14 +80,16 @@ def served(tmp_path_factory, serve_artifacts):
                    "--artifacts-dir", str(artifacts), "--model-store", str(store), "--workdir", str(work),
                    "--batch-size", "4", "--max-batch-delay", "200", "--max-images", str(LIMITS.max_images),
                    "--max-pixels", str(LIMITS.max_pixels), "--max-image-bytes", str(LIMITS.max_image_bytes),
-                   "--timeout", "300"]
+                   "--timeout", "300", "--token"]  # token auth on, as a production server has it
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
             if proc.returncode == 0 or "already in use" not in proc.stderr or attempt == 1:
                 break
         assert proc.returncode == 0, f"serve failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        keys = json.loads((work / "key_file.json").read_text())
         yield {"url": props["inference_address"], "management": props["management_address"],
                "metrics": props["metrics_address"], "manifests": manifests, "work": work,
-               "artifacts": artifacts, "serve_output": proc.stdout}
+               "artifacts": artifacts, "serve_output": proc.stdout,
+               "token": keys["inference"]["key"], "management_token": keys["management"]["key"]}
     finally:
         stop_server(work)
 
@@ -95,7 +98,8 @@ def post(served, model: str, body: bytes, content_type: str = "application/octet
          headers: dict | None = None, path: str | None = None) -> tuple[int, dict | None, dict]:
     url = served["url"] + (path or f"/predictions/{model}")
     req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": content_type, **(headers or {})})
+                                 headers={"Content-Type": content_type,
+                                          "Authorization": f"Bearer {served['token']}", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             status, raw, hdrs = r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
@@ -123,8 +127,17 @@ def test_serve_cli_archived_and_warmed_up(served):
     out = served["serve_output"]
     assert "digits: wrote" in out  # exported but not archived -> archived by `serve`
     assert "cifarnet: version" in out and "digits: version" in out and "warm-up answered" in out
-    assert "curl -X POST" in out and "/predictions/digits -T image.png" in out
+    assert 'curl -H "Authorization: Bearer $TOKEN" -X POST' in out and "/predictions/digits -T image.png" in out
+    assert "TOKEN=$(python3 -c" in out and str(served["work"] / "key_file.json") in out
     assert (served["work"] / "torchserve.pid").is_file()
+
+
+def test_token_is_required(served):
+    png = encode_png(heldout_digits(1)[0][0])
+    for token in ("", "wrong-key"):
+        status, doc, _ = post(served, "digits", png, "image/png", headers={"Authorization": f"Bearer {token}"})
+        assert status in (400, 401) and doc["type"] == "InvalidKeyException", (status, doc)
+    assert_serves(served)
 
 
 def test_png_predictions_match_the_exported_variant(served):
@@ -252,9 +265,10 @@ def test_metrics_and_operations(served):
     for name in ("DecodeTime_count", "PreprocessTime_count", "InferenceTime_count"):
         assert f'{name}{{ModelName="digits"' in text
     # registration API off; management answers on loopback
-    status, raw = http("POST", served["management"] + "/models?url=digits.mar")
+    auth = {"Authorization": f"Bearer {served['management_token']}"}
+    status, raw = http("POST", served["management"] + "/models?url=digits.mar", headers=auth)
     assert status == 405, raw
-    status, raw = http("GET", served["management"] + "/models")
+    status, raw = http("GET", served["management"] + "/models", headers=auth)
     assert status == 200 and {m["modelName"] for m in json.loads(raw)["models"]} == {"digits", "cifarnet"}
 
 
