@@ -1,0 +1,84 @@
+"""Unit tests of the archive settings, config rendering and the CLI's error exits (no TorchServe)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from serving.__main__ import main
+from serving.archive import ArchiveConfig, chosen_variants, model_config, needs_archive
+from serving.server import REPO, Server, curl_examples, read_properties, render_config
+
+MANIFEST = {"default_variant": {"cpu": "onnx-int8", "cuda": "torchscript-fp32"},
+            "variants": {"onnx-int8": {}, "torchscript-fp32": {}, "onnx-fp32": {}}}
+
+
+def test_chosen_variants_and_model_config():
+    cfg = ArchiveConfig(run="digits")
+    assert chosen_variants(MANIFEST, cfg) == ("onnx-int8", "torchscript-fp32")
+    cfg = ArchiveConfig(run="digits", variant_cpu="onnx-fp32", threads=2, batch_size=16)
+    cpu, cuda = chosen_variants(MANIFEST, cfg)
+    mc = model_config(cfg, cpu, cuda)
+    assert (mc["batchSize"], mc["handler"]["threads"], mc["handler"]["variant_cpu"]) == (16, 2, "onnx-fp32")
+    assert set(mc) == {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "handler"}
+    with pytest.raises(ValueError, match="not in"):
+        chosen_variants({**MANIFEST, "variants": {"onnx-int8": {}}}, ArchiveConfig(run="d", variant_cpu="onnx-fp32"))
+    with pytest.raises(ValueError, match="not one of"):
+        ArchiveConfig(run="d", variant_cpu="onnx-fp16")
+    with pytest.raises(ValueError, match="min_workers"):
+        ArchiveConfig(run="d", min_workers=2, max_workers=1)
+
+
+def test_needs_archive_follows_the_manifest(tmp_path):
+    art, mar = tmp_path / "digits", tmp_path / "digits.mar"
+    assert not needs_archive(art, mar)  # nothing exported
+    art.mkdir()
+    (art / "manifest.json").write_text("{}")
+    assert needs_archive(art, mar)  # exported, not archived
+    mar.write_bytes(b"x")
+    assert not needs_archive(art, mar)
+    later = time.time() + 5
+    os.utime(art / "manifest.json", (later, later))  # re-exported after archiving
+    assert needs_archive(art, mar)
+
+
+def test_render_config_makes_paths_absolute_and_applies_overrides(tmp_path):
+    props = render_config(REPO / "serving" / "config.properties", tmp_path / "c.properties",
+                          {"inference_address": "http://127.0.0.1:1234"})
+    written = read_properties(tmp_path / "c.properties")
+    assert written == props and written["inference_address"] == "http://127.0.0.1:1234"
+    assert os.path.isabs(written["metrics_config"]) and os.path.isfile(written["metrics_config"])
+    # the shipped settings the README promises
+    base = read_properties(REPO / "serving" / "config.properties")
+    assert base["enable_model_api"] == "false" and base["metrics_mode"] == "prometheus"
+    assert base["management_address"].startswith("http://127.0.0.1:")
+    assert base["decode_input_request"] == "false" and int(base["max_request_size"]) == 16 * 2**20
+
+
+def test_curl_examples_with_and_without_token(tmp_path):
+    props = {"inference_address": "http://0.0.0.0:8080", "management_address": "http://127.0.0.1:8081",
+             "metrics_address": "http://127.0.0.1:8082"}
+    # TorchServe 0.12 turns token auth on unless disable_token_authorization=true
+    plain = curl_examples(Server.from_config(tmp_path, 1, {**props, "disable_token_authorization": "true"}),
+                          ["digits"])
+    assert "curl -X POST http://127.0.0.1:8080/predictions/digits -T image.png" in plain
+    assert "Authorization" not in plain
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "k"}, "management": {"key": "m"}}))
+    server = Server.from_config(tmp_path, 1, {**props, "disable_token_authorization": "false"})
+    assert server.token() == "k"
+    assert '-H "Authorization: Bearer $TOKEN"' in curl_examples(server, ["digits"])
+
+
+def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys):
+    rc = main(["serve", "--artifacts-dir", str(tmp_path / "a"), "--model-store", str(tmp_path / "s"),
+               "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "make train export" in err[0]
+    rc = main(["archive", "--run", "nope", "--artifacts-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "make export RUN=nope" in err[0]
+    rc = main(["stop", "--workdir", str(tmp_path / "w")])
+    assert rc == 0 and "no TorchServe running" in capsys.readouterr().out
