@@ -268,7 +268,7 @@ def plot(results: list[Result], slo_p99_ms: float, out: Path) -> None:
     markers = {"stock": "s", "noop": "^", "variant": "o"}
     for ax, run in zip(axes[0], runs):
         for r in (x for x in results if x.run == run):
-            label = r.variant if r.kind != "variant" else f"{r.variant} {r.setting}"
+            label = r.variant if r.kind == "stock" else f"{r.variant} {r.setting}"
             ax.scatter(r.p99_ms, r.rps, marker=markers[r.kind], s=60, label=label)
         ax.axvline(slo_p99_ms, color="red", linestyle="--", linewidth=1, label=f"p99 SLO {slo_p99_ms:.0f} ms")
         ax.set_xscale("log")

@@ -6,6 +6,7 @@ block (or appends it the first time), and the file is rewritten atomically.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from training.checkpoint import atomic_write_bytes
@@ -22,3 +23,4 @@ def update_section(path: Path, key: str, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
+    os.chmod(path, 0o644)  # the temp file behind the atomic write is created 0600
