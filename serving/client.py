@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from serving.server import KEY_FILE, http
+from serving.server import KEY_FILE, http, read_key
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_KEY_FILE = f"logs/serve/{KEY_FILE}"
@@ -59,13 +59,6 @@ def multipart(files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
         out.write(data + b"\r\n")
     out.write(f"--{boundary}--\r\n".encode())
     return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
-def read_token(key_file: str | Path | None) -> str | None:
-    """The inference key from TorchServe's key_file.json, when token authorization is on."""
-    if key_file and Path(key_file).is_file():
-        return json.loads(Path(key_file).read_text())["inference"]["key"]
-    return None
 
 
 def post(url: str, model: str, body: bytes, content_type: str, token: str | None = None,
@@ -123,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-file", default=DEFAULT_KEY_FILE, help="TorchServe key_file.json (token auth)")
     p.add_argument("--topk", type=int, default=3)
     a = p.parse_args(argv)
-    token = read_token(a.key_file)
+    token = read_key(a.key_file) if a.key_file else None
     try:
         if a.command == "demo":
             return demo(a.url, a.run, a.count, token, a.seed)

@@ -104,13 +104,19 @@ class Server:
         return url.replace("://0.0.0.0", "://127.0.0.1")
 
     def token(self, kind: str = "inference") -> str | None:
-        """The bearer token TorchServe generated (``key_file.json``), or None without token auth."""
-        if not self.token_auth:
-            return None
-        path = self.workdir / KEY_FILE
-        if not path.is_file():
-            return None
-        return json.loads(path.read_text())[kind]["key"]
+        """The bearer token TorchServe generated (``key_file.json``), or None without token auth or
+        before TorchServe has written it."""
+        return read_key(self.workdir / KEY_FILE, kind) if self.token_auth else None
+
+
+def read_key(path: str | os.PathLike, kind: str = "inference") -> str | None:
+    """One key ("inference" or "management") from TorchServe's ``key_file.json``; None while the file
+    is missing or still being written: TorchServe creates it empty and fills it afterwards, so a
+    reader during start-up can find an empty or partial file."""
+    try:
+        return json.loads(Path(path).read_text())[kind]["key"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,6 +240,9 @@ def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> dic
         for model in [m for m in models if m not in answers]:
             headers = {"Content-Type": "image/png"}
             token = server.token()
+            if server.token_auth and token is None:  # posting without it would be refused with 401
+                last = f"{server.workdir / KEY_FILE} not written yet"
+                break
             if token:
                 headers["Authorization"] = f"Bearer {token}"
             try:

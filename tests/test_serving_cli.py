@@ -10,7 +10,7 @@ import pytest
 
 from serving.__main__ import main
 from serving.archive import ArchiveConfig, chosen_variants, model_config, needs_archive
-from serving.server import REPO, Server, curl_examples, read_properties, render_config
+from serving.server import REPO, Server, curl_examples, read_key, read_properties, render_config
 
 MANIFEST = {"default_variant": {"cpu": "onnx-int8", "cuda": "torchscript-fp32"},
             "variants": {"onnx-int8": {}, "torchscript-fp32": {}, "onnx-fp32": {}}}
@@ -70,6 +70,19 @@ def test_curl_examples_with_and_without_token(tmp_path):
     server = Server.from_config(tmp_path, 1, {**props, "disable_token_authorization": "false"})
     assert server.token() == "k"
     assert '-H "Authorization: Bearer $TOKEN"' in curl_examples(server, ["digits"])
+
+
+def test_key_file_being_written_reads_as_not_yet(tmp_path):
+    # TorchServe creates key_file.json empty, then writes it: a warm-up reading in between must wait,
+    # not crash (this raced in CI as "Expecting value: line 1 column 1").
+    key = tmp_path / "key_file.json"
+    assert read_key(key) is None
+    full = json.dumps({"management": {"key": "m"}, "inference": {"key": "k"}, "API": {"key": "a"}})
+    for partial in ("", full[:20]):
+        key.write_text(partial)
+        assert read_key(key) is None
+    key.write_text(full)
+    assert read_key(key) == "k" and read_key(key, "management") == "m"
 
 
 def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys):
