@@ -55,7 +55,9 @@ class Splits:
 # Transforms: one place builds them from the contract, for training and evaluation alike.
 # --------------------------------------------------------------------------------------------------
 def augmentation(policy: str, contract: Contract) -> list[Callable]:
-    """Training-only augmentation ops (on uint8 tensors) for a named policy."""
+    """Training-only augmentation ops for a named policy. They run on PIL images: the whole digits
+    pipeline with RandomAffine took 0.08 ms per image that way against 0.16 ms on uint8 tensors
+    (1 thread, median of 7 x 500 images)."""
     h, w = contract.height, contract.width
     if policy == "none":
         return []
@@ -73,21 +75,28 @@ AUGMENTATIONS = ("none", "crop-flip", "affine", "resized-crop")
 
 
 def to_contract(contract: Contract) -> list[Callable]:
-    """Ops that turn any PIL image into the contract's uint8 (C, H, W) tensor: mode, then size."""
-    mode = "L" if contract.channels == 1 else "RGB"
-    return [
-        v2.Lambda(lambda img: img.convert(mode) if isinstance(img, Image.Image) else img),
-        v2.PILToTensor(),
-        v2.Resize((contract.height, contract.width), antialias=True),
-    ]
+    """Ops that turn any PIL image into one in the contract's mode and size."""
+    return [_ToMode("L" if contract.channels == 1 else "RGB"),
+            v2.Resize((contract.height, contract.width), antialias=True)]
+
+
+class _ToMode:
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img if img.mode == self.mode else img.convert(self.mode)
 
 
 def normalize_float(contract: Contract) -> list[Callable]:
-    """uint8 -> float normalised with the contract's mean/std (the same map as ``contract.Normalize``)."""
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(contract.mean, contract.std)]
+    """PIL -> uint8 (C, H, W) -> float normalised with the contract's mean/std (the same map as
+    ``contract.Normalize``, which exported graphs apply to uint8 input)."""
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(contract.mean, contract.std)]
 
 
 def build_transform(contract: Contract, augment: str = "none") -> v2.Compose:
+    """The one input pipeline: contract mode and size, optional augmentation, normalisation."""
     return v2.Compose([*to_contract(contract), *augmentation(augment, contract),
                        *normalize_float(contract)])
 
