@@ -6,7 +6,6 @@ block (or appends it the first time), and the file is rewritten atomically.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from training.checkpoint import atomic_write_bytes
@@ -23,4 +22,3 @@ def update_section(path: Path, key: str, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
-    os.chmod(path, 0o644)  # the temp file behind the atomic write is created 0600
