@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from training.config import add_train_arguments, config_from_args
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from training.train import fit
             best = fit(config_from_args(args))
-            print(best)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one prints
+                print(best)
         elif args.command == "evaluate":
             from training.evaluate import evaluate_checkpoint
             metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.out_dir,

@@ -88,7 +88,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        if field.type in ("bool",):
+        if field.name == "run":
+            # torchrun's parser reads a bare --run as an abbreviation of its own --run-path:
+            # under torchrun, spell it --run-name.
+            parser.add_argument(flag, "--run-name", dest="run", default=default,
+                                help="run name = served model name (under torchrun: --run-name)")
+        elif field.type in ("bool",):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif field.name == "channels_last":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
