@@ -1,0 +1,71 @@
+"""One table covers every model: forward and backward at its input size."""
+
+import pytest
+import torch
+
+from training.config import TrainConfig
+from training.models import MODELS, build_model
+from training.train import load_pretrained
+
+# (arch, in_channels, image_size): each model at the input it is meant for.
+CASES = [
+    ("lenet", 1, 28), ("mnist_cnn", 1, 28), ("simple_cnn", 1, 28), ("cifarnet", 3, 32),
+    ("bn_cnn", 1, 28), ("bn_cnn", 3, 32), ("resnet9", 3, 32), ("resnet18", 3, 224), ("vgg16", 3, 224),
+    ("simple_cnn", 3, 64), ("cifarnet", 3, 48),
+]
+
+
+def test_every_registered_model_is_covered():
+    assert {arch for arch, _, _ in CASES} == set(MODELS)
+
+
+@pytest.mark.parametrize("arch,channels,size", CASES)
+def test_forward_backward(arch, channels, size):
+    torch.manual_seed(0)
+    model = build_model(arch, in_channels=channels, num_classes=7, image_size=size).train()
+    x = torch.randn(2, channels, size, size)
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    logits.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_models_are_pure_modules():
+    """No device, precision or training state hidden inside: a fresh model has only parameters."""
+    model = build_model("cifarnet", in_channels=3, num_classes=10, image_size=32)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_lenet_matches_the_tutorial_shape():
+    model = build_model("lenet", in_channels=1, num_classes=10, image_size=28)
+    assert model.fc1.in_features == 320 and model.fc1.out_features == 50
+    cifar = build_model("cifarnet", in_channels=3, num_classes=10, image_size=32)
+    assert cifar.classifier[1].in_features == 1024
+
+
+def test_frozen_backbone_trains_only_the_head():
+    model = build_model("resnet18", num_classes=3, freeze_backbone=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}
+
+
+def test_transfer_models_require_local_weights():
+    with pytest.raises(ValueError, match="--pretrained-weights FILE"):
+        TrainConfig(model="resnet18", dataset="imagefolder")
+
+
+def test_load_pretrained_from_local_file(tmp_path):
+    from torchvision.models import resnet18
+
+    source = resnet18(weights=None, num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    model = build_model("resnet18", num_classes=2)
+    load_pretrained(model, str(tmp_path / "resnet18.pth"))
+    assert torch.equal(model.backbone.conv1.weight, source.conv1.weight)
+    assert model.head.out_features == 2  # the ImageNet head was dropped, not loaded
+
+    torch.save({"nothing": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="does not look like weights"):
+        load_pretrained(build_model("resnet18", num_classes=2), str(tmp_path / "wrong.pth"))
