@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--variant-cuda", default=None, help="default: the manifest's CUDA default")
     common.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (requests)")
     common.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay (ms)")
-    common.add_argument("--workers", type=int, default=1, help="workers per model")
+    common.add_argument("--workers", type=int, default=2, help="workers per model (default 2: the sweep's best on 2 cores)")
     common.add_argument("--response-timeout", type=int, default=30, help="seconds")
     common.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
     common.add_argument("--max-images", type=int, default=d.max_images, help="images per request")

@@ -48,8 +48,9 @@ class ArchiveConfig:
     variant_cuda: str | None = None
     batch_size: int = 8
     max_batch_delay_ms: int = 5
-    min_workers: int = 1
-    max_workers: int = 1
+    # 2 workers x 1 thread: the bench-serve sweep's best on 2 cores (docs/benchmarks.md, "Serve").
+    min_workers: int = 2
+    max_workers: int = 2
     response_timeout_s: int = 30
     threads: int = 1
     limits: Limits = Limits()
