@@ -42,13 +42,19 @@ VENV_EXPORT := $(VENV)/.stamp-export+test
 VENV_SERVE  := $(VENV)/.stamp-serve+test
 VENV_ALL    := $(VENV)/.stamp-serve+loadtest+deploy+test
 
-.PHONY: help venv train evaluate demo test clean
+.PHONY: help venv train evaluate bench-train demo test clean
 help:
-	@echo "make demo                 offline: train digits on the embedded data (and later stages)"
+	@echo "make demo                 offline: train digits -> export -> archive -> serve -> predict -> stop"
 	@echo "make test                 the test suite"
 	@echo "make train [RUN= MODEL= DATASET= EPOCHS= DATA_DIR= RESUME=1 ARGS=...]"
 	@echo "                          no RUN: trains the served models ($(SERVED_RUNS))"
 	@echo "make evaluate RUN=... [DATASET=... DATA_DIR=...]"
+	@echo "make export [RUN=x]       runs/<RUN>/best.pt -> artifacts/<RUN>/ (TorchScript, ONNX, INT8 + manifest)"
+	@echo "make bench-export [RUN=x] latency of every exported variant"
+	@$(MAKE) --no-print-directory help-serve help-deploy
+	@sed -n '2,5p' mk/loadtest.mk | sed 's/^# //'
+	@echo "make bench-train          Fashion-MNIST time-to-accuracy and demo training speed (docs/benchmarks.md)"
+	@echo "make clean                remove runs/ artifacts/ reports/ logs/ model_store/*.mar"
 
 venv: $(VENV_ALL)
 
@@ -65,11 +71,24 @@ evaluate: $(VENV_BASE)
 	$(PY) -m training evaluate --checkpoint runs/$(or $(RUN),digits)/best.pt --dataset $(DATASET) \
 	  $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
+# Fashion-MNIST time to accuracy, make demo's training step, the compute ceiling per step;
+# results into docs/benchmarks.md (about 5 min).
+BENCH_TRAIN_ARGS ?=
+bench-train: $(VENV_BASE)
+	$(PY) bench/bench_train.py fashion --docs docs/benchmarks.md $(BENCH_TRAIN_ARGS)
+	$(PY) bench/bench_train.py demo --demo-args "$(DEMO_TRAIN_ARGS)" --docs docs/benchmarks.md
+	$(PY) bench/bench_train.py steps --docs docs/benchmarks.md
+
 # ---- demo: the whole pipeline, offline ---------------------------------------------------------
+# train digits on scikit-learn's bundled digits -> score the held-out split -> export (TorchScript,
+# ONNX, INT8, each gated against the checkpoint) -> archive -> TorchServe -> post held-out images -> stop.
 DEMO_TRAIN_ARGS := --run digits --model mnist_cnn --dataset digits --epochs 15
-demo: $(VENV_BASE)
+demo: $(VENV_SERVE)
 	$(PY) -m training train $(DEMO_TRAIN_ARGS)
 	$(PY) -m training evaluate --checkpoint runs/digits/best.pt --dataset digits
+	$(PY) -m export --run digits
+	$(PY) -m serving archive --run digits
+	$(MAKE) --no-print-directory demo-serve
 
 -include mk/*.mk
 
