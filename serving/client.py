@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--key-file", default=DEFAULT_KEY_FILE, help="TorchServe key_file.json (token auth)")
     p.add_argument("--topk", type=int, default=3)
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # files may come after options: predict --run cifarnet cat.png
     token = read_key(a.key_file) if a.key_file else None
     try:
         if a.command == "demo":

@@ -95,3 +95,13 @@ def test_cli_errors_are_one_line_with_the_fix(tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "make export RUN=nope" in err[0]
     rc = main(["stop", "--workdir", str(tmp_path / "w")])
     assert rc == 0 and "no TorchServe running" in capsys.readouterr().out
+
+
+def test_client_predict_takes_files_before_or_after_options(tmp_path, capsys):
+    from serving.client import main as client_main
+
+    missing = str(tmp_path / "cat.png")
+    for argv in (["predict", "--run", "cifarnet", missing], ["predict", missing, "--run", "cifarnet"]):
+        # parsed either way: it gets as far as reading the (missing) file, not an argparse exit 2
+        assert client_main([*argv, "--key-file", ""]) == 1
+        assert "cat.png" in capsys.readouterr().err
