@@ -144,6 +144,19 @@ def test_cli_evaluate_json_and_confusion_matrix(digits_checkpoint, tmp_path):
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluate_defaults_to_the_checkpoints_dataset_and_prints_per_class(digits_checkpoint, tmp_path, capsys):
+    from training.__main__ import main
+
+    assert main(["evaluate", "--checkpoint", str(digits_checkpoint), "--out-dir", str(tmp_path),
+                 "--workers", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["class", "precision", "recall", "f1", "support"]
+    assert [line.split()[0] for line in lines[1:11]] == [str(i) for i in range(10)]
+    assert sum(int(line.split()[-1]) for line in lines[1:11]) == 360
+    stored = load_checkpoint(digits_checkpoint)["metrics"]["test_accuracy"]
+    assert lines[-1] == f"accuracy {stored:.4f} on 360 images of digits"
+
+
 def test_cli_evaluate_refuses_other_contract(digits_checkpoint, tiny_cifar_dir):
     out = _cli("evaluate", "--checkpoint", str(digits_checkpoint), "--dataset", "cifar10",
                "--data-dir", str(tiny_cifar_dir))

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = sub.add_parser("evaluate", help="score a checkpoint on a dataset's test split")
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     ev.add_argument("--data-dir", default=None)
     ev.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/eval-<dataset>/")
     ev.add_argument("--workers", type=int, default=2)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(metrics))
             else:
-                print(f"accuracy {metrics['accuracy']:.4f} on {metrics['samples']} images of {args.dataset}")
+                print(metrics_table(metrics))
         else:
             from training.visualize import visualize
             for path in visualize(args.checkpoint, args.image, args.out_dir):
@@ -58,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def metrics_table(metrics: dict) -> str:
+    """Per-class precision/recall/F1 and the accuracy line, for people (``--json`` is for programs)."""
+    width = max(len("class"), *(len(name) for name in metrics["per_class"]))
+    lines = [f"{'class':<{width}}  precision  recall     f1  support"]
+    for name, m in metrics["per_class"].items():
+        lines.append(f"{name:<{width}}  {m['precision']:9.4f}  {m['recall']:6.4f}  {m['f1']:5.4f}  "
+                     f"{m['support']:7d}")
+    lines.append(f"accuracy {metrics['accuracy']:.4f} on {metrics['samples']} images of {metrics['dataset']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,17 @@ from training.data import load_splits
 from training.engine import evaluate
 
 
-def evaluate_checkpoint(checkpoint: str | Path, dataset: str, data_dir: str | None = None,
+def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, data_dir: str | None = None,
                         out_dir: str | Path | None = None, batch_size: int = 256,
                         workers: int = 2) -> dict:
-    """Evaluate ``checkpoint`` on the test split of ``dataset``.
+    """Evaluate ``checkpoint`` on the test split of ``dataset`` (default: the one it was trained on).
 
     Returns the metrics dict (accuracy, loss, per_class, confusion_matrix) and writes
     ``confusion_matrix.json`` and ``confusion_matrix.png`` to ``out_dir`` (default: beside the
     checkpoint, in ``eval-<dataset>/``).
     """
     ckpt = load_checkpoint(checkpoint)
+    dataset = dataset or ckpt["dataset"]
     model, contract = model_from_checkpoint(ckpt)
     splits = load_splits(dataset, data_dir, val_fraction=0.0)
     if splits.contract != contract:
