@@ -1,6 +1,7 @@
 """Latency of every exported variant against eager PyTorch, side by side, as a markdown table.
 
     python bench/bench_export.py artifacts/digits artifacts/cifarnet [--threads 1,2] [--rounds 30]
+        [--ort-profile] [--out FILE]
 
 For each run: reloads the trained model from the checkpoint the manifest names (its sha256 checked)
 as the eager fp32 baseline, loads each variant through ``export.runtime.load_variant``, and measures
@@ -13,6 +14,7 @@ writes it to a file.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export.core import cpu_name, latency_table  # noqa: E402
 from export.runtime import read_manifest, verify_file  # noqa: E402
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint  # noqa: E402
+from training.contract import Contract  # noqa: E402
 
 # The issue's targets, single thread: ORT fp32 vs eager at batch 1; best INT8 vs eager and vs ORT fp32
 # in images/s at batch 64.
@@ -78,12 +81,53 @@ def bench_run(artifact_dir: Path, threads: tuple[int, ...], rounds: int) -> list
     return lines
 
 
+def ort_profile(artifact_dir: Path, variant: str = "onnx-fp32", calls: int = 2000) -> list[str]:
+    """Where one ORT thread spends a batch-1 call: median kernel time per graph node (ORT's profiler)."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    manifest = read_manifest(artifact_dir)
+    entry = manifest["variants"][variant]
+    verify_file(artifact_dir / entry["file"], entry["sha256"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "bench_export_ort")
+    session = ort.InferenceSession(str(artifact_dir / entry["file"]), opts, providers=["CPUExecutionProvider"])
+    shape = (1, *Contract.from_dict(manifest["contract"]).input_shape)
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    feed = {session.get_inputs()[0].name: pixels}
+    for _ in range(calls):
+        session.run(None, feed)
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    per_node: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            key = (e["args"]["op_name"], e["name"].removesuffix("_kernel_time"))
+            per_node.setdefault(key, []).append(e["dur"])
+    medians = {k: float(np.median(v)) for k, v in per_node.items()}
+    total = sum(medians.values())
+    runs = float(np.median([e["dur"] for e in events if e.get("name") == "model_run"]))
+    lines = [f"ORT profile of {manifest['name']} {variant}, batch 1, 1 thread, median of {calls} calls: "
+             f"{runs:.0f} us per run, of which {total:.0f} us in kernels", "",
+             "| op | node | median us | share of kernel time |", "|---|---|---|---|"]
+    for (op, node), us in sorted(medians.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {op} | {node} | {us:.0f} | {us / total:.0%} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifact_dirs", nargs="+", type=Path)
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts; the first is the reference")
     p.add_argument("--rounds", type=int, default=30, help="rounds of 10 batch-1 and 1 batch-64 calls each")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    p.add_argument("--ort-profile", action="store_true",
+                   help="also show where ORT fp32 spends a batch-1 call, node by node")
     a = p.parse_args(argv)
     threads = tuple(int(t) for t in a.threads.split(","))
     lines = [f"CPU: {cpu_name()}; p50 = median over {a.rounds * 10} batch-1 calls and {a.rounds} "
@@ -91,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for d in a.artifact_dirs:
             lines += bench_run(d, threads, a.rounds) + [""]
+            if a.ort_profile:
+                lines += ort_profile(d) + [""]
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -240,8 +240,23 @@ def test_bench_script_writes_a_markdown_table(digits_artifacts, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.md"
-    assert bench.main([str(digits_artifacts), "--threads", "1", "--rounds", "1", "--out", str(out)]) == 0
+    assert bench.main([str(digits_artifacts), "--threads", "1", "--rounds", "1", "--out", str(out),
+                       "--ort-profile"]) == 0
     text = out.read_text()
     for name in ("eager-fp32", *VARIANTS):
         assert f"| {name} | " in text
     assert "ORT fp32 vs eager at batch 1" in text and "best INT8" in text
+    profile = text[text.index("ORT profile of digits onnx-fp32"):].splitlines()
+    rows = [row for row in profile if row.startswith("| ")][1:]  # below the header
+    shares = [int(row.rstrip(" |").rsplit("|", 1)[1].strip(" %")) for row in rows]
+    assert any(row.startswith("| Conv | ") for row in rows) and 95 <= sum(shares) <= 105
+
+
+def test_cpu_name_names_the_isa_that_moves_int8_numbers():
+    from export.core import cpu_name
+
+    avx2 = "model name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    vnni = "model name\t: AMD EPYC 9B14\nflags\t\t: avx2 avx512f avx512bw avx512_vnni avx_vnni\n"
+    assert cpu_name(avx2) == f"AMD EPYC 7B12 ({os.cpu_count()} logical CPUs; avx2)"
+    assert cpu_name(vnni).endswith("; avx2, avx512f, avx512_vnni, avx_vnni)")
+    assert cpu_name("model name : Old\nflags : sse2\n").endswith("; no AVX2)")
