@@ -394,6 +394,26 @@ def fault_section(r: dict, command: str) -> str:
     ])
 
 
+def seconds(text: str) -> float:
+    """A duration as locust's --run-time spells it: 600, 600s, 10m, 1h30m -> seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    total, number = 0.0, ""
+    for ch in text.strip():
+        if ch.isdigit() or ch == ".":
+            number += ch
+        elif ch in units and number:
+            total, number = total + float(number) * units[ch], ""
+        else:
+            raise argparse.ArgumentTypeError(f"bad duration {text!r}: write seconds (600) or 600s, 10m, 1h30m")
+    if number or total <= 0:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: write seconds (600) or 600s, 10m, 1h30m")
+    return total
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=("soak", "fault"))
@@ -405,7 +425,7 @@ def main(argv=None) -> int:
     p.add_argument("--docs", default="docs/benchmarks.md", help="'' to skip the docs update")
     p.add_argument("--share", type=float, default=0.7, help="load as a share of the measured maximum")
     p.add_argument("--threads", type=int, default=8, help="client threads of the paced load")
-    p.add_argument("--duration", type=float, default=600.0, help="soak: seconds")
+    p.add_argument("--duration", type=seconds, default=600.0, help="soak: 600, 600s, 10m, 1h30m")
     p.add_argument("--window", type=float, default=10.0, help="soak: seconds per window")
     p.add_argument("--baseline", type=float, default=10.0, help="fault: seconds of load before the kill")
     p.add_argument("--after", type=float, default=20.0, help="fault: seconds observed after the kill")

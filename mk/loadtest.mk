@@ -37,8 +37,10 @@ BENCH_ARGS ?=
 bench-serve: $(VENV_LOADTEST)
 	$(PY) bench/bench_serve.py --reports $(REPORTS) $(BENCH_ARGS)
 
+# A soak is 10 minutes unless DURATION is given (60s, make loadtest's default, is too short to show drift).
 soak: $(VENV_LOADTEST)
-	$(PY) -m loadtest.resilience soak --duration $(patsubst %s,%,$(DURATION)) --reports $(REPORTS) $(LOADTEST_ARGS)
+	$(PY) -m loadtest.resilience soak --duration $(if $(filter file,$(origin DURATION)),10m,$(DURATION)) \
+	  --reports $(REPORTS) $(LOADTEST_ARGS)
 
 fault: $(VENV_LOADTEST)
 	$(PY) -m loadtest.resilience fault --reports $(REPORTS) $(LOADTEST_ARGS)

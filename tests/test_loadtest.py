@@ -201,3 +201,21 @@ def test_rss_growth_after_warmup_and_p99_stability():
     def ws(p99s):
         return [Window(i, i + 1, 10, 0, 10.0, 1.0, p) for i, p in enumerate(p99s)]
     assert p99_stable(ws([10, 11, 10, 12, 10, 11])) and not p99_stable(ws([10, 10, 10, 30, 30, 30]))
+
+
+@pytest.mark.parametrize("text, expected", [("600", 600.0), ("600s", 600.0), ("10m", 600.0),
+                                            ("1h30m", 5400.0), ("2.5", 2.5)])
+def test_soak_duration_reads_locust_spellings(text, expected):
+    from loadtest.resilience import seconds
+
+    assert seconds(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "5x", "m", "10m5", "0s"])
+def test_soak_duration_refuses_nonsense(text):
+    import argparse
+
+    from loadtest.resilience import seconds
+
+    with pytest.raises(argparse.ArgumentTypeError, match="bad duration"):
+        seconds(text)
