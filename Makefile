@@ -48,7 +48,7 @@ help:
 	@echo "make test                 the test suite"
 	@echo "make train [RUN= MODEL= DATASET= EPOCHS= DATA_DIR= RESUME=1 ARGS=...]"
 	@echo "                          no RUN: trains the served models ($(SERVED_RUNS))"
-	@echo "make evaluate RUN=... [DATASET=... DATA_DIR=...]"
+	@echo "make evaluate RUN=... [DATASET=... DATA_DIR=...]  default dataset: the one RUN was trained on"
 	@echo "make export [RUN=x]       runs/<RUN>/best.pt -> artifacts/<RUN>/ (TorchScript, ONNX, INT8 + manifest)"
 	@echo "make bench-export [RUN=x] latency of every exported variant"
 	@$(MAKE) --no-print-directory help-serve help-deploy
@@ -67,9 +67,10 @@ else
 	  $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(RESUME),--resume) $(ARGS)
 endif
 
+# The checkpoint knows its dataset: --dataset only when DATASET is given (not the Makefile default).
 evaluate: $(VENV_BASE)
-	$(PY) -m training evaluate --checkpoint runs/$(or $(RUN),digits)/best.pt --dataset $(DATASET) \
-	  $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(PY) -m training evaluate --checkpoint runs/$(or $(RUN),digits)/best.pt \
+	  $(if $(filter file,$(origin DATASET)),,--dataset $(DATASET)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 # Fashion-MNIST time to accuracy, make demo's training step, the compute ceiling per step;
 # results into docs/benchmarks.md (about 5 min).
