@@ -53,7 +53,7 @@ help:
 	@echo "make bench-export [RUN=x] latency of every exported variant"
 	@$(MAKE) --no-print-directory help-serve help-deploy
 	@sed -n '2,5p' mk/loadtest.mk | sed 's/^# //'
-	@echo "make bench-train          Fashion-MNIST time-to-accuracy and demo training speed (docs/benchmarks.md)"
+	@echo "make bench-train          Fashion-MNIST time to accuracy, demo training speed, step ceiling (docs/benchmarks.md)"
 	@echo "make clean                remove runs/ artifacts/ reports/ logs/ model_store/*.mar"
 
 venv: $(VENV_ALL)

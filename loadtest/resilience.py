@@ -21,6 +21,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import sys
@@ -394,22 +395,18 @@ def fault_section(r: dict, command: str) -> str:
     ])
 
 
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
 def seconds(text: str) -> float:
     """A duration as locust's --run-time spells it: 600, 600s, 10m, 1h30m -> seconds."""
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0}
     try:
         return float(text)
     except ValueError:
         pass
-    total, number = 0.0, ""
-    for ch in text.strip():
-        if ch.isdigit() or ch == ".":
-            number += ch
-        elif ch in units and number:
-            total, number = total + float(number) * units[ch], ""
-        else:
-            raise argparse.ArgumentTypeError(f"bad duration {text!r}: write seconds (600) or 600s, 10m, 1h30m")
-    if number or total <= 0:
+    m = _DURATION.fullmatch(text.strip())
+    total = sum(float(v) * unit for v, unit in zip(m.groups(), (3600, 60, 1)) if v) if m else 0.0
+    if total <= 0:
         raise argparse.ArgumentTypeError(f"bad duration {text!r}: write seconds (600) or 600s, 10m, 1h30m")
     return total
 
