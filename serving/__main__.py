@@ -13,6 +13,7 @@ can fix first (nothing exported, port taken, bad option). Errors are one line na
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,12 +30,15 @@ def _archive_config(a, run: str):
                          variant_cpu=a.variant_cpu, variant_cuda=a.variant_cuda, batch_size=a.batch_size,
                          max_batch_delay_ms=a.max_batch_delay, min_workers=a.workers, max_workers=a.workers,
                          response_timeout_s=a.response_timeout, threads=a.threads,
-                         limits=Limits(max_images=a.max_images, max_pixels=a.max_pixels,
-                                       max_image_bytes=a.max_image_bytes))
+                         job_queue_size=a.job_queue_size,
+                         limits=Limits(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Limits)}))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from serving.archive import ArchiveConfig
+
     d = Limits()
+    ad = {f.name: f.default for f in dataclasses.fields(ArchiveConfig)}  # the defaults, stated once
     p = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -43,14 +47,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # archive settings (also used by `serve` when it archives)
     common.add_argument("--variant-cpu", default=None, help="default: the manifest's CPU default")
     common.add_argument("--variant-cuda", default=None, help="default: the manifest's CUDA default")
-    common.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (requests)")
-    common.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay (ms)")
-    common.add_argument("--workers", type=int, default=2, help="workers per model (default 2: the sweep's best on 2 cores)")
-    common.add_argument("--response-timeout", type=int, default=30, help="seconds")
-    common.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
-    common.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
-    common.add_argument("--max-pixels", type=int, default=d.max_pixels, help="pixels per image")
-    common.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="bytes per image file")
+    common.add_argument("--batch-size", type=int, default=ad["batch_size"],
+                        help="TorchServe batchSize (requests) (default %(default)s)")
+    common.add_argument("--max-batch-delay", type=int, default=ad["max_batch_delay_ms"],
+                        help="TorchServe maxBatchDelay (ms) (default %(default)s)")
+    common.add_argument("--workers", type=int, default=ad["max_workers"],
+                        help="workers per model (default %(default)s: the sweep's best on 2 cores)")
+    common.add_argument("--response-timeout", type=int, default=ad["response_timeout_s"],
+                        help="seconds (default %(default)s)")
+    common.add_argument("--threads", type=int, default=ad["threads"],
+                        help="intra-op threads per worker (default %(default)s)")
+    common.add_argument("--job-queue-size", type=int, default=ad["job_queue_size"],
+                        help="requests queued per model before TorchServe answers 503 at once "
+                             "(default %(default)s)")
+    for f in dataclasses.fields(Limits):  # every request limit (serving.core.Limits documents each)
+        common.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=getattr(d, f.name),
+                            help=f"handler limit {f.name} (default %(default)s)")
 
     a = sub.add_parser("archive", parents=[common], help="build model_store/RUN.mar")
     a.add_argument("--run", required=True)

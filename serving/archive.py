@@ -9,6 +9,7 @@ sha256-checked against the manifest before packing, and again by the worker when
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -36,7 +37,11 @@ class ArchiveConfig:
         batch_size, max_batch_delay_ms: TorchServe dynamic batching: a worker takes up to batch_size
             requests, waiting at most max_batch_delay_ms for the batch to fill.
         min_workers, max_workers: worker processes for this model.
-        response_timeout_s: TorchServe kills a worker whose batch takes longer than this.
+        response_timeout_s: TorchServe kills a worker whose batch takes longer than this. The
+            handler's limits keep a batch far below it (docs/serving.md, "Worst cases").
+        job_queue_size: requests TorchServe queues for this model; past that it answers 503 (JSON) at
+            once instead of letting waits pile up (100 = about 30 ms of work at the capacity
+            bench-serve measured on 2 cores).
         threads: intra-op threads per worker (see docs/benchmarks.md, "Serve").
         limits: per-request limits the handler enforces.
     """
@@ -52,6 +57,7 @@ class ArchiveConfig:
     min_workers: int = 2
     max_workers: int = 2
     response_timeout_s: int = 30
+    job_queue_size: int = 100
     threads: int = 1
     limits: Limits = Limits()
 
@@ -61,7 +67,7 @@ class ArchiveConfig:
             if v is not None and v not in VARIANTS:
                 raise ValueError(f"{key} {v!r} is not one of {', '.join(VARIANTS)}")
         if min(self.batch_size, self.min_workers, self.max_workers, self.response_timeout_s,
-               self.threads) < 1 or self.max_batch_delay_ms < 0:
+               self.threads, self.job_queue_size) < 1 or self.max_batch_delay_ms < 0:
             raise ValueError(f"archive settings must be positive: {self}")
         if self.min_workers > self.max_workers:
             raise ValueError(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
@@ -96,15 +102,9 @@ def model_config(cfg: ArchiveConfig, cpu: str, cuda: str | None) -> dict:
         "batchSize": cfg.batch_size,
         "maxBatchDelay": cfg.max_batch_delay_ms,
         "responseTimeout": cfg.response_timeout_s,
-        "handler": {
-            "variant_cpu": cpu,
-            "variant_cuda": cuda,
-            "threads": cfg.threads,
-            "max_images": cfg.limits.max_images,
-            "max_pixels": cfg.limits.max_pixels,
-            "max_image_bytes": cfg.limits.max_image_bytes,
-            "default_topk": cfg.limits.default_topk,
-        },
+        "jobQueueSize": cfg.job_queue_size,
+        "handler": {"variant_cpu": cpu, "variant_cuda": cuda, "threads": cfg.threads,
+                    **dataclasses.asdict(cfg.limits)},
     }
 
 

@@ -9,46 +9,68 @@ problem with client input raises ``InputError``, which the handler turns into an
 from __future__ import annotations
 
 import io
+import reprlib
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import v2
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from training import images
 from training.contract import Contract
-from training.data import to_contract
 
-# Only these decoders are reachable from the network: the formats the API documents. Pillow can open
-# dozens more (EPS shells out to Ghostscript, for one); a smaller attack surface costs nothing here.
-ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")  # JPEG also opens MPO (phone photos)
+ALLOWED_FORMATS = images.FORMATS  # only these decoders are reachable from the network
 INVERT_CHOICES = ("auto", "yes", "no")
 
-# Modes converted to L/RGB. 16-bit grayscale is rescaled (Pillow's own convert clips it to 255);
-# alpha is composited onto white, the colour a viewer shows behind a transparent image.
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_PLAIN_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr")
+# Client text echoed in an error message (an option value, a field name, a v2 datatype) is cut to
+# this many characters, and a whole message to MAX_MESSAGE: an error answer and its log line stay
+# small whatever the request holds. (A 7 MB option echoed back once made the answer exceed
+# TorchServe's max_response_size, and the frontend killed the worker.)
+MAX_ECHO = 48
+MAX_MESSAGE = 400
+
+# Below this many pixels an image is never "bomb-like", whatever its size in bytes: a flat 28x28
+# PNG is 70 bytes, and a megapixel decodes in a few milliseconds.
+RATIO_FREE_PIXELS = 1_000_000
+
+# Text chunks carry nothing a classifier uses; Pillow's defaults let one PNG inflate 64 MB of them.
+PngImagePlugin.MAX_TEXT_CHUNK = 64 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 256 * 1024
+
+
+_ECHO = reprlib.Repr()  # (Python 3.11's Repr takes no keyword arguments)
+_ECHO.maxstring = _ECHO.maxother = _ECHO.maxbytes = MAX_ECHO
+_ECHO.maxlist, _ECHO.maxdict, _ECHO.maxlevel = 6, 4, 2
+
+
+def clip(value) -> str:
+    """A short ``repr`` of client-supplied data (text, numbers, lists): never more than ~2 x MAX_ECHO
+    characters, whatever the value holds."""
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > MAX_ECHO:
+        return f"{_ECHO.repr(value[:MAX_ECHO])}... ({len(value)} long)"
+    return _ECHO.repr(value)[:2 * MAX_ECHO]
 
 
 # Pillow's decoders signal bad bytes with OSError, SyntaxError, ValueError, EOFError, and on crafted
 # files also struct.error, IndexError, TypeError... Every exception raised while decoding client bytes
-# is caused by those bytes, so decode_image maps them all to a 4xx for that one image rather than let
-# one file fail a whole TorchServe batch with a 503.
+# is caused by those bytes, so decoding maps them all to a 4xx for that one image rather than let
+# one file fail a whole TorchServe batch.
 
 
 class InputError(ValueError):
     """A client error: becomes HTTP ``code`` with JSON ``{"code", "type", "message"}``.
 
     Attributes:
-        code: HTTP status (4xx).
+        code: HTTP status (4xx; 503 when the batch's pixel budget is spent).
         type: a stable, machine-readable reason (also the ``Reason`` label of the rejection metric).
-        message: names the problem and, where there is one, the fix.
+        message: names the problem and, where there is one, the fix; at most MAX_MESSAGE characters.
     """
 
     def __init__(self, code: int, type: str, message: str) -> None:
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE - 3] + "..."
         super().__init__(message)
         self.code, self.type, self.message = code, type, message
 
@@ -58,27 +80,44 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of a worker.
+    """What one request, and one model call, may ask of a worker.
+
+    Every image's header is read before any pixel is decoded, so each check below refuses a request
+    before it costs anything. docs/serving.md gives the measured worst case each limit admits.
 
     Attributes:
         max_images: images per request (a TorchServe batch may hold several requests).
-        max_pixels: width x height of one decoded image, checked from the header before decoding.
-            Also set as Pillow's ``MAX_IMAGE_PIXELS``, so Pillow refuses anything over twice this
-            as a decompression bomb. 40 MP covers any phone photo; it decodes to ~120 MB RGB.
+        max_pixels: width x height of one image. Also set as Pillow's ``MAX_IMAGE_PIXELS``.
+        max_request_pixels: pixels one request may make the worker decode, summed over its images
+            (a JPEG counts at its draft size: see ``training.images.draft``).
+        max_batch_pixels: the same sum over one model call (all requests TorchServe batched
+            together). Requests are admitted cheapest first; one that no longer fits is answered 503
+            (retry) instead of making the whole batch outlast ``responseTimeout``.
+        max_pixels_per_byte: decoded pixels per encoded byte above which an image of more than
+            RATIO_FREE_PIXELS pixels is refused as bomb-like (413) before decoding. A 6300x6300
+            1-bit PNG is ~5 KB: 8,000 pixels per byte. Photos are under 10, flat scans a few hundred.
         max_image_bytes: size of one encoded image. Kept below TorchServe's ``max_request_size`` so
             that an oversized image gets this JSON 413; a body over ``max_request_size`` is refused
             by TorchServe's frontend (a bare 413) before the handler sees it.
+        max_response_bytes: size of one answer; kept well below TorchServe's ``max_response_size``
+            (an answer over that makes the frontend kill the worker).
         default_topk: classes returned per image when the request does not say.
     """
 
     max_images: int = 64
     max_pixels: int = 40_000_000
+    max_request_pixels: int = 16_000_000
+    max_batch_pixels: int = 32_000_000
+    max_pixels_per_byte: int = 256
     max_image_bytes: int = 12 * 2**20
+    max_response_bytes: int = 2**20
     default_topk: int = 5
 
     def __post_init__(self) -> None:
-        if min(self.max_images, self.max_pixels, self.max_image_bytes, self.default_topk) < 1:
-            raise ValueError(f"limits must be positive, got {self}")
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        bad = {k: v for k, v in values.items() if type(v) is not int or v < 1}
+        if bad:
+            raise ValueError(f"limits must be positive integers, got {bad}")
 
 
 @dataclass
@@ -91,18 +130,20 @@ class StageTimes:
 
 
 # --------------------------------------------------------------------------------------------------
-# decode -> validate
+# open (header only) -> check -> decode
 # --------------------------------------------------------------------------------------------------
-def decode_image(data: bytes, limits: Limits, draft: tuple[str, int] | None = None) -> Image.Image:
-    """Decode the first frame of an encoded image, with the EXIF orientation applied.
+def open_image(data: bytes, limits: Limits, contract: Contract | None = None) -> Image.Image:
+    """Read an encoded image's header and refuse it before decoding if it is too big or bomb-like.
 
     Args:
         data: the encoded file (PNG, JPEG, BMP, WebP, GIF, TIFF).
-        limits: ``max_pixels`` is checked on the header, before any pixel is decoded.
-        draft: (mode, size) for JPEG: decode at the smallest DCT scale that is still at least
-            ``size`` pixels per side, so a 40 MP photo costs milliseconds, not a second.
+        limits: ``max_image_bytes``, ``max_pixels`` and ``max_pixels_per_byte`` are checked here.
+        contract: when given, a JPEG is set to decode at its draft size for this contract (its
+            ``size`` is then the decoded size, what ``pixel_cost`` counts).
+    Returns:
+        The opened image, pixels not yet decoded: pass it to ``decode``.
     Raises:
-        InputError: empty, not an image, over the pixel limit, truncated or corrupt.
+        InputError: empty, not an image, over a limit, or a corrupt header.
     """
     if not data:
         raise InputError(400, "empty_body", "the request carries no image bytes")
@@ -114,62 +155,67 @@ def decode_image(data: bytes, limits: Limits, draft: tuple[str, int] | None = No
         with warnings.catch_warnings():
             # Between 1x and 2x Pillow only warns; our own check below refuses those images.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            img = images.open_image(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise InputError(413, "decompression_bomb", f"image refused as a decompression bomb: {e}") from None
+        raise InputError(413, "decompression_bomb",
+                         f"image refused as a decompression bomb: {clip(str(e))}") from None
     except UnidentifiedImageError:
         raise InputError(415, "not_an_image",
                          f"the {len(data)} bytes sent are not an image in a supported format "
                          f"({', '.join(ALLOWED_FORMATS)})") from None
     except Exception as e:  # noqa: BLE001 -- see the note above InputError
-        raise InputError(400, "corrupt_image", f"the image header is corrupt: {e!r}") from None
+        raise InputError(400, "corrupt_image", f"the image header is corrupt: {clip(str(e))}") from None
     w, h = img.size
+    if w < 1 or h < 1:
+        raise InputError(400, "corrupt_image", f"image has an empty size {w}x{h}")
     if w * h > limits.max_pixels:
         raise InputError(413, "image_too_large",
                          f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}; "
                          f"downscale it before sending")
-    if w < 1 or h < 1:
-        raise InputError(400, "corrupt_image", f"image has an empty size {w}x{h}")
-    if draft is not None and img.format == "JPEG":
-        img.draft(draft[0], (draft[1], draft[1]))
-    try:
-        img.seek(0)  # GIF/TIFF/WebP: the first frame
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except Exception as e:  # noqa: BLE001 -- see the note above InputError
-        truncated = isinstance(e, EOFError) or "truncated" in str(e)
-        raise InputError(400, "truncated_image" if truncated else "corrupt_image",
-                         f"could not decode the {img.format} image: {e or type(e).__name__}") from None
+    if w * h > RATIO_FREE_PIXELS and w * h > limits.max_pixels_per_byte * len(data):
+        raise InputError(413, "bomb_like_image",
+                         f"image is {w}x{h} pixels in {len(data)} bytes ({w * h // len(data)} pixels per "
+                         f"byte, limit {limits.max_pixels_per_byte}): refused as a decompression bomb; "
+                         f"send it at the size the model needs")
+    if contract is not None:
+        try:
+            images.draft(img, contract)
+        except Exception as e:  # noqa: BLE001 -- see the note above InputError
+            raise InputError(400, "corrupt_image", f"the JPEG header is corrupt: {clip(str(e))}") from None
     return img
 
 
-def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any supported Pillow mode to "L" (channels=1) or "RGB" (channels=3).
+def pixel_cost(img: Image.Image) -> int:
+    """Pixels decoding ``img`` will produce (at its draft size for a JPEG)."""
+    return img.size[0] * img.size[1]
+
+
+def decode(img: Image.Image) -> Image.Image:
+    """Decode an image ``open_image`` admitted: first frame, EXIF orientation applied.
 
     Raises:
-        InputError: a mode with no meaningful 8-bit rendering (float, 32-bit integer beyond 16-bit).
+        InputError: truncated or corrupt pixel data.
     """
-    target = "L" if channels == 1 else "RGB"
-    mode = img.mode
-    if mode in _16BIT_MODES or mode == "I":
-        a = np.asarray(img)
-        if mode == "I" and (a.min() < 0 or a.max() > 65535):
-            raise InputError(415, "unsupported_mode",
-                             f"32-bit integer image with values {a.min()}..{a.max()}; send 8- or 16-bit")
-        img = Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L")  # 16-bit -> 8-bit
-    elif mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    elif mode == "PA":
-        img = img.convert("RGBA")
-    elif mode not in _ALPHA_MODES and mode not in _PLAIN_MODES:
-        raise InputError(415, "unsupported_mode",
-                         f"image mode {mode!r} is not supported; send 8-bit or 16-bit grayscale, "
-                         f"palette, RGB, RGBA or CMYK")
-    if img.mode in _ALPHA_MODES:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return img.convert(target)
+    try:
+        return images.load(img)
+    except Exception as e:  # noqa: BLE001 -- see the note above InputError
+        truncated = isinstance(e, EOFError) or "truncated" in str(e)
+        raise InputError(400, "truncated_image" if truncated else "corrupt_image",
+                         f"could not decode the {img.format} image: {clip(str(e) or type(e).__name__)}"
+                         ) from None
+
+
+def decode_image(data: bytes, limits: Limits, contract: Contract | None = None) -> Image.Image:
+    """``open_image`` then ``decode``: one encoded image -> a decoded PIL image."""
+    return decode(open_image(data, limits, contract))
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """``training.images.to_channels`` (the conversion training uses), its refusals as 415."""
+    try:
+        return images.to_channels(img, channels)
+    except images.UnsupportedImage as e:
+        raise InputError(415, "unsupported_mode", str(e)) from None
 
 
 def has_light_background(gray: Image.Image) -> bool:
@@ -189,10 +235,11 @@ def apply_invert(gray_or_rgb: Image.Image, invert: str, channels: int) -> Image.
 
     ``invert``: "yes" always, "no" never, "auto" when the contract is 1-channel and the image border is
     light. An inverted photo's paper is rarely pure black, so the contrast is then stretched (1 % of
-    pixels clipped at each end) to give the black background the model was trained on.
+    pixels clipped at each end) to give the black background the model was trained on. Runs on the
+    contract-sized image (inversion commutes with resizing), so it costs nothing on a large photo.
     """
     if invert not in INVERT_CHOICES:
-        raise InputError(400, "bad_parameter", f"invert must be one of {INVERT_CHOICES}, got {invert!r}")
+        raise InputError(400, "bad_parameter", f"invert must be one of {INVERT_CHOICES}, got {clip(invert)}")
     if invert == "no" or (invert == "auto" and (channels != 1 or not has_light_background(gray_or_rgb))):
         return gray_or_rgb
     return ImageOps.autocontrast(ImageOps.invert(gray_or_rgb), cutoff=1)
@@ -216,16 +263,12 @@ def top_k(logits: np.ndarray, k: int, class_names: Sequence[str]) -> list[list[d
              for j in row] for p, row in zip(probs, order)]
 
 
-def _chw(img) -> np.ndarray:
-    """A PIL image or a (C, H, W) tensor, as training's ``to_contract`` returns -> (C, H, W) uint8."""
-    if isinstance(img, Image.Image):
-        a = np.asarray(img, dtype=np.uint8)
-        return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    return np.ascontiguousarray(img.numpy(), dtype=np.uint8)
-
-
 class InferenceCore:
     """One loaded variant plus the preprocessing its contract asks for.
+
+    A request's images go through ``open`` (headers only: every limit is checked before anything is
+    decoded, and ``cost`` says what decoding will take), then ``finish`` (decode, the contract
+    conversion training uses, inversion), then ``infer`` on the whole batch.
 
     Args:
         runner: an ``export.runtime.Runner`` (or anything with ``contract``, ``variant``, ``device``
@@ -236,11 +279,6 @@ class InferenceCore:
     def __init__(self, runner, limits: Limits = Limits()) -> None:
         self.runner, self.limits = runner, limits
         self.contract: Contract = runner.contract
-        # training.data.to_contract: the very resize training and evaluation use (the mode is already
-        # L/RGB by then, so its mode step is a no-op).
-        self._resize = v2.Compose(to_contract(self.contract))
-        self._draft = ("L" if self.contract.channels == 1 else "RGB",
-                       max(self.contract.height, self.contract.width))
 
     def check_topk(self, topk: int | None) -> int:
         k = self.limits.default_topk if topk is None else topk
@@ -249,24 +287,58 @@ class InferenceCore:
             raise InputError(400, "bad_parameter", f"topk must be between 1 and {n}, got {k}")
         return min(k, n)
 
-    def to_pixels(self, item: bytes | np.ndarray, invert: str = "auto",
-                  times: StageTimes | None = None) -> np.ndarray:
-        """One encoded image (or contract-shaped uint8 pixels) -> (C, H, W) uint8 at the contract."""
-        times = times if times is not None else StageTimes()
+    def open(self, item: bytes | np.ndarray) -> Image.Image | np.ndarray:
+        """An encoded image -> opened and checked (``open_image``); contract pixels -> validated."""
         c = self.contract
         if isinstance(item, np.ndarray):  # already pixels (KServe v2 UINT8 tensors): only validated
             if item.dtype != np.uint8 or item.shape != c.input_shape:
                 raise InputError(400, "bad_tensor", f"pixels must be uint8 {c.input_shape} (C, H, W), "
                                                     f"got {item.dtype} {item.shape}")
             return item
+        return open_image(item, self.limits, c)
+
+    def open_request(self, items: Sequence[bytes | np.ndarray]) -> tuple[list, int]:
+        """All images of one request opened, and the pixels decoding them costs.
+
+        Raises:
+            InputError: any image refused, or 413 when the request's images together exceed
+                ``max_request_pixels``.
+        """
+        opened = [self.open(x) for x in items]
+        cost = sum(pixel_cost(o) for o in opened if isinstance(o, Image.Image))
+        if cost > self.limits.max_request_pixels:
+            raise InputError(413, "request_too_large",
+                             f"the {len(opened)} images of this request decode to {cost} pixels, over "
+                             f"the limit of {self.limits.max_request_pixels}; send fewer or smaller images")
+        return opened, cost
+
+    def finish(self, opened: Image.Image | np.ndarray, invert: str = "auto",
+               times: StageTimes | None = None) -> np.ndarray:
+        """An opened image -> (C, H, W) uint8 at the contract (decode, convert, invert)."""
+        if isinstance(opened, np.ndarray):
+            return opened
+        times = times if times is not None else StageTimes()
         t0 = time.perf_counter()
-        img = decode_image(item, self.limits, self._draft)
+        img = decode(opened)
         t1 = time.perf_counter()
-        img = apply_invert(to_mode(img, c.channels), invert, c.channels)
-        pixels = _chw(self._resize(img))
+        try:
+            img = images.to_contract(img, self.contract)
+        except images.UnsupportedImage as e:
+            raise InputError(415, "unsupported_mode", str(e)) from None
+        img = apply_invert(img, invert, self.contract.channels)
+        pixels = images.to_array(img)
         times.decode_ms += (t1 - t0) * 1e3
         times.preprocess_ms += (time.perf_counter() - t1) * 1e3
         return pixels
+
+    def to_pixels(self, item: bytes | np.ndarray, invert: str = "auto",
+                  times: StageTimes | None = None) -> np.ndarray:
+        """One encoded image (or contract-shaped uint8 pixels) -> (C, H, W) uint8 at the contract."""
+        t0 = time.perf_counter()
+        opened = self.open(item)
+        if times is not None:
+            times.decode_ms += (time.perf_counter() - t0) * 1e3
+        return self.finish(opened, invert, times)
 
     def infer(self, pixels: np.ndarray, times: StageTimes | None = None) -> np.ndarray:
         """(N, C, H, W) uint8 -> (N, K) float32 logits."""
@@ -280,5 +352,6 @@ class InferenceCore:
                  invert: str = "auto") -> list[list[dict]]:
         """Encoded images -> top-k per image. The handler batches across requests instead."""
         k = self.check_topk(topk)
-        pixels = np.stack([self.to_pixels(x, invert) for x in items])
+        opened, _ = self.open_request(items)
+        pixels = np.stack([self.finish(o, invert) for o in opened])
         return top_k(self.infer(pixels), k, self.contract.class_names)

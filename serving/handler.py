@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from export.runtime import VARIANTS, IntegrityError, load_variant
-from serving.core import InferenceCore, InputError, Limits, StageTimes, top_k
+from serving.core import InferenceCore, InputError, Limits, StageTimes, clip, top_k
 from serving.protocol import ModelInfo, error_response, format_response, parse_request
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class HandlerConfig:
     @classmethod
     def from_yaml(cls, model_yaml_config: dict | None) -> "HandlerConfig":
         section = dict((model_yaml_config or {}).get("handler") or {})
-        limit_keys = {"max_images", "max_pixels", "max_image_bytes", "default_topk"}
+        limit_keys = set(Limits.__dataclass_fields__)
         known = {"variant_cpu", "variant_cuda", "threads", *limit_keys}
         unknown = sorted(set(section) - known)
         if unknown:
@@ -110,41 +111,99 @@ class ClassifierHandler(BaseHandler):
 
     # ---------------------------------------------------------------------------------------------
     def handle(self, data: list[dict], context) -> list[str]:
-        """A batch of requests -> one JSON string per request, each with its own HTTP status."""
+        """A batch of requests -> one JSON string per request, each with its own HTTP status.
+
+        Whatever the requests hold, this returns one small answer per request and never raises: a
+        handler exception or an answer over TorchServe's ``max_response_size`` would make the
+        frontend fail the batch or kill the worker, taking every other client's request with it.
+        """
         start = time.perf_counter()
         times = StageTimes()
         responses: list[str | None] = [None] * len(data)
-        parsed: dict[int, tuple] = {}  # request index -> (Request, (n, C, H, W) pixels, topk)
-        for i, params in enumerate(data):
-            try:
-                req = parse_request(params, self.core.contract, self.core.limits,
-                                    self._content_types(context, i, params), self._headers(context, i))
-                k = self.core.check_topk(req.topk)
-                pixels = np.stack([self.core.to_pixels(x, req.invert, times) for x in req.items])
-                parsed[i] = (req, pixels, k)
-            except InputError as err:
-                responses[i] = self._reject(context, i, err)
-            except Exception as err:  # noqa: BLE001 -- our bug: fail this request only, loudly
-                logger.exception("request %d: unexpected error while preparing its images", i)
-                responses[i] = self._reply(context, i, 500, {
-                    "code": 500, "type": "internal_error",
-                    "message": f"the server failed on this request ({type(err).__name__}); see its log"})
-        if parsed:
-            order = sorted(parsed)
-            logits = self.core.infer(np.concatenate([parsed[i][1] for i in order]), times)
-            offset = 0
-            for i in order:
-                req, pixels, k = parsed[i]
-                rows = logits[offset:offset + len(pixels)]
-                offset += len(pixels)
-                body = format_response(req, self.info, top_k(rows, k, self.core.contract.class_names))
-                responses[i] = self._reply(context, i, 200, body)
+        parsed: dict[int, tuple] = {}
+        try:
+            plans = self._open_requests(data, context, responses)
+            parsed = self._decode_within_budget(plans, context, responses, times)
+            if parsed:
+                self._run_model(parsed, context, responses, times)
+        except Exception as err:  # noqa: BLE001 -- our bug: answer every request still open, keep the worker
+            self._log_unexpected("batch", err)
+            for i, r in enumerate(responses):
+                if r is None:
+                    responses[i] = self._internal_error(context, i, "the server failed on this batch", err)
         if context is not None:  # observability: how many requests shared this model call
             for i in range(len(data)):
                 context.set_response_header(i, "X-Batch-Size", str(len(data)))
         self._emit_times(times, context, ran_model=bool(parsed))
         logger.debug("batch of %d handled in %.1f ms", len(data), (time.perf_counter() - start) * 1e3)
         return responses
+
+    def _open_requests(self, data: list[dict], context, responses: list) -> dict[int, tuple]:
+        """Parse every request and read its images' headers (no pixel decoded yet).
+
+        Returns {request index: (Request, opened images, topk, pixel cost)}; refused requests get
+        their answer in ``responses``.
+        """
+        plans = {}
+        for i, params in enumerate(data):
+            try:
+                req = parse_request(params, self.core.contract, self.core.limits,
+                                    self._content_types(context, i, params), self._headers(context, i))
+                k = self.core.check_topk(req.topk)
+                opened, cost = self.core.open_request(req.items)
+                plans[i] = (req, opened, k, cost)
+            except InputError as err:
+                responses[i] = self._reject(context, i, err)
+            except Exception as err:  # noqa: BLE001 -- our bug: fail this request only, loudly
+                self._log_unexpected(f"request {i}", err)
+                responses[i] = self._internal_error(context, i, "the server failed on this request", err)
+        return plans
+
+    def _decode_within_budget(self, plans: dict, context, responses: list, times: StageTimes
+                              ) -> dict[int, tuple]:
+        """Decode the requests cheapest first while the batch's pixel budget lasts.
+
+        A request that no longer fits is answered 503 (retry later): with every request under
+        ``max_request_pixels`` and the batch under ``max_batch_pixels``, one model call costs a
+        bounded time whatever the clients send, and a flood of the costliest requests cannot crowd
+        out the small ones batched with them. Returns {index: (Request, (n, C, H, W) pixels, topk)}.
+        """
+        parsed, spent = {}, 0
+        for i in sorted(plans, key=lambda j: plans[j][3]):
+            req, opened, k, cost = plans[i]
+            if spent and spent + cost > self.core.limits.max_batch_pixels:
+                responses[i] = self._reject(context, i, InputError(
+                    503, "batch_budget_spent",
+                    f"this model call already decodes {spent} pixels and this request needs {cost} more, "
+                    f"over the batch limit of {self.core.limits.max_batch_pixels}; retry in a moment"))
+                continue
+            spent += cost
+            try:
+                parsed[i] = (req, np.stack([self.core.finish(o, req.invert, times) for o in opened]), k)
+            except InputError as err:
+                responses[i] = self._reject(context, i, err)
+            except Exception as err:  # noqa: BLE001 -- our bug: fail this request only, loudly
+                self._log_unexpected(f"request {i}", err)
+                responses[i] = self._internal_error(context, i, "the server failed on this request", err)
+        return parsed
+
+    def _run_model(self, parsed: dict, context, responses: list, times: StageTimes) -> None:
+        """One model call for every admitted request; a failure answers 500 for them, the worker stays."""
+        order = sorted(parsed)
+        try:
+            logits = self.core.infer(np.concatenate([parsed[i][1] for i in order]), times)
+        except Exception as err:  # noqa: BLE001 -- the runtime failed: this batch fails, not the worker
+            self._log_unexpected("model call", err)
+            for i in order:
+                responses[i] = self._internal_error(context, i, "the model failed on this batch", err)
+            return
+        offset = 0
+        for i in order:
+            req, pixels, k = parsed[i]
+            rows = logits[offset:offset + len(pixels)]
+            offset += len(pixels)
+            body = format_response(req, self.info, top_k(rows, k, self.core.contract.class_names))
+            responses[i] = self._reply(context, i, 200, body)
 
     @staticmethod
     def _content_types(context, idx: int, params: dict) -> dict[str, str]:
@@ -168,12 +227,18 @@ class ClassifierHandler(BaseHandler):
         props = processors[idx].get_request_properties() or {}
         return {str(k).lower(): v for k, v in props.items() if isinstance(v, str)}
 
-    @staticmethod
-    def _reply(context, idx: int, code: int, body: dict) -> str:
+    def _reply(self, context, idx: int, code: int, body: dict) -> str:
+        text = json.dumps(body)
+        if len(text) > self.core.limits.max_response_bytes:  # bounded by the limits; a last guard
+            code, body = 413, {"code": 413, "type": "response_too_large",
+                               "message": f"the answer would be {len(text)} bytes, over the limit of "
+                                          f"{self.core.limits.max_response_bytes}; ask for fewer images "
+                                          f"or a smaller topk"}
+            text = json.dumps(body)
         if context is not None:
             context.set_response_status(code, "OK" if code == 200 else body.get("type", ""), idx)
             context.set_response_content_type(idx, "application/json")
-        return json.dumps(body)
+        return text
 
     def _reject(self, context, idx: int, err: InputError) -> str:
         logger.info("request %d rejected: %s %s: %s", idx, err.code, err.type, err.message)
@@ -181,6 +246,16 @@ class ClassifierHandler(BaseHandler):
             request_id = context.get_request_id(idx) if context is not None else None
             self._rejected.add_or_update(1, [self.info.name, "Model", err.type], request_id or "")
         return self._reply(context, idx, err.code, error_response(err))
+
+    def _internal_error(self, context, idx: int, what: str, err: Exception) -> str:
+        return self._reply(context, idx, 500, {"code": 500, "type": "internal_error",
+                                               "message": f"{what} ({type(err).__name__}); see its log"})
+
+    @staticmethod
+    def _log_unexpected(where: str, err: Exception) -> None:
+        # The traceback's code lines, and the message cut short: it may quote client data.
+        logger.error("%s: unexpected %s: %s\n%s", where, type(err).__name__, clip(str(err)),
+                     "".join(traceback.format_tb(err.__traceback__)))
 
     def _emit_times(self, times: StageTimes, context, ran_model: bool) -> None:
         """One observation per batch and stage; a batch of only rejected requests records none."""

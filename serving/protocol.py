@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
-from serving.core import INVERT_CHOICES, InputError, Limits
+from serving.core import INVERT_CHOICES, InputError, Limits, clip
 from training.contract import Contract
 
 OPTION_NAMES = ("topk", "invert")
+MAX_NAME = 64  # v2 tensor names and request ids: short strings, echoed back only when this short
 PROTOCOL_PREDICTIONS, PROTOCOL_V2 = "predictions", "v2"
 
 
@@ -61,19 +63,28 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _options(raw: Mapping[str, Any]) -> tuple[int | None, str]:
+def _options(raw: Mapping[str, Any], typed: bool = False) -> tuple[int | None, str]:
+    """``topk`` and ``invert`` from text (headers, multipart fields) or, with ``typed``, from JSON
+    ``parameters``, where topk must be a JSON integer and invert a string."""
     topk, invert = None, "auto"
     if raw.get("topk") is not None:
-        text = _text(raw["topk"]).strip()
+        value = raw["topk"]
+        if typed and (type(value) is not int):
+            raise InputError(400, "bad_parameter", f"topk must be an integer, got {type(value).__name__} "
+                                                   f"{clip(value)}")
+        text = value if typed else _text(value).strip()
         try:
             topk = int(text)
         except ValueError:
-            raise InputError(400, "bad_parameter", f"topk must be an integer, got {text!r}") from None
+            raise InputError(400, "bad_parameter", f"topk must be an integer, got {clip(text)}") from None
     if raw.get("invert") is not None:
-        invert = _text(raw["invert"]).strip().lower()
+        value = raw["invert"]
+        if typed and not isinstance(value, str):
+            raise InputError(400, "bad_parameter", f"invert must be a string, got {type(value).__name__}")
+        invert = _text(value).strip().lower()
         if invert not in INVERT_CHOICES:
             raise InputError(400, "bad_parameter",
-                             f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+                             f"invert must be one of {', '.join(INVERT_CHOICES)}, got {clip(invert)}")
     return topk, invert
 
 
@@ -85,7 +96,7 @@ def _b64(text: Any, where: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise InputError(400, "bad_base64", f"{where} is not valid base64 ({e})") from None
+        raise InputError(400, "bad_base64", f"{where} is not valid base64 ({clip(str(e))})") from None
 
 
 def _check_count(n: int, limits: Limits) -> None:
@@ -156,9 +167,9 @@ def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
         if isinstance(value, str):
             value = value.encode("utf-8")
         if not isinstance(value, (bytes, bytearray)):
-            raise InputError(400, "bad_request", f"multipart field {name!r} must be a file")
+            raise InputError(400, "bad_request", f"multipart field {clip(name)} must be a file")
         if len(value) == 0:
-            raise InputError(400, "empty_body", f"multipart field {name!r} is empty")
+            raise InputError(400, "empty_body", f"multipart field {clip(name)} is empty")
         items.append(bytes(value))
     return Request(tuple(items), topk, invert)
 
@@ -171,7 +182,7 @@ def _parse_json_request(doc: Any, contract: Contract, limits: Limits, topk: int 
     if doc.get("parameters") is not None:
         if not isinstance(doc["parameters"], dict):
             raise InputError(400, "bad_request", "\"parameters\" must be an object")
-        jt, ji = _options({k: v for k, v in doc["parameters"].items() if k in OPTION_NAMES})
+        jt, ji = _options({k: v for k, v in doc["parameters"].items() if k in OPTION_NAMES}, typed=True)
         topk = jt if jt is not None else topk
         invert = ji if "invert" in doc["parameters"] else invert
     if "instances" in doc:
@@ -191,7 +202,34 @@ def _parse_json_request(doc: Any, contract: Contract, limits: Limits, topk: int 
                                          "(or \"inputs\" for KServe v2)")
 
 
+def _short_string(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+        raise InputError(400, "bad_request", f"KServe v2: {what} must be a string of 1 to {MAX_NAME} "
+                                             f"characters, got {type(value).__name__} {clip(value)}")
+    return value
+
+
+def _flatten(data: list, size: int, what: str) -> list:
+    """Row-major flattening of the v2 "data" (flat, or nested as deep as the shape), checking the
+    element count at every level; C-speed list operations only, no Python loop per element."""
+    flat = data
+    for _ in range(4):  # a shape has at most 4 dimensions here
+        if len(flat) > size:
+            break
+        kinds = set(map(type, flat))
+        if list not in kinds:
+            break
+        if kinds != {list}:
+            raise InputError(400, "bad_tensor", f"KServe v2: {what} mixes lists and values (ragged)")
+        flat = list(itertools.chain.from_iterable(flat))
+    if len(flat) != size:
+        raise InputError(400, "bad_tensor", f"KServe v2: {what} holds {len(flat)} elements at some "
+                                            f"level, its shape says {size} in all")
+    return flat
+
+
 def _parse_v2(doc: dict, contract: Contract, limits: Limits, topk: int | None, invert: str) -> Request:
+    request_id = _short_string(doc["id"], "\"id\"") if "id" in doc else None
     inputs = doc["inputs"]
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise InputError(400, "bad_request", "KServe v2: \"inputs\" must hold exactly one tensor object")
@@ -199,36 +237,42 @@ def _parse_v2(doc: dict, contract: Contract, limits: Limits, topk: int | None, i
     missing = [k for k in ("name", "shape", "datatype", "data") if k not in tensor]
     if missing:
         raise InputError(400, "bad_request", f"KServe v2: the input tensor lacks {missing}")
+    _short_string(tensor["name"], "the tensor's name")
     shape, dtype, data = tensor["shape"], tensor["datatype"], tensor["data"]
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise InputError(400, "bad_request", f"KServe v2: shape must be a list of sizes, got {shape!r}")
-    request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or \
+            not all(type(d) is int and d >= 0 for d in shape):
+        raise InputError(400, "bad_request", f"KServe v2: shape must be a list of 1 to 4 sizes, got {clip(shape)}")
     if not isinstance(data, list):
         raise InputError(400, "bad_request", "KServe v2: \"data\" must be a list")
     _check_count(shape[0], limits)
     if dtype == "BYTES":
-        flat = [x for row in data for x in (row if isinstance(row, list) else [row])]
-        if int(np.prod(shape)) != len(flat) or len(flat) != shape[0]:
-            raise InputError(400, "bad_request", f"KServe v2 BYTES: shape {shape} must be [N] (or [N, 1]) "
-                                                 f"with N base64 images, got {len(flat)} elements")
+        if shape not in ([shape[0]], [shape[0], 1]):
+            raise InputError(400, "bad_request", f"KServe v2 BYTES: shape must be [N] (or [N, 1]) for N "
+                                                 f"base64 images, got {clip(shape)}")
+        flat = _flatten(data, shape[0], "BYTES data")
         items = tuple(_b64(x, f"inputs[0].data[{i}]") for i, x in enumerate(flat))
         return Request(items, topk, invert, PROTOCOL_V2, request_id)
     if dtype == "UINT8":
         want = [shape[0], *contract.input_shape]
         if shape != want:
             raise InputError(400, "bad_tensor", f"KServe v2 UINT8: shape must be [N, C, H, W] = {want} "
-                                                f"for this model, got {shape}")
+                                                f"for this model, got {clip(shape)}")
+        flat = _flatten(data, int(np.prod(shape)), "UINT8 data")
+        # JSON integers only: numpy would silently cast 1.9, "7" or true (Python's bool is an int).
+        kinds = set(map(type, flat))
+        if kinds - {int}:
+            raise InputError(400, "bad_tensor", f"KServe v2 UINT8: data must be integers 0..255, got "
+                                                f"{sorted(k.__name__ for k in kinds - {int})}")
         try:
-            arr = np.asarray(data, dtype=np.int64).reshape(-1)
-        except (ValueError, TypeError, OverflowError):
-            raise InputError(400, "bad_tensor", "KServe v2 UINT8: data must be integers") from None
-        if arr.size != int(np.prod(shape)) or (arr.size and (arr.min() < 0 or arr.max() > 255)):
-            raise InputError(400, "bad_tensor", f"KServe v2 UINT8: need {int(np.prod(shape))} values in "
-                                                f"0..255, got {arr.size}")
-        pixels = arr.astype(np.uint8).reshape(shape)
+            values = np.asarray(flat, dtype=np.int64)
+        except OverflowError:
+            values = None
+        if values is None or (values.size and (values.min() < 0 or values.max() > 255)):
+            raise InputError(400, "bad_tensor", "KServe v2 UINT8: data must be integers 0..255")
+        pixels = values.astype(np.uint8).reshape(shape)
         return Request(tuple(pixels), topk, invert, PROTOCOL_V2, request_id)
     raise InputError(400, "bad_request", f"KServe v2: datatype must be BYTES (encoded images) or UINT8 "
-                                         f"(pixels), got {dtype!r}")
+                                         f"(pixels), got {clip(dtype)}")
 
 
 # --------------------------------------------------------------------------------------------------

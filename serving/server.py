@@ -135,7 +135,11 @@ def start_server(model_store: str | os.PathLike, models: list[str], workdir: str
     if running_pid(workdir) is not None:
         raise ServerBusyError(f"a TorchServe started from {workdir} is already running (pid "
                           f"{running_pid(workdir)}); stop it first: make stop")
-    props = render_config(config, workdir / CONFIG_FILE, overrides)
+    store = Path(model_store).resolve()
+    # The only URL TorchServe may "download": a .mar already in this store (see config.properties).
+    # (\\Q..\\E quotes the path in the regex; the doubled backslash survives Java's .properties reader)
+    store_only = {"allowed_urls": f"file://\\\\Q{store}\\\\E/[A-Za-z0-9_.-]+[.]mar"}
+    props = render_config(config, workdir / CONFIG_FILE, {**store_only, **(overrides or {})})
     grpc = {k: f"http://{props.get(k.replace('port', 'address'), '127.0.0.1')}:{props.get(k, d)}"
             for k, d in (("grpc_inference_port", 7070), ("grpc_management_port", 7071))}
     addresses = {k: props[k] for k in ("inference_address", "management_address", "metrics_address")}
@@ -148,7 +152,7 @@ def start_server(model_store: str | os.PathLike, models: list[str], workdir: str
     offset = model_log.stat().st_size if model_log.is_file() else 0
     torchserve = Path(sys.executable).parent / "torchserve"
     cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(workdir / CONFIG_FILE),
-           "--model-store", str(Path(model_store).resolve()),
+           "--model-store", str(store),
            "--models", *[f"{m}={m}.mar" for m in models]]
     env = {**os.environ,
            # TorchServe's pid file and the unpacked archives go to the temp dir; keep them ours so

@@ -55,3 +55,70 @@ def cifar_checkpoint(tmp_path_factory, tiny_cifar_dir) -> Path:
     """cifarnet trained for 1 epoch on tiny CIFAR-10 pickle batches: runs/cifarnet/best.pt."""
     runs = tmp_path_factory.mktemp("runs")
     return train_tiny(runs, "cifarnet", "cifarnet", "cifar10", tiny_cifar_dir, epochs=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# the session's real TorchServe (tests/served.py)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def serve_artifacts(tmp_path_factory, digits_checkpoint, cifar_checkpoint) -> tuple[Path, dict]:
+    """The tiny runs exported through export's Python API: (artifacts dir, {run: manifest})."""
+    from served import export_tiny
+
+    artifacts = tmp_path_factory.mktemp("serve-artifacts")
+    return artifacts, {"digits": export_tiny(digits_checkpoint, artifacts, ("onnx-fp32", "onnx-int8")),
+                       "cifarnet": export_tiny(cifar_checkpoint, artifacts, ("torchscript-fp32",))}
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, serve_artifacts):
+    """The running server: yields a dict with its URLs, model names, manifests and work dir."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from served import LIMITS, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, TINYQ_QUEUE
+    from serving.archive import ArchiveConfig, build_archive
+    from serving.server import free_port, read_properties, stop_server
+
+    root = tmp_path_factory.mktemp("serve")
+    artifacts, manifests = serve_artifacts
+    store, work = root / "model_store", root / "work"
+    build_archive(ArchiveConfig(run="cifarnet", artifacts_dir=str(artifacts), model_store=str(store),
+                                variant_cpu="torchscript-fp32", batch_size=4, max_batch_delay_ms=200,
+                                limits=LIMITS), log=lambda _m: None)
+    tinyq_artifacts = root / "tinyq-artifacts"
+    shutil.copytree(artifacts / "digits", tinyq_artifacts / "tinyq")
+    build_archive(ArchiveConfig(run="tinyq", artifacts_dir=str(tinyq_artifacts), model_store=str(store),
+                                variant_cpu="onnx-fp32", batch_size=1, max_batch_delay_ms=0, min_workers=1,
+                                max_workers=1, job_queue_size=TINYQ_QUEUE, limits=LIMITS),
+                  log=lambda _m: None)
+    try:
+        for attempt in range(2):  # a free port can be taken by another process before TorchServe binds it
+            props = read_properties(REPO / "serving" / "config.properties")
+            props.update({"inference_address": f"http://127.0.0.1:{free_port()}",
+                          "management_address": f"http://127.0.0.1:{free_port()}",
+                          "metrics_address": f"http://127.0.0.1:{free_port()}",
+                          "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+                          "max_request_size": str(MAX_REQUEST_SIZE),
+                          "max_response_size": str(MAX_RESPONSE_SIZE),
+                          "metrics_config": str(REPO / "serving" / "metrics.yaml")})
+            config = root / "config.properties"
+            config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+            limit_flags = [x for f, v in vars(LIMITS).items() for x in (f"--{f.replace('_', '-')}", str(v))]
+            cmd = [sys.executable, "-m", "serving", "serve", "--config", str(config),
+                   "--artifacts-dir", str(artifacts), "--model-store", str(store), "--workdir", str(work),
+                   "--batch-size", "4", "--max-batch-delay", "200", *limit_flags,
+                   "--timeout", "300", "--token"]  # token auth on, as a production server has it
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
+            if proc.returncode == 0 or "already in use" not in proc.stderr or attempt == 1:
+                break
+        assert proc.returncode == 0, f"serve failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        keys = json.loads((work / "key_file.json").read_text())
+        yield {"url": props["inference_address"], "management": props["management_address"],
+               "metrics": props["metrics_address"], "manifests": manifests, "work": work,
+               "artifacts": artifacts, "serve_output": proc.stdout,
+               "token": keys["inference"]["key"], "management_token": keys["management"]["key"]}
+    finally:
+        stop_server(work)

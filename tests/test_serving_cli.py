@@ -23,7 +23,8 @@ def test_chosen_variants_and_model_config():
     cpu, cuda = chosen_variants(MANIFEST, cfg)
     mc = model_config(cfg, cpu, cuda)
     assert (mc["batchSize"], mc["handler"]["threads"], mc["handler"]["variant_cpu"]) == (16, 2, "onnx-fp32")
-    assert set(mc) == {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "handler"}
+    assert set(mc) == {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout",
+                       "jobQueueSize", "handler"}
     with pytest.raises(ValueError, match="not in"):
         chosen_variants({**MANIFEST, "variants": {"onnx-int8": {}}}, ArchiveConfig(run="d", variant_cpu="onnx-fp32"))
     with pytest.raises(ValueError, match="not one of"):

@@ -137,7 +137,7 @@ def test_exif_orientation_is_applied():
 
 def test_large_jpeg_decodes_in_draft_mode():
     big = encode(Image.new("RGB", (3000, 2000), (200, 30, 30)), "JPEG")
-    img = decode_image(big, Limits(), draft=("RGB", 32))
+    img = decode_image(big, Limits(), RGB)
     assert max(img.size) < 3000 and min(img.size) >= 32  # DCT-scaled, still larger than the contract
 
 
@@ -327,3 +327,145 @@ def test_handler_config_from_yaml():
         HandlerConfig.from_yaml({"handler": {"max_imgs": 8}})
     with pytest.raises(ValueError, match="not one of"):
         HandlerConfig.from_yaml({"handler": {"variant_cpu": "onnx-fp64"}})
+
+
+# --------------------------------------------------------------------------------------------------
+# bounded work and bounded answers (the hostile-traffic suite against a real server: test_hostile.py)
+# --------------------------------------------------------------------------------------------------
+def test_clip_bounds_any_client_value():
+    from serving.core import MAX_ECHO, clip
+
+    for value in ("A" * 7_000_000, b"\xff" * 10**6, [1] * 10**6, {"k" * 10**5: [[[[1]]]]}, 10**4000 // 7):
+        assert len(clip(value)) <= 2 * MAX_ECHO + 20
+    assert clip("ok") == "'ok'"
+
+
+def test_error_messages_stay_small_whatever_the_request_holds():
+    from serving.core import MAX_MESSAGE
+
+    long = "Z" * 1_000_000
+    png = encode(digit_like())
+    bodies = [
+        {"body": png, "topk": long.encode()}, {"body": png, "invert": long.encode()},
+        {"body": json.dumps({"instances": [{"b64": b64(png)}], "parameters": {"topk": long}}).encode()},
+        {"body": json.dumps({"inputs": [{"name": long, "shape": [1], "datatype": "BYTES", "data": ["x"]}]}).encode()},
+        {"body": json.dumps({"id": long, "inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
+                                                    "data": [b64(png)]}]}).encode()},
+        {"body": json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": long, "data": []}]}).encode()},
+        {"body": json.dumps({"inputs": [{"name": "x", "shape": [1] * 10**5, "datatype": "UINT8", "data": []}]}).encode()},
+        {long: b""},
+    ]
+    for params in bodies:
+        with pytest.raises(InputError) as err:
+            parse_request(params, DIGITS, SMALL, headers={"x-topk": long})
+        assert len(err.value.message) <= MAX_MESSAGE and long[:200] not in err.value.message
+
+
+@pytest.mark.parametrize("data,kind", [([1.9] * 784, "float"), ([True] * 784, "bool"), (["7"] * 784, "str"),
+                                       ([None] * 784, "NoneType"), ([0] * 783 + [1.0], "float")])
+def test_v2_uint8_accepts_only_json_integers(data, kind):
+    doc = {"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": data}]}
+    with pytest.raises(InputError, match=kind) as err:
+        parse_request({"body": json.dumps(doc).encode()}, DIGITS, SMALL)
+    assert err.value.code == 400
+
+
+def test_v2_uint8_range_count_and_nesting():
+    ok = np.arange(784) % 256
+    for data in (ok.tolist(), ok.reshape(1, 1, 28, 28).tolist(), ok.reshape(28, 28).tolist()):
+        doc = {"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": data}]}
+        req = parse_request({"body": json.dumps(doc).encode()}, DIGITS, SMALL)
+        assert np.array_equal(req.items[0].reshape(-1), ok)
+    for data in ([256] * 784, [-1] * 784, [0] * 783, [0] * 785, [[0] * 392, 0], [10**30] * 784):
+        doc = {"inputs": [{"name": "x", "shape": [1, 1, 28, 28], "datatype": "UINT8", "data": data}]}
+        with pytest.raises(InputError):
+            parse_request({"body": json.dumps(doc).encode()}, DIGITS, SMALL)
+
+
+@pytest.mark.parametrize("params", [{"topk": "3"}, {"topk": 2.0}, {"topk": True}, {"topk": [3]}, {"invert": 1}])
+def test_json_parameters_are_typed(params):
+    body = json.dumps({"instances": [{"b64": b64(encode(digit_like()))}], "parameters": params}).encode()
+    with pytest.raises(InputError, match="must be"):
+        parse_request({"body": body}, DIGITS, SMALL)
+
+
+def _bomb(fmt: str, side: int) -> bytes:
+    img = Image.new("1" if fmt == "PNG" else "L", (side, side), 0)
+    return encode(img.convert("P") if fmt == "GIF" else img, fmt,
+                  **({"lossless": True} if fmt == "WEBP" else {"compression": "tiff_adobe_deflate"}
+                     if fmt == "TIFF" else {}))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "WEBP", "TIFF", "BMP"])
+def test_bomb_like_files_are_refused_from_their_header(fmt, monkeypatch):
+    from serving import core as core_module
+
+    limits = Limits(max_pixels=4_000_000, max_image_bytes=10**7)
+    data = _bomb(fmt, 1900)
+    if fmt == "BMP":  # uncompressed: never bomb-like, admitted
+        assert InferenceCore(FakeRunner(DIGITS), limits).to_pixels(data).shape == (1, 28, 28)
+        return
+    monkeypatch.setattr(core_module.images, "load", lambda img: pytest.fail("decoded a refused image"))
+    with pytest.raises(InputError) as err:
+        InferenceCore(FakeRunner(DIGITS), limits).open(data)
+    assert (err.value.code, err.value.type) == (413, "bomb_like_image")
+
+
+def test_request_pixel_budget_counts_jpeg_at_its_draft_size():
+    limits = Limits(max_pixels=4_000_000, max_request_pixels=2_000_000, max_image_bytes=10**7)
+    core = InferenceCore(FakeRunner(RGB), limits)
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1000, 1000, 3), np.uint8))
+    png, jpeg = encode(noisy), encode(noisy, "JPEG")
+    assert core.open_request([png, png])[1] == 2_000_000
+    with pytest.raises(InputError) as err:
+        core.open_request([png, png, png])
+    assert (err.value.code, err.value.type) == (413, "request_too_large")
+    assert core.open_request([jpeg] * 3)[1] < 3 * 1_000_000 // 16  # decoded at 1/8 per side
+
+
+def test_handler_admits_cheapest_first_within_the_batch_budget():
+    from serving.handler import ClassifierHandler
+
+    limits = Limits(max_pixels=4_000_000, max_request_pixels=1_500_000, max_batch_pixels=2_100_000,
+                    max_image_bytes=10**7)
+    handler = ClassifierHandler()
+    handler.setup(FakeRunner(DIGITS), limits, "digits", None)
+    a = np.random.default_rng(1).integers(0, 255, (1000, 1000), np.uint8)
+    big, small = encode(Image.fromarray(a)), encode(digit_like())
+    batch = [{"body": big}, {"body": big}, {"body": small}, {"body": big}]
+    ctx = make_context(batch)
+    out = [json.loads(x) for x in handler.handle(batch, ctx)]
+    statuses = [ctx.get_response_status(i)[0] for i in range(4)]
+    assert statuses.count(200) == 3 and statuses[2] == 200  # the small one first, then two of 1 MP
+    assert statuses.count(503) == 1 and out[statuses.index(503)]["type"] == "batch_budget_spent"
+
+
+def test_a_failing_model_call_answers_500_and_the_handler_survives():
+    handler, _ = make_handler()
+    calls = []
+
+    def broken(pixels):
+        calls.append(pixels.shape)
+        raise RuntimeError("onnxruntime: " + "x" * 100_000)
+
+    handler.core.runner = type("Broken", (), {"contract": DIGITS, "__call__": lambda self, p: broken(p)})()
+    batch = [{"body": encode(digit_like())}, {"body": b"junk"}]
+    ctx = make_context(batch)
+    out = handler.handle(batch, ctx)
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [500, 415]
+    assert json.loads(out[0])["type"] == "internal_error" and len(out[0]) < 300 and calls
+
+
+def test_an_answer_over_max_response_bytes_becomes_a_small_413():
+    from serving.handler import ClassifierHandler
+
+    names = tuple(f"class-{i}-" + "n" * 200 for i in range(100))
+    wide = Contract(28, 28, 1, (0.2,), (0.3,), names)
+    handler = ClassifierHandler()
+    handler.setup(FakeRunner(wide), Limits(max_images=4, max_response_bytes=20_000), "wide", None)
+    body = json.dumps({"instances": [{"b64": b64(encode(digit_like()))}] * 4, "parameters": {"topk": 100}})
+    batch = [{"body": body.encode()}]
+    ctx = make_context(batch)
+    out = handler.handle(batch, ctx)[0]
+    assert ctx.get_response_status(0)[0] == 413 and json.loads(out)["type"] == "response_too_large"
+    assert len(out) < 400

@@ -1,24 +1,14 @@
 """End-to-end: a real TorchServe (Java frontend, Python workers) serving archives built here.
 
-One server per test session: the tiny digits and cifarnet runs are exported through ``export``'s
-Python API, cifarnet is archived with its TorchScript variant, and ``python -m serving serve`` (what
-``make serve`` runs) archives digits itself (exported, not yet archived), starts TorchServe on free
-ports from a config rendered into tmp_path, with token authorization on, and returns after each
-model's warm-up (which needs the token). Tests post real
-PNG/JPEG bytes, multipart and base64 batches, KServe v2 requests, and every bad input; the server is
-always stopped (its whole process group), also when a test fails.
+The server is the session's (``served`` in conftest.py, described in tests/served.py). Tests post real
+PNG/JPEG bytes, multipart and base64 batches, KServe v2 requests, and every bad input.
 """
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures as cf
-import io
 import json
-import subprocess
-import sys
 import time
-import urllib.request
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -26,103 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from served import LIMITS, MAX_REQUEST_SIZE, assert_serves, b64, post
 from serving.client import encode_png, heldout_digits, multipart
-from serving.core import Limits
-from serving.server import REPO, http, read_properties, stop_server
+from serving.server import http
 from test_serving_core import bad_inputs, bad_requests, encode, exotic_modes
 
 pytestmark = pytest.mark.slow
-
-LIMITS = Limits(max_images=4, max_pixels=1_000_000, max_image_bytes=200_000)
-MAX_REQUEST_SIZE = 1_000_000  # TorchServe's own body limit in this test server
-
-
-def _export(checkpoint: Path, out: Path, variants: tuple[str, ...]) -> dict:
-    from export.core import ExportConfig, export_run
-
-    cfg = ExportConfig(run=checkpoint.parent.name, runs_dir=str(checkpoint.parent.parent),
-                       out_dir=str(out), checkpoint=str(checkpoint), variants=variants,
-                       calib_size=64, check_size=64, eval_size=120, latency_rounds=0,
-                       max_int8_drop=100.0)  # plumbing, not accuracy: a 1-epoch model may be noisy
-    return export_run(cfg, log=lambda _msg: None)
-
-
-@pytest.fixture(scope="session")
-def serve_artifacts(tmp_path_factory, digits_checkpoint, cifar_checkpoint) -> tuple[Path, dict]:
-    """The tiny runs exported through export's Python API: (artifacts dir, {run: manifest})."""
-    artifacts = tmp_path_factory.mktemp("serve-artifacts")
-    return artifacts, {"digits": _export(digits_checkpoint, artifacts, ("onnx-fp32", "onnx-int8")),
-                       "cifarnet": _export(cifar_checkpoint, artifacts, ("torchscript-fp32",))}
-
-
-@pytest.fixture(scope="session")
-def served(tmp_path_factory, serve_artifacts):
-    """The running server: yields a dict with its URLs, model names, manifests and work dir."""
-    from serving.archive import ArchiveConfig, build_archive
-    from serving.server import free_port
-
-    root = tmp_path_factory.mktemp("serve")
-    artifacts, manifests = serve_artifacts
-    store, work = root / "model_store", root / "work"
-    build_archive(ArchiveConfig(run="cifarnet", artifacts_dir=str(artifacts), model_store=str(store),
-                                variant_cpu="torchscript-fp32", batch_size=4, max_batch_delay_ms=200,
-                                limits=LIMITS), log=lambda _m: None)
-    try:
-        for attempt in range(2):  # a free port can be taken by another process before TorchServe binds it
-            props = read_properties(REPO / "serving" / "config.properties")
-            props.update({"inference_address": f"http://127.0.0.1:{free_port()}",
-                          "management_address": f"http://127.0.0.1:{free_port()}",
-                          "metrics_address": f"http://127.0.0.1:{free_port()}",
-                          "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
-                          "max_request_size": str(MAX_REQUEST_SIZE),
-                          "metrics_config": str(REPO / "serving" / "metrics.yaml")})
-            config = root / "config.properties"
-            config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-            cmd = [sys.executable, "-m", "serving", "serve", "--config", str(config),
-                   "--artifacts-dir", str(artifacts), "--model-store", str(store), "--workdir", str(work),
-                   "--batch-size", "4", "--max-batch-delay", "200", "--max-images", str(LIMITS.max_images),
-                   "--max-pixels", str(LIMITS.max_pixels), "--max-image-bytes", str(LIMITS.max_image_bytes),
-                   "--timeout", "300", "--token"]  # token auth on, as a production server has it
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
-            if proc.returncode == 0 or "already in use" not in proc.stderr or attempt == 1:
-                break
-        assert proc.returncode == 0, f"serve failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        keys = json.loads((work / "key_file.json").read_text())
-        yield {"url": props["inference_address"], "management": props["management_address"],
-               "metrics": props["metrics_address"], "manifests": manifests, "work": work,
-               "artifacts": artifacts, "serve_output": proc.stdout,
-               "token": keys["inference"]["key"], "management_token": keys["management"]["key"]}
-    finally:
-        stop_server(work)
-
-
-def post(served, model: str, body: bytes, content_type: str = "application/octet-stream",
-         headers: dict | None = None, path: str | None = None) -> tuple[int, dict | None, dict]:
-    url = served["url"] + (path or f"/predictions/{model}")
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": content_type,
-                                          "Authorization": f"Bearer {served['token']}", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            status, raw, hdrs = r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
-    except urllib.error.HTTPError as e:
-        status, raw, hdrs = e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
-    try:
-        doc = json.loads(raw) if raw else None
-    except ValueError:
-        doc = None
-    return status, doc, hdrs
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def assert_serves(served) -> None:
-    """The next valid request after any failure must succeed."""
-    status, doc, _ = post(served, "digits", encode_png(heldout_digits(1)[0][0]), "image/png")
-    assert status == 200 and doc["predictions"], doc
-
 
 # --------------------------------------------------------------------------------------------------
 def test_serve_cli_archived_and_warmed_up(served):
@@ -298,7 +197,7 @@ def test_metrics_and_operations(served):
     status, raw = http("POST", served["management"] + "/models?url=digits.mar", headers=auth)
     assert status == 405, raw
     status, raw = http("GET", served["management"] + "/models", headers=auth)
-    assert status == 200 and {m["modelName"] for m in json.loads(raw)["models"]} == {"digits", "cifarnet"}
+    assert status == 200 and {m["modelName"] for m in json.loads(raw)["models"]} == {"digits", "cifarnet", "tinyq"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ and used by export and serving, so no other module repeats these numbers.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import shutil
@@ -22,6 +23,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from training import images
 from training.contract import Contract
 
 DEFAULT_DATA_ROOT = Path("data")
@@ -75,17 +77,9 @@ AUGMENTATIONS = ("none", "crop-flip", "affine", "resized-crop")
 
 
 def to_contract(contract: Contract) -> list[Callable]:
-    """Ops that turn any PIL image into one in the contract's mode and size."""
-    return [_ToMode("L" if contract.channels == 1 else "RGB"),
-            v2.Resize((contract.height, contract.width), antialias=True)]
-
-
-class _ToMode:
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img if img.mode == self.mode else img.convert(self.mode)
+    """Ops that turn any PIL image into one in the contract's mode and size: ``training.images``, the
+    conversion serving applies to every request too."""
+    return [functools.partial(images.to_contract, contract=contract)]
 
 
 def normalize_float(contract: Contract) -> list[Callable]:
@@ -310,6 +304,9 @@ def _load_imagefolder(data_dir=None, download=True, image_size=None):
         raise DataNotFoundError(f"imagefolder: no class folders with images under {train_root} ({e})")
     size = image_size or 224
     contract = Contract(size, size, 3, IMAGENET_MEAN, IMAGENET_STD, tuple(probe.classes))
+    # Files are read as serving reads a request (EXIF orientation, 16-bit and alpha handling, JPEG
+    # draft decoding), not with torchvision's loader, which drops alpha and ignores EXIF.
+    loader = functools.partial(images.read_file, contract=contract)
     if test_root is None:
         # No val/ folder: hold out a fixed 20 % of each class as the test split.
         targets = np.asarray(probe.targets)
@@ -317,14 +314,14 @@ def _load_imagefolder(data_dir=None, download=True, image_size=None):
         test_idx = sorted(i for c in np.unique(targets)
                           for i in rng.permutation(np.flatnonzero(targets == c))[: max(1, int(0.2 * (targets == c).sum()))])
         train_idx = sorted(set(range(len(targets))) - set(test_idx))
-        return (lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t), train_idx),
-                lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t), test_idx), contract)
+        return (lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, loader=loader), train_idx),
+                lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, loader=loader), test_idx), contract)
     test_probe = datasets.ImageFolder(str(test_root))
     if test_probe.classes != probe.classes:
         raise DataNotFoundError(f"imagefolder: classes differ between {train_root} {probe.classes} and "
                                 f"{test_root} {test_probe.classes}; give both the same class folders")
-    return (lambda t: datasets.ImageFolder(str(train_root), transform=t),
-            lambda t: datasets.ImageFolder(str(test_root), transform=t), contract)
+    return (lambda t: datasets.ImageFolder(str(train_root), transform=t, loader=loader),
+            lambda t: datasets.ImageFolder(str(test_root), transform=t, loader=loader), contract)
 
 
 DATASETS: dict[str, DatasetSpec] = {
