@@ -299,14 +299,15 @@ def _load_imagefolder(data_dir=None, download=True, image_size=None):
         raise DataNotFoundError(f"imagefolder: {root} is not a directory; pass --data-dir DIR")
     train_root, test_root = (root / "train", root / "val") if (root / "train").is_dir() else (root, None)
     try:
-        probe = datasets.ImageFolder(str(train_root))
+        probe = datasets.ImageFolder(str(train_root), is_valid_file=images.is_image_file)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataNotFoundError(f"imagefolder: no class folders with images under {train_root} ({e})")
     size = image_size or 224
     contract = Contract(size, size, 3, IMAGENET_MEAN, IMAGENET_STD, tuple(probe.classes))
     # Files are read as serving reads a request (EXIF orientation, 16-bit and alpha handling, JPEG
     # draft decoding), not with torchvision's loader, which drops alpha and ignores EXIF.
-    loader = functools.partial(images.read_file, contract=contract)
+    files = {"loader": functools.partial(images.read_file, contract=contract),
+             "is_valid_file": images.is_image_file}
     if test_root is None:
         # No val/ folder: hold out a fixed 20 % of each class as the test split.
         targets = np.asarray(probe.targets)
@@ -314,14 +315,14 @@ def _load_imagefolder(data_dir=None, download=True, image_size=None):
         test_idx = sorted(i for c in np.unique(targets)
                           for i in rng.permutation(np.flatnonzero(targets == c))[: max(1, int(0.2 * (targets == c).sum()))])
         train_idx = sorted(set(range(len(targets))) - set(test_idx))
-        return (lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, loader=loader), train_idx),
-                lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, loader=loader), test_idx), contract)
-    test_probe = datasets.ImageFolder(str(test_root))
+        return (lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, **files), train_idx),
+                lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, **files), test_idx), contract)
+    test_probe = datasets.ImageFolder(str(test_root), is_valid_file=images.is_image_file)
     if test_probe.classes != probe.classes:
         raise DataNotFoundError(f"imagefolder: classes differ between {train_root} {probe.classes} and "
                                 f"{test_root} {test_probe.classes}; give both the same class folders")
-    return (lambda t: datasets.ImageFolder(str(train_root), transform=t, loader=loader),
-            lambda t: datasets.ImageFolder(str(test_root), transform=t, loader=loader), contract)
+    return (lambda t: datasets.ImageFolder(str(train_root), transform=t, **files),
+            lambda t: datasets.ImageFolder(str(test_root), transform=t, **files), contract)
 
 
 DATASETS: dict[str, DatasetSpec] = {

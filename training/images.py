@@ -21,6 +21,13 @@ from training.contract import Contract
 # The formats a file or request may be in. Pillow can open dozens more (EPS shells out to Ghostscript,
 # for one); a smaller attack surface costs nothing. JPEG also opens MPO (phone photos).
 FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF")
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # files in those formats
+
+
+def is_image_file(path: str) -> bool:
+    """An ImageFolder file training reads: the formats serving accepts (torchvision's own list
+    leaves out GIF and adds formats serving refuses)."""
+    return path.lower().endswith(EXTENSIONS)
 
 # Modes converted to L/RGB. 16-bit grayscale is rescaled (Pillow's own convert clips it to 255);
 # alpha is composited onto white, the colour a viewer shows behind a transparent image.
