@@ -12,6 +12,10 @@ Both first measure the server's maximum with ``wrk`` (16 connections), then driv
   requests counted, time until the worker is READY and until throughput recovers); a body over
   ``max_request_size`` and an image over ``max_pixels`` (each must get a 4xx, the others none); stop
   and restart the server on the same ports (seconds until it answers again).
+* attack: attackers post the costliest requests the archive's limits admit (``loadtest.attacks``),
+  back to back, while normal users post held-out images at a share of the maximum. Passes with 0
+  errors for the normal users, no worker restarted, and every attacker answered with a prediction, a
+  4xx/413 or a 503 (small JSON); reports the normal users' p50/p99 before and during the attack.
 """
 
 from __future__ import annotations
@@ -366,6 +370,117 @@ def fault(args) -> dict:
     return out
 
 
+# ---- attack --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttackRecord:
+    name: str
+    status: int
+    bytes: int
+    latency_ms: float
+
+
+def _attacker(url: str, bodies: list[tuple[str, bytes]], stop: threading.Event, out: list, seed: int) -> None:
+    """Posts the costliest admitted requests back to back (closed loop: one in flight per attacker)."""
+    from loadtest.attacks import content_type
+
+    rng = random.Random(seed)
+    parts = urllib.parse.urlsplit(url)
+    conn = None
+    while not stop.is_set():
+        name, body = rng.choice(bodies)
+        start, status, size = time.monotonic(), 0, 0
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            conn.request("POST", parts.path, body=body, headers={"Content-Type": content_type(body)})
+            resp = conn.getresponse()
+            size, status = len(resp.read()), resp.status
+        except (OSError, http.client.HTTPException):
+            if conn is not None:
+                conn.close()
+            conn = None
+        out.append(AttackRecord(name, status, size, 1e3 * (time.monotonic() - start)))
+
+
+def worker_deaths(ts: PrivateServer) -> int:
+    path = ts.workdir / "logs" / "ts_log.log"
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return sum(any(m in line for m in ("Worker disconnected", "died", "Auto recovery"))
+               for line in text.splitlines())
+
+
+def attack(args) -> dict:
+    from loadtest.attacks import archive_settings, request_cases
+
+    model = args.run
+    limits, contract = archive_settings(Path(args.model_store) / f"{model}.mar")
+    bodies = [(name, p["body"]) for name, p in request_cases(limits, contract).items()]
+    out: dict = {"run": model, "attackers": args.attackers, "attack_bodies": len(bodies),
+                 "limits": asdict(limits)}
+    with tempfile.TemporaryDirectory(prefix="attack-") as tmp, \
+            PrivateServer(Path(args.model_store), [model]) as ts:
+        work = Path(tmp)
+        images, out["images"] = write_images(model, args.data_dir, work / "images", Path(args.artifacts_dir))
+        peak = max_rps(ts, model, images, work)
+        rate = args.share * peak["rps"]
+        url = f"{ts.url}/predictions/{model}"
+        pids, deaths = sorted(ts.worker_pids(model)), worker_deaths(ts)
+        print(f"attack {model}: max {peak['rps']:.0f} req/s; normal load {rate:.0f} req/s; "
+              f"{args.attackers} attackers x {len(bodies)} costliest bodies", flush=True)
+        load = PacedLoad(url, [p.read_bytes() for p in images], rate, threads=args.threads).start()
+        time.sleep(args.baseline)
+        attack_t, stop, answers = load.now(), threading.Event(), []
+        threads = [threading.Thread(target=_attacker, args=(url, bodies, stop, answers, i), daemon=True)
+                   for i in range(args.attackers)]
+        for t in threads:
+            t.start()
+        time.sleep(args.duration)
+        stop.set()
+        for t in threads:
+            t.join(timeout=90)
+        end_t = load.now()
+        records = load.stop()
+        restarted = sorted(ts.worker_pids(model)) != pids or worker_deaths(ts) > deaths
+    before, during = window(records, 1.0, attack_t), window(records, attack_t, end_t)
+    statuses: dict[str, int] = {}
+    for a in answers:
+        statuses[str(a.status)] = statuses.get(str(a.status), 0) + 1
+    errors = [a for a in answers if a.status != 200]
+    out.update(max_rps=peak["rps"], target_rps=rate, duration_s=args.duration,
+               normal_before=asdict(before), normal_during=asdict(during),
+               attacker_requests=len(answers), attacker_statuses=statuses,
+               attacker_max_error_bytes=max((a.bytes for a in errors), default=0),
+               attacker_p50_ms=percentile([a.latency_ms for a in answers], 50),
+               attacker_max_ms=max((a.latency_ms for a in answers), default=0.0),
+               worker_restarted=restarted)
+    allowed = {200, 400, 413, 415, 503}
+    out["passed"] = bool(during.errors == 0 and not restarted and answers
+                         and all(a.status in allowed for a in answers)
+                         and out["attacker_max_error_bytes"] <= 1024)
+    return out
+
+
+def attack_section(r: dict, command: str) -> str:
+    b, d = r["normal_before"], r["normal_during"]
+    lim = r["limits"]
+    return "\n".join([
+        "## Attack run (`make fault`, attack scenario)", "",
+        f"Command: `{command}`, on the shared, noisy 2-core machine. {r['run']}: {r['attackers']} attackers "
+        f"post the {r['attack_bodies']} costliest request bodies the archive's limits admit "
+        f"(`loadtest/attacks.py`; {lim['max_request_pixels']:,} pixels per request, {lim['max_batch_pixels']:,} "
+        f"per model call), back to back, for {r['duration_s']:.0f} s, while normal users post held-out "
+        f"images at {r['target_rps']:.0f} req/s (max measured {r['max_rps']:.0f} req/s). Verdict: "
+        f"{'PASS' if r['passed'] else 'FAIL'}.", "",
+        "| | requests | errors | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|",
+        f"| normal users, before | {b['requests']} | {b['errors']} | {b['rps']:.0f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} |",
+        f"| normal users, during the attack | {d['requests']} | **{d['errors']}** | {d['rps']:.0f} | "
+        f"{d['p50_ms']:.1f} | {d['p99_ms']:.1f} |", "",
+        f"Attackers: {r['attacker_requests']} requests, answers by status {r['attacker_statuses']}, "
+        f"largest error answer {r['attacker_max_error_bytes']} bytes, median {r['attacker_p50_ms']:.0f} ms, "
+        f"slowest {r['attacker_max_ms']:.0f} ms. Worker restarted: **{r['worker_restarted']}**.",
+    ])
+
+
 def _prop(ts: PrivateServer, key: str) -> str:
     from serving.server import CONFIG_FILE, read_properties
     return read_properties(ts.workdir / CONFIG_FILE)[key]
@@ -413,7 +528,7 @@ def seconds(text: str) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("soak", "fault"))
+    p.add_argument("mode", choices=("soak", "fault", "attack"))
     p.add_argument("--run", default="digits")
     p.add_argument("--model-store", default="model_store", help="holds <run>.mar (make archive)")
     p.add_argument("--data-dir", default=None)
@@ -422,7 +537,9 @@ def main(argv=None) -> int:
     p.add_argument("--docs", default="docs/benchmarks.md", help="'' to skip the docs update")
     p.add_argument("--share", type=float, default=0.7, help="load as a share of the measured maximum")
     p.add_argument("--threads", type=int, default=8, help="client threads of the paced load")
-    p.add_argument("--duration", type=seconds, default=600.0, help="soak: 600, 600s, 10m, 1h30m")
+    p.add_argument("--duration", type=seconds, default=None,
+                   help="soak: 600, 600s, 10m, 1h30m (default 10m); attack: seconds of attack (default 60)")
+    p.add_argument("--attackers", type=int, default=4, help="attack: concurrent attackers")
     p.add_argument("--window", type=float, default=10.0, help="soak: seconds per window")
     p.add_argument("--baseline", type=float, default=10.0, help="fault: seconds of load before the kill")
     p.add_argument("--after", type=float, default=20.0, help="fault: seconds observed after the kill")
@@ -432,10 +549,14 @@ def main(argv=None) -> int:
     if not mar.is_file():
         print(f"error: {mar} not found; build it first: make archive RUN={args.run}", file=sys.stderr)
         return 2
+    if args.duration is None:
+        args.duration = 600.0 if args.mode == "soak" else 60.0
     command = f"python -m loadtest.resilience {' '.join(sys.argv[1:] if argv is None else argv)}"
-    result = soak(args) if args.mode == "soak" else fault(args)
+    run, section_of = {"soak": (soak, soak_section), "fault": (fault, fault_section),
+                       "attack": (attack, attack_section)}[args.mode]
+    result = run(args)
     result["command"], result["after_s"] = command, args.after
-    section = soak_section(result, command) if args.mode == "soak" else fault_section(result, command)
+    section = section_of(result, command)
     Path(args.reports).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(args.reports) / f"{args.mode}.json",
                        lambda f: f.write(json.dumps(result, indent=2).encode()))

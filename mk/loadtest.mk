@@ -2,7 +2,8 @@
 # make loadtest      locust, headless, against a running server (make serve); gates decide the exit code
 # make bench-serve   the TorchServe sweep: variants x batch settings x workers, baselines, plot, docs
 # make soak          a steady load at ~70 % of the measured maximum; RSS and latency over time
-# make fault         kill a worker, restart the server, an over-limit request -- all under load
+# make fault         kill a worker, restart the server, an over-limit request -- all under load;
+#                    then the attack scenario: the costliest admitted requests beside normal users
 
 HOST           ?= http://127.0.0.1:8080
 USERS          ?= 16
@@ -44,3 +45,4 @@ soak: $(VENV_LOADTEST)
 
 fault: $(VENV_LOADTEST)
 	$(PY) -m loadtest.resilience fault --reports $(REPORTS) $(LOADTEST_ARGS)
+	$(PY) -m loadtest.resilience attack --reports $(REPORTS) $(LOADTEST_ARGS)

@@ -6,12 +6,13 @@
 #                        model_store/ answered a warm-up prediction, print curl commands
 # make stop              stop it
 # make demo-serve        serve -> post held-out digits, print predicted vs true -> stop
+# make bench-hostile     the costliest request each limit admits, CPU ms on one core (docs/benchmarks.md)
 ARCHIVE_ARGS ?=
 SERVE_ARGS   ?=
 TOKEN        ?=
 DEMO_COUNT   ?= 8
 
-.PHONY: archive serve stop demo-serve help-serve
+.PHONY: archive serve stop demo-serve bench-hostile help-serve
 archive: $(VENV_SERVE)
 ifeq ($(RUN),)
 	@runs=$$(ls artifacts/*/manifest.json 2>/dev/null | cut -d/ -f2 || true); \
@@ -33,5 +34,8 @@ demo-serve: $(VENV_SERVE)
 	status=0; $(PY) -m serving.client demo --run digits --count $(DEMO_COUNT) || status=$$?; \
 	$(PY) -m serving stop; exit $$status
 
+bench-hostile: $(VENV_SERVE)
+	$(PY) bench/bench_hostile.py --docs docs/benchmarks.md --json $(or $(REPORTS),reports)/hostile.json
+
 help-serve:
-	@sed -n '2,8p' mk/serve.mk | sed 's/^# //'
+	@sed -n '2,9p' mk/serve.mk | sed 's/^# //'

@@ -19,7 +19,6 @@ import json
 import threading
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -130,14 +129,14 @@ def bomb_like_images() -> dict[str, bytes]:
 
 
 def costliest_admitted() -> bytes:
-    """max_images images of max_request_pixels / max_images pixels each, as few bytes as the ratio
-    check admits (random rows in a flat image): the most decoding one request may ask for."""
+    """max_images images of max_request_pixels / max_images pixels each, in as few bytes as the ratio
+    check admits (``loadtest.attacks``, what make fault's attackers send): the most decoding one
+    request may ask for."""
+    from loadtest.attacks import _encode, _noisy, admitted
+
     per = LIMITS.max_request_pixels // LIMITS.max_images
     side = int(per ** 0.5)
-    a = np.full((side, side), 128, np.uint8)
-    a[: max(1, side // 60)] = np.random.default_rng(0).integers(0, 256, (max(1, side // 60), side))
-    png = _encode(Image.fromarray(a), "PNG")
-    assert side * side / len(png) <= LIMITS.max_pixels_per_byte, "the image must pass the ratio check"
+    png = admitted(lambda rows: _encode(_noisy("L", (side, side), rows), "PNG"), side * side, LIMITS)
     return json.dumps({"instances": [{"b64": b64(png)}] * LIMITS.max_images}).encode()
 
 
