@@ -1,8 +1,9 @@
 """Command line: ``python -m export --run RUN [options]``: checkpoint -> artifacts/<RUN>/.
 
-Exit status 0 when every variant passed its gates and the manifest is written; 1 with one
-``error: ...`` line naming the variant and its numbers when a gate fails; 2 for a problem a user can
-fix before exporting (missing checkpoint or data, bad option).
+Exit status 0 when the manifest is written (an INT8 variant that missed its gate with every recipe
+is recorded as rejected, with one ``warning:`` line, and not published); 1 with one ``error: ...``
+line naming the variant and its numbers when an fp32 variant fails its gate (or any does, with
+``--strict``); 2 for a problem a user can fix before exporting (missing checkpoint or data, bad option).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import argparse
 import sys
 
 from export.core import ExportConfig, GateError, export_run
-from export.runtime import VARIANTS, IntegrityError
+from export.registry import REGISTRY
+from export.runtime import IntegrityError
 from training.data import DataNotFoundError
 
 
@@ -28,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
     p.add_argument("--checkpoint", default=None, help="default: <runs-dir>/<run>/best.pt")
     p.add_argument("--data-dir", default=None, help="held-out/calibration data; default: the checkpoint's")
     p.add_argument("--variants", type=_csv(str), default=d.variants,
-                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(REGISTRY)} (default: all)")
     p.add_argument("--calib-size", type=int, default=d.calib_size, help="training images for INT8 calibration")
     p.add_argument("--check-size", type=int, default=d.check_size,
                    help="held-out images for the fp32 parity gate (0: all)")
@@ -43,8 +45,11 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
     p.add_argument("--ort-activation", choices=("uint8", "int8"), default=d.ort_activation)
     p.add_argument("--latency-threads", type=_csv(int), default=d.latency_threads)
     p.add_argument("--latency-rounds", type=int, default=d.latency_rounds, help="0 skips latency")
-    p.add_argument("--cpu-default", choices=VARIANTS, default=None,
+    p.add_argument("--cpu-default", choices=tuple(REGISTRY), default=None,
                    help="default CPU variant (default: the fastest that passed its gates)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 1, publish nothing) when an INT8 variant is rejected by its gate; "
+                        "by default it is recorded as rejected and the others are published")
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
     return ExportConfig(run=a.run, runs_dir=a.runs_dir, out_dir=a.out_dir, checkpoint=a.checkpoint,
@@ -52,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
                         check_size=a.check_size, eval_size=a.eval_size, max_int8_drop=a.max_int8_drop,
                         atol=a.atol, quant_backend=a.quant_backend, ort_reduce_range=a.ort_reduce_range,
                         ort_activation=a.ort_activation, latency_threads=a.latency_threads,
-                        latency_rounds=a.latency_rounds, cpu_default=a.cpu_default, seed=a.seed)
+                        latency_rounds=a.latency_rounds, cpu_default=a.cpu_default, strict=a.strict,
+                        seed=a.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,13 @@ Steps, top to bottom:
 3. build every variant into a private staging folder and write a staging manifest;
 4. load each variant back through ``export.runtime.load_variant`` (the server's loader) and measure
    parity against eager and held-out accuracy;
-5. gates: fp32 variants agree with eager on every check image within ``atol``; INT8 variants keep
-   accuracy within ``max_int8_drop`` points of eager fp32. Any failure raises ``GateError`` and
-   publishes nothing;
-6. latency per variant (1 and 2 threads), the CPU default chosen by measurement;
+5. gates: fp32 variants agree with eager on every check image within ``atol`` (a failure raises
+   ``GateError`` and publishes nothing: an fp32 graph that disagrees is a bug); INT8 variants keep
+   accuracy within ``max_int8_drop`` points of eager fp32. An INT8 variant that misses is rebuilt with
+   the registry's next recipe (calibration method, fp32 first/last layers) until one passes; if none
+   does it is *rejected*: recorded in the manifest with its numbers and the recipes tried, never
+   published or served, and one warning line is logged (``strict`` makes it a ``GateError``);
+6. latency per published variant (1 and 2 threads), the CPU default chosen by measurement;
 7. publish: each file copied into ``artifacts/<RUN>/`` atomically, the manifest last.
 """
 
@@ -28,24 +31,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from export import variants as V
+from export import registry
 from export.data import Pixels, load_pixels
 from export.measure import accuracy, eager_predict, latency, parity, predict_all
-from export.runtime import (MANIFEST_FORMAT, MANIFEST_NAME, VARIANTS, load_variant, read_manifest,
-                            sha256_file, verify_file)
+from export.registry import REGISTRY, VARIANTS, BuildContext  # noqa: F401
+from export.runtime import MANIFEST_FORMAT, MANIFEST_NAME, load_variant, read_manifest, sha256_file, verify_file
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint, provenance
-
-FP32_VARIANTS = ("torchscript-fp32", "onnx-fp32")
-INT8_VARIANTS = ("torchscript-int8", "onnx-int8")
-# What each variant is: file suffix, runtime, precision, devices it can run on. The INT8 TorchScript
-# model uses oneDNN/fbgemm quantized kernels, which exist on CPU only.
-VARIANT_INFO = {
-    "torchscript-fp32": (".pt", "torchscript", "fp32", ["cpu", "cuda"]),
-    "onnx-fp32": (".onnx", "onnxruntime", "fp32", ["cpu", "cuda"]),
-    "torchscript-int8": (".pt", "torchscript", "int8", ["cpu"]),
-    "onnx-int8": (".onnx", "onnxruntime", "int8", ["cpu"]),
-}
-
 
 class GateError(RuntimeError):
     """A variant failed a parity or accuracy gate; the message names the variant and its numbers."""
@@ -72,12 +63,13 @@ class ExportConfig:
     latency_threads: tuple[int, ...] = (1, 2)
     latency_rounds: int = 20             # 0 skips latency (smoke tests)
     cpu_default: str | None = None       # None: the fastest variant that passed its gates
+    strict: bool = False                 # an INT8 variant rejected by its gate fails the export
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [v for v in self.variants if v not in VARIANTS]
+        unknown = [v for v in self.variants if v not in REGISTRY]
         if unknown or not self.variants:
-            raise ValueError(f"unknown variants {unknown or '(none)'}; choose from {', '.join(VARIANTS)}")
+            raise ValueError(f"unknown variants {unknown or '(none)'}; choose from {', '.join(REGISTRY)}")
         if self.cpu_default is not None and self.cpu_default not in self.variants:
             raise ValueError(f"--cpu-default {self.cpu_default} is not among the exported variants "
                              f"{', '.join(self.variants)}")
@@ -109,7 +101,12 @@ class Source:
 
 
 def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
-    """Export ``cfg.run``; returns the published manifest. Raises GateError when a gate fails."""
+    """Export ``cfg.run``; returns the published manifest.
+
+    Raises:
+        GateError: an fp32 variant disagrees with eager, no variant passed, or (``strict``) an INT8
+            variant was rejected.
+    """
     src = load_source(cfg)
     eager = eager_predict(src.model, src.contract)
     eager_logits = predict_all(eager, src.heldout.images)
@@ -121,31 +118,78 @@ def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{cfg.run}.staging-"))
     try:
-        entries = build_variants(cfg, src, staging, log)
+        ctx = BuildContext(src.model, src.contract, src.calibration.images if src.calibration else None,
+                           staging, cfg)
+        entries, rejected = {}, {}
+        for name in (n for n in REGISTRY if n in cfg.variants):  # registry order: fp32 graphs first
+            entry, failure = build_and_gate(name, ctx, src, eager_logits, eager_acc, cfg, log)
+            if failure is None:
+                entries[name] = entry
+            else:
+                rejected[name] = {**entry, "reason": failure}
+        fp32_failures = [f"{n}: {r['reason']}" for n, r in rejected.items() if REGISTRY[n].precision == "fp32"]
+        if fp32_failures or not entries:
+            raise GateError(f"export {cfg.run} failed: " + "; ".join(
+                fp32_failures or [f"{n}: {r['reason']}" for n, r in rejected.items()]) + " (nothing was published)")
+        for name, r in rejected.items():
+            log(f"warning: {cfg.run}: {name} rejected, not published: {r['reason']} "
+                f"(tried {len(r['recipes_tried'])} recipes)")
+        if rejected and cfg.strict:
+            raise GateError(f"export {cfg.run} failed (--strict): " + "; ".join(
+                f"{n}: {r['reason']}" for n, r in rejected.items()) + " (nothing was published)")
         manifest = make_manifest(cfg, src, entries, eager_acc)
+        manifest["rejected"] = {n: {k: v for k, v in r.items() if k not in ("file", "sha256")}
+                                for n, r in rejected.items()}
         write_json(staging / MANIFEST_NAME, manifest)
-        for name in entries:  # through the server's loader: sha256 check, then the real runtime
-            logits = predict_all(load_variant(staging, name), src.heldout.images)
-            entries[name]["parity"] = parity(eager_logits[src.check_idx], logits[src.check_idx])
-            entries[name]["accuracy"] = accuracy(logits, src.heldout.labels)
-            log(f"{cfg.run}: {name:17s} accuracy {entries[name]['accuracy']:.4f}  "
-                f"top-1 agreement {entries[name]['parity']['top1_agreement']:.4f}  "
-                f"max |diff| {entries[name]['parity']['max_abs_diff']:.2e}  {entries[name]['bytes']:,} bytes")
-        failures = check_gates(entries, eager_acc, cfg)
-        if failures:
-            raise GateError(f"export {cfg.run} failed: " + "; ".join(failures)
-                            + " (nothing was published)")
         if cfg.latency_rounds:
             manifest["baseline"]["latency"] = measure_latency(cfg, src, staging, entries, log)
         manifest["default_variant"] = {"cpu": choose_cpu_default(cfg, entries),
-                                       "cuda": "torchscript-fp32" if "torchscript-fp32" in entries
-                                       else "onnx-fp32" if "onnx-fp32" in entries else None}
+                                       "cuda": registry.cuda_default(entries)}
         publish(staging, out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"{cfg.run}: wrote {out / MANIFEST_NAME} (version {manifest['version']}, "
-        f"cpu default {manifest['default_variant']['cpu']})")
+        f"cpu default {manifest['default_variant']['cpu']}"
+        + (f", rejected {', '.join(manifest['rejected'])}" if manifest["rejected"] else "") + ")")
     return manifest
+
+
+def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np.ndarray, eager_acc: float,
+                   cfg: ExportConfig, log) -> tuple[dict, str | None]:
+    """Build ``name`` with each of its recipes in turn until one passes its gate.
+
+    Returns (manifest entry with the measurements and the recipe chosen or all tried, None) when it
+    passed, or (entry of the last attempt, the gate's reason) when every recipe failed.
+    """
+    variant = registry.get(name)
+    path = ctx.staging / f"{name}{variant.suffix}"
+    tried = []
+    for recipe in variant.recipes:
+        log(f"{cfg.run}: building {name}" + (f" ({_recipe_text(recipe)})" if recipe else ""))
+        variant.build(ctx, path, recipe)
+        entry = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                 "runtime": variant.runtime, "precision": variant.precision, "devices": list(variant.devices),
+                 "recipe": recipe, "latency": {}}
+        # measured through the server's loader: sha256 check, then the real runtime
+        write_json(ctx.staging / MANIFEST_NAME, make_manifest(cfg, src, {name: entry}, eager_acc))
+        logits = predict_all(load_variant(ctx.staging, name), src.heldout.images)
+        entry["parity"] = parity(eager_logits[src.check_idx], logits[src.check_idx])
+        entry["accuracy"] = accuracy(logits, src.heldout.labels)
+        log(f"{cfg.run}: {name:17s} accuracy {entry['accuracy']:.4f}  "
+            f"top-1 agreement {entry['parity']['top1_agreement']:.4f}  "
+            f"max |diff| {entry['parity']['max_abs_diff']:.2e}  {entry['bytes']:,} bytes")
+        failure = gate_failure(name, entry, eager_acc, cfg)
+        tried.append({"recipe": recipe, "accuracy": entry["accuracy"], "passed": failure is None})
+        if failure is None:
+            entry["recipes_tried"] = tried
+            return entry, None
+    path.unlink(missing_ok=True)
+    entry["recipes_tried"] = tried
+    return entry, failure
+
+
+def _recipe_text(recipe: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in recipe.items())
 
 
 def load_source(cfg: ExportConfig) -> Source:
@@ -159,7 +203,7 @@ def load_source(cfg: ExportConfig) -> Source:
     kw = dict(dataset=ckpt["dataset"], data_dir=data_dir, contract=contract, seed=cfg.seed,
               image_size=train_cfg.get("image_size"))
     heldout = load_pixels(split="test", limit=cfg.eval_size, **kw)
-    needs_calibration = any(v in INT8_VARIANTS for v in cfg.variants)
+    needs_calibration = any(REGISTRY[v].precision == "int8" for v in cfg.variants)
     calibration = load_pixels(split="train", limit=cfg.calib_size, **kw) if needs_calibration else None
     if needs_calibration and not cfg.calib_size:
         raise ValueError("INT8 variants need calibration images: --calib-size must be > 0")
@@ -169,50 +213,19 @@ def load_source(cfg: ExportConfig) -> Source:
     return Source(model, contract, ckpt, path, sha256_file(path), heldout, calibration, check_idx)
 
 
-def build_variants(cfg: ExportConfig, src: Source, staging: Path, log) -> dict[str, dict]:
-    """Write each requested variant into ``staging``; returns manifest entries without measurements."""
-    entries: dict[str, dict] = {}
-    onnx_fp32 = staging / "onnx-fp32.onnx"
-    for name in VARIANTS:
-        if name not in cfg.variants:
-            continue
-        suffix, runtime, precision, devices = VARIANT_INFO[name]
-        path = staging / f"{name}{suffix}"
-        log(f"{cfg.run}: building {name}")
-        if name == "torchscript-fp32":
-            V.export_torchscript(src.model, src.contract, path)
-        elif name == "onnx-fp32":
-            V.export_onnx(src.model, src.contract, path)
-        elif name == "torchscript-int8":
-            quantized = V.quantize_torch(src.model, src.contract, src.calibration.images, cfg.quant_backend)
-            V.export_torchscript(quantized, src.contract, path)
-        elif name == "onnx-int8":
-            if not onnx_fp32.exists():  # onnx-int8 alone: quantize from a temporary fp32 graph
-                V.export_onnx(src.model, src.contract, onnx_fp32)
-            V.quantize_onnx(onnx_fp32, src.calibration.images, path, reduce_range=cfg.ort_reduce_range,
-                            activation_type=cfg.ort_activation)
-        entries[name] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                         "runtime": runtime, "precision": precision, "devices": devices, "latency": {}}
-    if "onnx-fp32" not in cfg.variants and onnx_fp32.exists():
-        onnx_fp32.unlink()
-    return entries
-
-
-def check_gates(entries: dict[str, dict], eager_acc: float, cfg: ExportConfig) -> list[str]:
-    """One message per failed gate, naming the variant and its numbers."""
-    failures = []
-    for name, e in entries.items():
-        p = e["parity"]
-        if name in FP32_VARIANTS and (p["top1_agreement"] < 1.0 or p["max_abs_diff"] > cfg.atol):
-            failures.append(f"{name} parity: top-1 agreement {p['top1_agreement']:.4f} (need 1.0), "
-                            f"max |logit diff| {p['max_abs_diff']:.3g} (allowed {cfg.atol:g}) on "
-                            f"{p['samples']} held-out images")
-        if name in INT8_VARIANTS:
-            drop = (eager_acc - e["accuracy"]) * 100.0
-            if drop > cfg.max_int8_drop:
-                failures.append(f"{name} accuracy {e['accuracy']:.4f} is {drop:.2f} points below eager fp32 "
-                                f"{eager_acc:.4f} (allowed drop {cfg.max_int8_drop:g} points)")
-    return failures
+def gate_failure(name: str, entry: dict, eager_acc: float, cfg: ExportConfig) -> str | None:
+    """Why ``name`` fails its gate (naming its numbers), or None when it passes."""
+    p = entry["parity"]
+    if registry.get(name).precision == "fp32":
+        if p["top1_agreement"] < 1.0 or p["max_abs_diff"] > cfg.atol:
+            return (f"parity: top-1 agreement {p['top1_agreement']:.4f} (need 1.0), max |logit diff| "
+                    f"{p['max_abs_diff']:.3g} (allowed {cfg.atol:g}) on {p['samples']} held-out images")
+        return None
+    drop = (eager_acc - entry["accuracy"]) * 100.0
+    if drop > cfg.max_int8_drop:
+        return (f"accuracy {entry['accuracy']:.4f} is {drop:.2f} points below eager fp32 {eager_acc:.4f} "
+                f"(allowed drop {cfg.max_int8_drop:g} points)")
+    return None
 
 
 def measure_latency(cfg: ExportConfig, src: Source, staging: Path, entries: dict, log) -> dict:

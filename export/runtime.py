@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from export import registry
 from training.contract import Contract
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
-VARIANTS = ("torchscript-fp32", "onnx-fp32", "torchscript-int8", "onnx-int8")
 DEVICE_TYPES = ("cpu", "cuda")
+VARIANTS = registry.VARIANTS  # the built-in variant names (export.registry is the table)
 
 
 class IntegrityError(RuntimeError):
@@ -119,7 +120,9 @@ def load_variant(artifact_dir: str | os.PathLike, variant: str | None = None, de
                              f"pass a variant, one of {sorted(manifest['variants'])}")
     if variant not in manifest["variants"]:
         known = sorted(manifest["variants"])
-        raise ValueError(f"variant {variant!r} is not in {artifact_dir / MANIFEST_NAME}; choose one of {known}")
+        why = manifest.get("rejected", {}).get(variant, {}).get("reason")
+        raise ValueError(f"variant {variant!r} is not in {artifact_dir / MANIFEST_NAME}"
+                         + (f" (export rejected it: {why})" if why else "") + f"; choose one of {known}")
     entry = manifest["variants"][variant]
     if device_type not in entry.get("devices", ["cpu"]):
         raise ValueError(f"variant {variant} runs on {entry.get('devices')} only, not {device}; "
@@ -127,18 +130,16 @@ def load_variant(artifact_dir: str | os.PathLike, variant: str | None = None, de
     path = artifact_dir / entry["file"]
     verify_file(path, entry["sha256"])
     contract = Contract.from_dict(manifest["contract"])
-    if entry["runtime"] == "onnxruntime":
-        predict, device = _load_onnx(path, device_type, threads)
-    elif entry["runtime"] == "torchscript":
-        predict = _load_torchscript(path, device, threads)
-    else:
+    if entry["runtime"] not in LOADERS:
         raise ValueError(f"variant {variant}: unknown runtime {entry['runtime']!r} in the manifest")
+    predict, device = LOADERS[entry["runtime"]](path, device, threads)
     return Runner(variant, entry["runtime"], entry["precision"], device, contract, manifest, predict)
 
 
-def _load_onnx(path: Path, device_type: str, threads: int | None):
+def _load_onnx(path: Path, device: str, threads: int | None):
     import onnxruntime as ort
 
+    device_type = device.split(":")[0]
     opts = ort.SessionOptions()
     if threads is not None:
         opts.intra_op_num_threads = threads
@@ -172,4 +173,8 @@ def _load_torchscript(path: Path, device: str, threads: int | None):
             out = model(torch.from_numpy(pixels).to(device))
         return out.float().cpu().numpy()
 
-    return predict
+    return predict, device
+
+
+# runtime name (``Variant.runtime``) -> load(path, device, threads) -> (predict, device it runs on)
+LOADERS = {"onnxruntime": _load_onnx, "torchscript": _load_torchscript}

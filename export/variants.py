@@ -74,21 +74,43 @@ def export_onnx(model: nn.Module, contract: Contract, path: Path) -> None:
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
+def end_layers(model: nn.Module) -> list[str]:
+    """Names of the first and the last conv/linear layer: the ones INT8 hurts most (the input layer
+    sees raw pixel statistics, the last one produces the logits)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return list(dict.fromkeys(names[:1] + names[-1:]))
+
+
 def quantize_torch(model: nn.Module, contract: Contract, calibration: np.ndarray,
-                   backend: str = "x86") -> nn.Module:
+                   backend: str = "x86", observer: str = "histogram", fp32_ends: bool = False) -> nn.Module:
     """FX static PTQ of the float model, calibrated on uint8 training pixels (normalised here).
 
     The ``x86`` qconfig observes activations with ``reduce_range=True`` (7-bit), which keeps the
-    u8 x s8 kernels of CPUs without VNNI from saturating.
+    u8 x s8 kernels of CPUs without VNNI from saturating; weights are per channel.
+
+    Args:
+        observer: activation ranges from a histogram (the qconfig's default, clips outliers) or
+            "minmax" (the full observed range).
+        fp32_ends: keep the first and last conv/linear layers in fp32 (``end_layers``).
     """
-    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization import QConfig, get_default_qconfig_mapping
+    from torch.ao.quantization.observer import MinMaxObserver
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    if observer not in ("histogram", "minmax"):
+        raise ValueError(f"observer must be histogram or minmax, got {observer!r}")
     torch.backends.quantized.engine = backend
+    mapping = get_default_qconfig_mapping(backend)
+    if observer == "minmax":
+        default = mapping.global_qconfig
+        mapping.set_global(QConfig(activation=MinMaxObserver.with_args(reduce_range=True),
+                                   weight=default.weight))
+    if fp32_ends:
+        for name in end_layers(model):
+            mapping.set_module_name(name, None)
     normalize = WithPreprocessing(nn.Identity(), contract).normalize
     with quiet_deprecations():
-        prepared = prepare_fx(_copy(model).eval(), get_default_qconfig_mapping(backend),
-                              (normalize(example_pixels(contract)),))
+        prepared = prepare_fx(_copy(model).eval(), mapping, (normalize(example_pixels(contract)),))
         with torch.inference_mode():
             for batch in np.array_split(calibration, max(1, len(calibration) // 64)):
                 prepared(normalize(torch.from_numpy(batch)))
@@ -96,13 +118,16 @@ def quantize_torch(model: nn.Module, contract: Contract, calibration: np.ndarray
 
 
 def quantize_onnx(fp32_path: Path, calibration: np.ndarray, path: Path, reduce_range: bool = True,
-                  activation_type: str = "uint8") -> None:
+                  activation_type: str = "uint8", calibration_method: str = "minmax",
+                  fp32_ends: bool = False) -> None:
     """ORT static INT8: pre-process the fp32 graph, then QDQ per-channel quantization.
 
     Args:
         reduce_range: 7-bit weights. Without it the u8 x s8 kernels saturate on AVX2 CPUs without
             VNNI (this machine) and accuracy drops; measured, see README "Export".
         activation_type: "uint8" (U8S8, ORT's fast path on x86) or "int8" (S8S8).
+        calibration_method: "minmax", "percentile" (99.999th) or "entropy" (KL divergence).
+        fp32_ends: keep the first and last Conv/Gemm/MatMul nodes in fp32.
     """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
@@ -116,13 +141,25 @@ def quantize_onnx(fp32_path: Path, calibration: np.ndarray, path: Path, reduce_r
             batch = next(self._batches, None)
             return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch)}
 
+    import onnx
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if calibration_method not in methods:
+        raise ValueError(f"calibration method must be one of {sorted(methods)}, got {calibration_method!r}")
     activation = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped))
+        exclude = []
+        if fp32_ends:
+            weighted = [n.name for n in onnx.load(str(prepped)).graph.node
+                        if n.op_type in ("Conv", "Gemm", "MatMul")]
+            exclude = list(dict.fromkeys(weighted[:1] + weighted[-1:]))
         quantize_static(str(prepped), str(path), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=reduce_range, activation_type=activation,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                        weight_type=QuantType.QInt8, calibrate_method=methods[calibration_method],
+                        nodes_to_exclude=exclude)
 
 
 def _copy(model: nn.Module) -> nn.Module:

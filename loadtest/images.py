@@ -1,9 +1,10 @@
 """Held-out images for load tests, and the request bodies built from them.
 
-Load tests post real images from a test split the model never trained on: the embedded digits test
-split for ``digits``, CIFAR-10's test batch for ``cifarnet`` when its files are on disk. CIFAR-10 cannot
-be downloaded on an offline machine, so without its files ``cifarnet`` gets images synthesised in the
-contract's shape, and ``ImagePool.source`` says so (the locustfile prints it).
+Load tests post real images from the test split of the dataset each run was trained on, as its
+export manifest (or checkpoint) records it: the embedded digits after ``make demo``, MNIST or CIFAR-10
+after ``make train`` when their files are on disk. Data that cannot be found (CIFAR-10 on an offline
+machine) is replaced by images synthesised in the contract's shape, and ``ImagePool.source`` says so
+(the locustfile prints it).
 """
 
 from __future__ import annotations
@@ -18,10 +19,6 @@ import numpy as np
 from PIL import Image
 
 from training.contract import Contract
-
-# The dataset each served run was trained on (the Makefile's SERVED_RUNS).
-RUN_DATASETS = {"digits": "digits", "cifarnet": "cifar10"}
-
 
 @dataclass(frozen=True)
 class ImagePool:
@@ -76,20 +73,20 @@ def _chw(image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def served_contract(run: str, artifacts_dir: str | os.PathLike = "artifacts",
-                    runs_dir: str | os.PathLike = "runs") -> Contract:
-    """The contract a served run was exported with: ``<artifacts_dir>/<RUN>/manifest.json``, else the
-    checkpoint ``<runs_dir>/<RUN>/best.pt``."""
+def run_facts(run: str, artifacts_dir: str | os.PathLike = "artifacts",
+              runs_dir: str | os.PathLike = "runs") -> tuple[str | None, Contract | None]:
+    """(dataset, contract) of a run, from its export manifest ``<artifacts_dir>/<RUN>/manifest.json``,
+    else its checkpoint ``<runs_dir>/<RUN>/best.pt``; (None, None) when neither exists."""
     manifest = Path(artifacts_dir) / run / "manifest.json"
     if manifest.is_file():
-        return Contract.from_dict(json.loads(manifest.read_text())["contract"])
+        doc = json.loads(manifest.read_text())
+        return doc.get("source", {}).get("dataset"), Contract.from_dict(doc["contract"])
     ckpt = Path(runs_dir) / run / "best.pt"
     if ckpt.is_file():
         from training.checkpoint import load_checkpoint
-        return Contract.from_dict(load_checkpoint(ckpt)["contract"])
-    raise FileNotFoundError(f"no contract for run {run!r}: neither {manifest} nor {ckpt} exists; "
-                            f"export the run (make export RUN={run}) or pass the test split's files "
-                            f"with --data-dir")
+        doc = load_checkpoint(ckpt)
+        return doc.get("dataset"), Contract.from_dict(doc["contract"])
+    return None, None
 
 
 def synthetic_pixels(contract: Contract, n: int, seed: int = 0) -> np.ndarray:
@@ -109,20 +106,32 @@ def synthetic_pixels(contract: Contract, n: int, seed: int = 0) -> np.ndarray:
 
 def load_pool(run: str, data_dir: str | os.PathLike | None = None, limit: int = 256,
               artifacts_dir: str | os.PathLike = "artifacts", runs_dir: str | os.PathLike = "runs") -> ImagePool:
-    """Images for ``run``: its dataset's test split when available, else synthesised (cifarnet only)."""
-    from training.data import DataNotFoundError
+    """Images for ``run``: the test split of the dataset it was trained on (its manifest says which;
+    a run named after a dataset needs none) when available, else synthesised in its contract's shape.
 
-    dataset = RUN_DATASETS.get(run, run)
+    Raises:
+        FileNotFoundError: neither the run's manifest nor its checkpoint, and the run is not named
+            after a dataset: nothing says what to post.
+    """
+    from training.data import DATASETS, DataNotFoundError
+
+    dataset, contract = run_facts(run, artifacts_dir, runs_dir)
+    dataset = dataset or (run if run in DATASETS else None)
+    if dataset is None:
+        raise FileNotFoundError(f"nothing says what run {run!r} was trained on: neither "
+                                f"{Path(artifacts_dir) / run / 'manifest.json'} nor {Path(runs_dir) / run / 'best.pt'} "
+                                f"exists; pass --artifacts-dir (where make export wrote it)")
     try:
         pixels, labels, _ = held_out_pixels(dataset, data_dir, limit)
         where = "embedded scikit-learn digits" if dataset == "digits" else str(data_dir)
         source = f"{len(labels)} held-out test images of {dataset} ({where})"
         label_list: tuple[int | None, ...] = tuple(int(y) for y in labels)
     except DataNotFoundError:
-        contract = served_contract(run, artifacts_dir, runs_dir)
+        if contract is None:
+            raise
         pixels = synthetic_pixels(contract, limit)
         source = (f"SYNTHESISED: {limit} random {contract.width}x{contract.height}x{contract.channels} "
-                  f"images ({dataset} test split not found; pass --data-dir DIR holding "
-                  f"cifar-10-batches-py to post real test images)")
+                  f"images ({dataset} test split not found; pass --data-dir DIR holding its files "
+                  f"to post real test images)")
         label_list = (None,) * limit
     return ImagePool(run, tuple(encode_png(p) for p in pixels), label_list, source)

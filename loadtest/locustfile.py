@@ -1,6 +1,8 @@
-"""Locust suite for the served classifiers: ``locust -f loadtest/locustfile.py [DigitsUser] [CifarnetUser]``.
+"""Locust suite for the served classifiers: ``locust -f loadtest/locustfile.py [--runs digits,cifarnet]``.
 
-Each user posts held-out test images (``loadtest.images``) in the three forms the server accepts —
+The runs to load are the ones the server serves, asked from its management API (``GET /models``),
+unless ``--runs`` names them. Each user posts, to a run picked at random per request, held-out test
+images of the dataset that run was trained on (``loadtest.images``) in the three forms the server accepts —
 raw bytes, a multipart file upload, and a base64 JSON batch of several images — plus a share of
 malformed requests (default 2 %) that must be refused with a 4xx: a 4xx counts as success, anything
 else as a failure. At quit time the SLO gates (``loadtest.gates``) decide the exit code.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import urllib.parse
 
 from locust import FastHttpUser, between, events, task
 
@@ -34,6 +37,11 @@ def _add_options(parser) -> None:
                        help="directory with the test split's files (cifar-10-batches-py for cifarnet)")
     group.add_argument("--artifacts-dir", default="artifacts", env_var="LOADTEST_ARTIFACTS_DIR",
                        help="where <run>/manifest.json gives the contract of synthesised images")
+    group.add_argument("--runs", default="", env_var="LOADTEST_RUNS",
+                       help="comma-separated runs to load (default: every model the server serves)")
+    group.add_argument("--management-url", default=None, env_var="LOADTEST_MANAGEMENT_URL",
+                       help="TorchServe's management API, asked which models it serves "
+                            "(default: the --host on port 8081)")
     group.add_argument("--malformed-share", type=float, default=0.02, env_var="LOADTEST_MALFORMED_SHARE",
                        help="fraction of requests that are malformed and must be answered 4xx")
     group.add_argument("--batch-images", type=int, default=4, env_var="LOADTEST_BATCH_IMAGES",
@@ -53,26 +61,55 @@ def _option(environment, name: str, default):
     return getattr(opts, name, default) if opts is not None else default
 
 
+def served_runs(management_url: str) -> list[str]:
+    """The models a TorchServe serves, from its management API (following its pagination)."""
+    from serving.server import http
+
+    runs, token = [], ""
+    while True:
+        status, body = http("GET", f"{management_url}/models?limit=100"
+                            + (f"&next_page_token={token}" if token else ""), timeout=10)
+        if status != 200:
+            raise RuntimeError(f"GET {management_url}/models answered HTTP {status}: {body[:200]!r}; "
+                               f"name the runs with --runs (LOADTEST_RUNS=)")
+        doc = json.loads(body)
+        runs += [m["modelName"] for m in doc.get("models", [])]
+        token = doc.get("nextPageToken")
+        if not token:
+            return runs
+
+
+def _management_url(environment) -> str:
+    given = _option(environment, "management_url", None)
+    if given:
+        return given.rstrip("/")
+    parts = urllib.parse.urlsplit(environment.host or "http://127.0.0.1:8080")
+    return f"{parts.scheme}://{parts.hostname}:8081"
+
+
 @events.init.add_listener
 def _load_images(environment, **_kw) -> None:
+    if environment.parsed_options is None:  # imported by a test, not run by locust
+        return
     data_dir = _option(environment, "data_dir", None)
-    for cls in environment.user_classes:
-        run = getattr(cls, "served_run", None)
-        if run and run not in POOLS:
-            POOLS[run] = load_pool(run, data_dir, artifacts_dir=_option(environment, "artifacts_dir", "artifacts"))
-            print(f"[loadtest] {run}: {POOLS[run].source}", file=sys.stderr, flush=True)
+    runs = [r for r in str(_option(environment, "runs", "")).split(",") if r.strip()]
+    if not runs:
+        runs = served_runs(_management_url(environment))
+        print(f"[loadtest] the server serves: {', '.join(runs) or 'nothing'}", file=sys.stderr, flush=True)
+    if not runs:
+        raise SystemExit("the server serves no model; start one with make serve")
+    for run in runs:
+        POOLS[run] = load_pool(run, data_dir, artifacts_dir=_option(environment, "artifacts_dir", "artifacts"))
+        print(f"[loadtest] {run}: {POOLS[run].source}", file=sys.stderr, flush=True)
 
 
-class ClassifierUser(FastHttpUser):
-    """Posts images of ``run`` to ``/predictions/<run>``; subclasses name the run in ``served_run``."""
+class ServedUser(FastHttpUser):
+    """Posts images of a served run, picked at random per request, to ``/predictions/<run>``."""
 
-    abstract = True
-    served_run = ""
     # Short think time: 16 such users keep a small CPU server busy without a closed-loop stampede.
     wait_time = between(0.0, 0.01)
 
     def on_start(self) -> None:
-        self.pool = POOLS[self.served_run]
         self.rng = random.Random()
         self.malformed_share = float(_option(self.environment, "malformed_share", 0.02))
         self.batch_images = int(_option(self.environment, "batch_images", 4))
@@ -82,6 +119,8 @@ class ClassifierUser(FastHttpUser):
 
     @task
     def predict(self) -> None:
+        self.served_run = self.rng.choice(sorted(POOLS))
+        self.pool = POOLS[self.served_run]
         if self.rng.random() < self.malformed_share:
             self._post_malformed()
             return
@@ -118,14 +157,6 @@ class ClassifierUser(FastHttpUser):
                 resp.success()
             else:
                 resp.failure(f"malformed ({kind}) answered HTTP {resp.status_code}, expected 4xx")
-
-
-class DigitsUser(ClassifierUser):
-    served_run = "digits"
-
-
-class CifarnetUser(ClassifierUser):
-    served_run = "cifarnet"
 
 
 @events.quitting.add_listener

@@ -13,15 +13,12 @@ P95_MS         ?= 200
 P99_MS         ?= 500
 MAX_ERROR_RATE ?= 0.01
 MALFORMED      ?= 0.02
-LOADTEST_RUNS  ?= $(SERVED_RUNS)
+LOADTEST_RUNS  ?=
+MANAGEMENT     ?= http://127.0.0.1:8081
 SHAPE          ?=
 REPORTS        ?= reports
 LOADTEST_ARGS  ?=
 VENV_LOADTEST  := $(VENV)/.stamp-serve+loadtest+test
-
-# Locust user class of each served run (loadtest/locustfile.py).
-USER_CLASS_digits   := DigitsUser
-USER_CLASS_cifarnet := CifarnetUser
 
 .PHONY: loadtest bench-serve soak fault
 
@@ -32,7 +29,7 @@ loadtest: $(VENV_LOADTEST)
 	  --only-summary --csv $(REPORTS)/loadtest --html $(REPORTS)/loadtest.html --json-file $(REPORTS)/loadtest \
 	  --p95-ms $(P95_MS) --p99-ms $(P99_MS) --max-error-rate $(MAX_ERROR_RATE) --malformed-share $(MALFORMED) \
 	  --gate-file $(REPORTS)/loadtest_gate.json $(if $(DATA_DIR),--data-dir $(DATA_DIR)) \
-	  $(LOADTEST_ARGS) $(foreach r,$(LOADTEST_RUNS),$(USER_CLASS_$(r)))
+	  --management-url $(MANAGEMENT) $(if $(LOADTEST_RUNS),--runs $(LOADTEST_RUNS)) $(LOADTEST_ARGS)
 
 BENCH_ARGS ?=
 bench-serve: $(VENV_LOADTEST)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from export.runtime import MANIFEST_NAME, VARIANTS, read_manifest, verify_file
+from export.registry import REGISTRY
+from export.runtime import MANIFEST_NAME, read_manifest, verify_file
 from serving.core import Limits
 
 ENTRY_FILE = Path(__file__).with_name("archive_entry.py")
@@ -64,8 +65,8 @@ class ArchiveConfig:
     def __post_init__(self) -> None:
         for key in ("variant_cpu", "variant_cuda"):
             v = getattr(self, key)
-            if v is not None and v not in VARIANTS:
-                raise ValueError(f"{key} {v!r} is not one of {', '.join(VARIANTS)}")
+            if v is not None and v not in REGISTRY:
+                raise ValueError(f"{key} {v!r} is not one of {', '.join(REGISTRY)}")
         if min(self.batch_size, self.min_workers, self.max_workers, self.response_timeout_s,
                self.threads, self.job_queue_size) < 1 or self.max_batch_delay_ms < 0:
             raise ValueError(f"archive settings must be positive: {self}")

@@ -20,7 +20,8 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from export.runtime import VARIANTS, IntegrityError, load_variant
+from export.registry import REGISTRY
+from export.runtime import IntegrityError, load_variant
 from serving.core import InferenceCore, InputError, Limits, StageTimes, clip, top_k
 from serving.protocol import ModelInfo, error_response, format_response, parse_request
 
@@ -56,8 +57,8 @@ class HandlerConfig:
         if unknown:
             raise ValueError(f"model-config.yaml handler: unknown keys {unknown}; known: {sorted(known)}")
         for key in ("variant_cpu", "variant_cuda"):
-            if section.get(key) is not None and section[key] not in VARIANTS:
-                raise ValueError(f"model-config.yaml handler.{key}: {section[key]!r} is not one of {VARIANTS}")
+            if section.get(key) is not None and section[key] not in REGISTRY:
+                raise ValueError(f"model-config.yaml handler.{key}: {section[key]!r} is not one of {tuple(REGISTRY)}")
         limits = Limits(**{k: int(section[k]) for k in limit_keys if section.get(k) is not None})
         threads = section.get("threads", 1)
         return cls(section.get("variant_cpu"), section.get("variant_cuda"),

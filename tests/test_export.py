@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from export import registry
 from export.core import ExportConfig, GateError, export_run
 from export.data import load_pixels, random_pixels
 from export.measure import eager_predict
@@ -176,10 +177,72 @@ def test_missing_or_broken_manifest_is_a_clear_error(tmp_path):
 def test_int8_gate_fails_when_the_allowed_drop_is_negative(digits_checkpoint, tmp_path):
     cfg = small_config(digits_checkpoint, tmp_path, variants=("torchscript-int8",), max_int8_drop=-1.0,
                        latency_rounds=0)
-    with pytest.raises(GateError, match=r"torchscript-int8 accuracy 0\.\d{4} is -?\d+\.\d\d points below"):
+    with pytest.raises(GateError, match=r"torchscript-int8: accuracy 0\.\d{4} is -?\d+\.\d\d points below"):
         export_run(cfg, log=lambda _: None)
     assert not (tmp_path / "digits").exists(), "a failed export must publish nothing"
     assert not list(tmp_path.glob(".digits.staging-*"))
+
+
+def test_a_rejected_int8_variant_is_recorded_and_the_rest_published(digits_checkpoint, tmp_path):
+    """An INT8 variant that misses its gate with every recipe is rejected, not fatal: the fp32
+    variants are published, the manifest says why, and nothing can load or serve it."""
+    from serving.archive import ArchiveConfig, chosen_variants
+
+    lines = []
+    cfg = small_config(digits_checkpoint, tmp_path, variants=("onnx-fp32", "onnx-int8"), max_int8_drop=-1.0,
+                       latency_rounds=0)
+    manifest = export_run(cfg, log=lines.append)
+    assert list(manifest["variants"]) == ["onnx-fp32"] and manifest["default_variant"]["cpu"] == "onnx-fp32"
+    rejected = manifest["rejected"]["onnx-int8"]
+    assert "points below eager fp32" in rejected["reason"] and rejected["accuracy"] > 0
+    assert [t["recipe"] for t in rejected["recipes_tried"]] == list(registry.get("onnx-int8").recipes)
+    assert not (tmp_path / "digits" / "onnx-int8.onnx").exists()
+    assert read_manifest(tmp_path / "digits")["rejected"].keys() == {"onnx-int8"}
+    assert [ln for ln in lines if ln.startswith("warning:")] == [
+        ln for ln in lines if "onnx-int8 rejected, not published" in ln] and len(
+        [ln for ln in lines if ln.startswith("warning:")]) == 1
+    with pytest.raises(ValueError, match="export rejected it"):
+        load_variant(tmp_path / "digits", "onnx-int8")
+    with pytest.raises(ValueError, match="not in"):
+        chosen_variants(manifest, ArchiveConfig(run="digits", artifacts_dir=str(tmp_path),
+                                                variant_cpu="onnx-int8"))
+    strict = replace(cfg, out_dir=str(tmp_path / "strict"), strict=True)
+    with pytest.raises(GateError, match="--strict.*onnx-int8"):
+        export_run(strict, log=lambda _: None)
+    assert not (tmp_path / "strict" / "digits").exists()
+
+
+def test_a_new_variant_needs_one_registration(digits_checkpoint, tmp_path):
+    """The registry is the only place a variant is named: export, the loader, the archive settings
+    and the handler's config all accept a variant registered once."""
+    from serving.archive import ArchiveConfig
+    from serving.handler import HandlerConfig
+
+    def build(ctx, path, recipe):
+        from export.variants import export_onnx
+        export_onnx(ctx.model, ctx.contract, path)
+
+    registry.register(registry.Variant("onnx-fp32-copy", ".onnx", "onnxruntime", "fp32", ("cpu",), build))
+    try:
+        cfg = small_config(digits_checkpoint, tmp_path, variants=("onnx-fp32-copy",), latency_rounds=0)
+        manifest = export_run(cfg, log=lambda _: None)
+        assert list(manifest["variants"]) == ["onnx-fp32-copy"]
+        runner = load_variant(tmp_path / "digits", "onnx-fp32-copy")
+        assert runner(np.zeros((1, 1, 28, 28), np.uint8)).shape == (1, 10)
+        ArchiveConfig(run="digits", variant_cpu="onnx-fp32-copy")
+        assert HandlerConfig.from_yaml({"handler": {"variant_cpu": "onnx-fp32-copy"}}).variant_cpu == "onnx-fp32-copy"
+    finally:
+        registry.unregister("onnx-fp32-copy")
+
+
+def test_cli_rejection_is_one_warning_line_and_exit_0(digits_checkpoint, tmp_path):
+    runs = str(digits_checkpoint.parent.parent)
+    res = run_cli("--run", "digits", "--runs-dir", runs, "--out-dir", str(tmp_path), "--variants",
+                  "onnx-fp32,torchscript-int8", "--calib-size", "32", "--eval-size", "100",
+                  "--latency-rounds", "0", "--max-int8-drop", "-1")
+    assert res.returncode == 0, res.stderr
+    warnings = [ln for ln in res.stdout.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "torchscript-int8 rejected" in warnings[0]
 
 
 def test_fp32_parity_gate_fails_with_an_impossible_tolerance(digits_checkpoint, tmp_path):
@@ -214,7 +277,7 @@ def test_cli_gate_failure_exits_nonzero_with_one_line(digits_checkpoint, tmp_pat
                   "--max-int8-drop", "-1")
     assert res.returncode == 1, res.stderr
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "torchscript-int8 accuracy" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "torchscript-int8: accuracy" in lines[0]
 
 
 def test_cli_missing_checkpoint_exits_2(tmp_path, capsys):

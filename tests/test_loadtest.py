@@ -74,7 +74,8 @@ def test_digits_pool_is_the_held_out_split_as_png():
 def test_cifarnet_without_data_is_synthesised_in_the_contract_shape_and_says_so(tmp_path):
     contract = Contract(32, 32, 3, (0.5,) * 3, (0.25,) * 3, tuple("abcdefghij"))
     (tmp_path / "artifacts" / "cifarnet").mkdir(parents=True)
-    (tmp_path / "artifacts" / "cifarnet" / "manifest.json").write_text(json.dumps({"contract": contract.to_dict()}))
+    (tmp_path / "artifacts" / "cifarnet" / "manifest.json").write_text(json.dumps(
+        {"contract": contract.to_dict(), "source": {"dataset": "cifar10"}}))
     pool = load_pool("cifarnet", data_dir=tmp_path / "no-cifar-here", limit=4,
                      artifacts_dir=tmp_path / "artifacts")
     assert pool.source.startswith("SYNTHESISED") and pool.labels == (None,) * 4
@@ -82,9 +83,14 @@ def test_cifarnet_without_data_is_synthesised_in_the_contract_shape_and_says_so(
     assert img.size == (32, 32) and img.mode == "RGB"
 
 
-def test_cifarnet_reads_the_real_test_batch_when_given(tiny_cifar_dir):
-    pool = load_pool("cifarnet", data_dir=tiny_cifar_dir, limit=5)
+def test_cifarnet_reads_the_real_test_batch_when_given(tiny_cifar_dir, cifar_checkpoint):
+    # the dataset comes from the run's checkpoint (no manifest here), not from its name
+    pool = load_pool("cifarnet", data_dir=tiny_cifar_dir, limit=5, artifacts_dir=tiny_cifar_dir,
+                     runs_dir=cifar_checkpoint.parent.parent)
     assert "held-out" in pool.source and len(pool) == 5 and None not in pool.labels
+    with pytest.raises(FileNotFoundError, match="nothing says what run 'cifarnet' was trained on"):
+        load_pool("cifarnet", data_dir=tiny_cifar_dir, limit=5, artifacts_dir=tiny_cifar_dir,
+                  runs_dir=tiny_cifar_dir)
 
 
 def test_multipart_body_parses_back_to_the_image():
@@ -138,18 +144,20 @@ def digits_server(tmp_path_factory, digits_checkpoint):
         yield server
 
 
-def run_locust(url: str, out: Path, seconds: int, *extra: str) -> subprocess.CompletedProcess:
+def run_locust(server, out: Path, seconds: int, *extra: str) -> subprocess.CompletedProcess:
+    """locust with default arguments: it asks the server what it serves (its management API)."""
+    url, mgmt = server.url, server.management_url
     cmd = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
            "--host", url, "--users", "4", "--spawn-rate", "4", "--run-time", f"{seconds}s", "--only-summary",
            "--csv", str(out / "lt"), "--html", str(out / "lt.html"), "--json-file", str(out / "lt"),
-           "--gate-file", str(out / "gate.json"), *extra, "DigitsUser"]
+           "--gate-file", str(out / "gate.json"), "--management-url", mgmt, *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.slow
 def test_locust_smoke_passes_gates_and_every_request_form_is_answered(digits_server, tmp_path):
     # Latency gates are loose on purpose: this checks the plumbing, speed lives in bench/.
-    proc = run_locust(digits_server.url, tmp_path, 6, "--malformed-share", "0.15",
+    proc = run_locust(digits_server, tmp_path, 6, "--malformed-share", "0.15",
                       "--p95-ms", "20000", "--p99-ms", "30000", "--max-error-rate", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "gate.json").read_text())
@@ -165,7 +173,7 @@ def test_locust_smoke_passes_gates_and_every_request_form_is_answered(digits_ser
 
 @pytest.mark.slow
 def test_locust_exits_nonzero_when_a_gate_breaks(digits_server, tmp_path):
-    proc = run_locust(digits_server.url, tmp_path, 2, "--p99-ms", "0.001")
+    proc = run_locust(digits_server, tmp_path, 2, "--p99-ms", "0.001")
     assert proc.returncode == 1, proc.stderr[-2000:]
     report = json.loads((tmp_path / "gate.json").read_text())
     assert not report["passed"] and any(v.startswith("p99") for v in report["violations"])
