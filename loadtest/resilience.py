@@ -25,7 +25,6 @@ import http.client
 import json
 import os
 import random
-import re
 import signal
 import statistics
 import sys
@@ -510,20 +509,18 @@ def fault_section(r: dict, command: str) -> str:
     ])
 
 
-_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
-
-
 def seconds(text: str) -> float:
-    """A duration as locust's --run-time spells it: 600, 600s, 10m, 1h30m -> seconds."""
+    """A duration as locust's --run-time spells it (600, 600s, 10m, 1h30m) -> seconds, with locust's
+    own parser."""
+    from locust.util.timespan import parse_timespan
+
     try:
-        return float(text)
+        total = parse_timespan(text.strip())
     except ValueError:
-        pass
-    m = _DURATION.fullmatch(text.strip())
-    total = sum(float(v) * unit for v, unit in zip(m.groups(), (3600, 60, 1)) if v) if m else 0.0
+        total = 0
     if total <= 0:
         raise argparse.ArgumentTypeError(f"bad duration {text!r}: write seconds (600) or 600s, 10m, 1h30m")
-    return total
+    return float(total)
 
 
 def main(argv=None) -> int:
