@@ -36,7 +36,7 @@ import psutil
 
 from loadtest.docs import update_section
 from loadtest.torchserve import PrivateServer
-from loadtest.wrk import run_wrk, write_images, write_wrk_script
+from loadtest.wrk import run_wrk, write_images, write_wrk_script, wrk_binary
 from training.checkpoint import atomic_write_bytes
 
 
@@ -431,6 +431,11 @@ def main(argv=None) -> int:
     mar = Path(args.model_store) / f"{args.run}.mar"
     if not mar.is_file():
         print(f"error: {mar} not found; build it first: make archive RUN={args.run}", file=sys.stderr)
+        return 2
+    try:
+        wrk_binary()
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     command = f"python -m loadtest.resilience {' '.join(sys.argv[1:] if argv is None else argv)}"
     result = soak(args) if args.mode == "soak" else fault(args)

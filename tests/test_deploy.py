@@ -93,8 +93,12 @@ def test_unlisted_custom_resource_is_an_error():
 
 
 def test_hadolint_fails_a_worse_dockerfile(deploy_copy: Path):
-    _edit(deploy_copy / "docker/Dockerfile", "apt-get install -y --no-install-recommends", "apt-get install -y")
+    """No hadolint ignore is left (Java comes pinned in the venv), so an unpinned apt install fails."""
+    assert "hadolint ignore" not in (DEPLOY / "docker/Dockerfile").read_text()
+    _edit(deploy_copy / "docker/Dockerfile", "RUN python3 -m venv /opt/venv",
+          "RUN apt-get update && apt-get install -y curl && python3 -m venv /opt/venv")
     problems = validate.run_hadolint(deploy_copy)
+    assert any("DL3008" in p for p in problems), problems  # apt package without =version
     assert any("DL3015" in p for p in problems), problems  # --no-install-recommends
 
 
