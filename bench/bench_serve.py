@@ -36,7 +36,7 @@ import psutil  # noqa: E402
 
 from export.runtime import read_manifest  # noqa: E402
 from loadtest.docs import update_section  # noqa: E402
-from loadtest.wrk import run_wrk, write_images, write_wrk_script  # noqa: E402
+from loadtest.wrk import run_wrk, write_images, write_wrk_script, wrk_binary  # noqa: E402
 from loadtest.torchserve import NOOP_HANDLER, STOCK_HANDLER, PrivateServer, baseline_archive  # noqa: E402
 from serving.archive import ArchiveConfig, build_archive  # noqa: E402
 from training.checkpoint import atomic_write_bytes  # noqa: E402
@@ -343,8 +343,10 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--slo-p99-ms", type=float, default=50.0)
     p.add_argument("--profile", type=float, default=8.0, help="py-spy seconds on the recommended config; 0: none")
     a = p.parse_args(argv)
-    if shutil.which("wrk") is None:
-        raise SystemExit("error: wrk not found; install it (apt-get install -y wrk)")
+    try:
+        wrk_binary()
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}")
     for run in a.runs:
         for need in (Path(a.artifacts_dir) / run / "manifest.json", Path(a.runs_dir) / run / "best.pt"):
             if not need.is_file():

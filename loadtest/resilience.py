@@ -39,7 +39,7 @@ import psutil
 
 from loadtest.docs import update_section
 from loadtest.torchserve import PrivateServer
-from loadtest.wrk import run_wrk, write_images, write_wrk_script
+from loadtest.wrk import run_wrk, write_images, write_wrk_script, wrk_binary
 from training.checkpoint import atomic_write_bytes
 
 
@@ -548,6 +548,11 @@ def main(argv=None) -> int:
         return 2
     if args.duration is None:
         args.duration = 600.0 if args.mode == "soak" else 60.0
+    try:
+        wrk_binary()
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     command = f"python -m loadtest.resilience {' '.join(sys.argv[1:] if argv is None else argv)}"
     run, section_of = {"soak": (soak, soak_section), "fault": (fault, fault_section),
                        "attack": (attack, attack_section)}[args.mode]

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import subprocess
 from pathlib import Path
+
+# wrk is a C program with no wheel on PyPI: the one system package make bench-serve, soak and fault need.
+WRK_INSTALL = "apt-get install -y wrk"
 
 WRK_SCRIPT = r"""
 -- POST a random held-out image per request; print one JSON line at the end.
@@ -55,10 +59,19 @@ def write_wrk_script(path: Path) -> Path:
     return path
 
 
+def wrk_binary() -> str:
+    """wrk's path; FileNotFoundError with one line naming the install command when it is not on PATH."""
+    found = shutil.which("wrk")
+    if not found:
+        raise FileNotFoundError("wrk not found on PATH (the load generator of make bench-serve, soak and "
+                                f"fault); install it: {WRK_INSTALL} (Debian/Ubuntu)")
+    return found
+
+
 def run_wrk(url: str, images: list[Path], connections: int, duration_s: float, script: Path) -> dict:
     """One wrk run; returns its JSON summary plus the CPU seconds wrk used."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--timeout", "10s",
+    proc = subprocess.run([wrk_binary(), "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--timeout", "10s",
                            "-s", str(script), url, "--", *map(str, images)],
                           capture_output=True, text=True, timeout=duration_s + 60)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

