@@ -16,18 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from export.runtime import VARIANTS, IntegrityError, load_variant
 from serving.core import InferenceCore, InputError, Limits, StageTimes, top_k
+from serving.metrics import HandlerMetrics
 from serving.protocol import ModelInfo, error_response, format_response, parse_request
 
 logger = logging.getLogger(__name__)
-
-# Handler metrics (declared in serving/metrics.yaml so the Prometheus endpoint exports them).
-TIME_METRICS = ("DecodeTime", "PreprocessTime", "InferenceTime")  # ms per batch, histograms
-REJECTED_METRIC = "RejectedInputs"  # counter, label Reason = InputError.type
 
 
 @dataclass(frozen=True)
@@ -78,6 +74,7 @@ class ClassifierHandler(BaseHandler):
         # loaded (and sha256-verified) by export.runtime, so the base initializer is not called.
         props = context.system_properties
         self.context = context
+        HandlerMetrics(context.metrics, context.model_name).worker_started()  # before a load that may fail
         self.config = HandlerConfig.from_yaml(getattr(context, "model_yaml_config", None))
         device = pick_device(props.get("gpu_id"))
         variant = self.config.variant_cuda if device.startswith("cuda") else self.config.variant_cpu
@@ -95,18 +92,9 @@ class ClassifierHandler(BaseHandler):
         self.core = InferenceCore(runner, limits)
         self.info = ModelInfo(name=model_name, version=str(runner.manifest.get("version", "")),
                               variant=runner.variant, device=runner.device)
-        self._init_metrics(metrics)
-        self.initialized = True
-
-    def _init_metrics(self, metrics) -> None:
         self.metrics = metrics
-        self._time_metrics = {name: metrics.add_metric_to_cache(name, "ms", ["ModelName", "Level"],
-                                                                MetricTypes.HISTOGRAM)
-                              for name in TIME_METRICS} if metrics is not None else {}
-        self._rejected = (metrics.add_metric_to_cache(REJECTED_METRIC, "count",
-                                                      ["ModelName", "Level", "Reason"],
-                                                      MetricTypes.COUNTER)
-                          if metrics is not None else None)
+        self.emit = HandlerMetrics(metrics, model_name)  # serving/metrics.py declares what it emits
+        self.initialized = True
 
     # ---------------------------------------------------------------------------------------------
     def handle(self, data: list[dict], context) -> list[str]:
@@ -142,7 +130,7 @@ class ClassifierHandler(BaseHandler):
         if context is not None:  # observability: how many requests shared this model call
             for i in range(len(data)):
                 context.set_response_header(i, "X-Batch-Size", str(len(data)))
-        self._emit_times(times, context, ran_model=bool(parsed))
+        self.emit.batch(len(data), len(parsed), start, times, context.get_request_id(0) if context else None)
         logger.debug("batch of %d handled in %.1f ms", len(data), (time.perf_counter() - start) * 1e3)
         return responses
 
@@ -177,17 +165,5 @@ class ClassifierHandler(BaseHandler):
 
     def _reject(self, context, idx: int, err: InputError) -> str:
         logger.info("request %d rejected: %s %s: %s", idx, err.code, err.type, err.message)
-        if self._rejected is not None:
-            request_id = context.get_request_id(idx) if context is not None else None
-            self._rejected.add_or_update(1, [self.info.name, "Model", err.type], request_id or "")
+        self.emit.rejected(err.type, context.get_request_id(idx) if context is not None else None)
         return self._reply(context, idx, err.code, error_response(err))
-
-    def _emit_times(self, times: StageTimes, context, ran_model: bool) -> None:
-        """One observation per batch and stage; a batch of only rejected requests records none."""
-        if not ran_model:
-            return
-        values = {"DecodeTime": times.decode_ms, "PreprocessTime": times.preprocess_ms,
-                  "InferenceTime": times.inference_ms}
-        request_id = context.get_request_id(0) if context is not None else None
-        for name, metric in self._time_metrics.items():
-            metric.add_or_update(round(values[name], 3), [self.info.name, "Model"], request_id or "")
