@@ -20,8 +20,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from export.runtime import VARIANTS, IntegrityError, load_variant
 from serving.core import InferenceCore, InputError, Limits, StageTimes, top_k
-from serving.metrics import HandlerMetrics
 from serving.protocol import ModelInfo, error_response, format_response, parse_request
+from serving.metrics import HandlerMetrics  # noqa: I001 -- every metric is declared there
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,12 @@ class ClassifierHandler(BaseHandler):
         self.core = InferenceCore(runner, limits)
         self.info = ModelInfo(name=model_name, version=str(runner.manifest.get("version", "")),
                               variant=runner.variant, device=runner.device)
-        self.metrics = metrics
-        self.emit = HandlerMetrics(metrics, model_name)  # serving/metrics.py declares what it emits
+        self._init_metrics(metrics)
         self.initialized = True
+
+    def _init_metrics(self, metrics) -> None:
+        self.metrics = metrics
+        self.emit = HandlerMetrics(metrics, self.info.name)
 
     # ---------------------------------------------------------------------------------------------
     def handle(self, data: list[dict], context) -> list[str]:
@@ -130,7 +133,7 @@ class ClassifierHandler(BaseHandler):
         if context is not None:  # observability: how many requests shared this model call
             for i in range(len(data)):
                 context.set_response_header(i, "X-Batch-Size", str(len(data)))
-        self.emit.batch(len(data), len(parsed), start, times, context.get_request_id(0) if context else None)
+        self._emit_times(times, context, answered_200=len(parsed), n_requests=len(data), start=start)
         logger.debug("batch of %d handled in %.1f ms", len(data), (time.perf_counter() - start) * 1e3)
         return responses
 
@@ -167,3 +170,8 @@ class ClassifierHandler(BaseHandler):
         logger.info("request %d rejected: %s %s: %s", idx, err.code, err.type, err.message)
         self.emit.rejected(err.type, context.get_request_id(idx) if context is not None else None)
         return self._reply(context, idx, err.code, error_response(err))
+
+    def _emit_times(self, times: StageTimes, context, answered_200: int, n_requests: int, start: float) -> None:
+        """The batch's size; its stage times and each 200's latency when the model ran."""
+        request_id = context.get_request_id(0) if context is not None else None
+        self.emit.batch(n_requests, answered_200, start, times, request_id)
