@@ -81,14 +81,14 @@ _MODEL = ("ModelName", "Level")  # Level="Model" on every handler metric
 
 METRICS: tuple[Metric, ...] = (
     # ---- TorchServe frontend: requests ------------------------------------------------------------
-    Metric("Requests2XX", "counter", "Count", _HOST, "responses with a 2xx status, all models", "frontend"),
+    Metric("Requests2XX", "counter", "Count", _HOST, "2xx responses on every port, /metrics scrapes and /ping probes included", "frontend"),
     Metric("Requests4XX", "counter", "Count", _HOST,
            "responses with a 4xx status (bad input, unknown model, token), all models", "frontend"),
     Metric("Requests5XX", "counter", "Count", _HOST,
            "responses with a 5xx status (the availability SLO's errors); no series before the first 5xx",
            "frontend"),
-    Metric("ts_inference_requests_total", "counter", "Count", _TS_MODEL, "inference requests per model",
-           "frontend"),
+    Metric("ts_inference_requests_total", "counter", "Count", _TS_MODEL,
+           "inference requests per model, whatever their status (the availability SLO's denominator)", "frontend"),
     Metric("ts_inference_latency_microseconds", "counter", "Microseconds", _TS_MODEL,
            "summed frontend time per request (queue + worker): rate / request rate = mean latency; "
            "rate / 1e6 = requests in the server (Little's law)", "frontend"),
@@ -120,7 +120,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("BatchSize", "histogram", "count", _MODEL,
            "requests in each batch TorchServe formed (1 .. the archive's batch_size)", "handler"),
     Metric("RejectedInputs", "counter", "count", _MODEL + ("Reason",),
-           "requests the handler answered 4xx, by reason (the error body's type: not_an_image, ...)", "handler"),
+           "requests the handler refused, by reason (the error body's type: not_an_image, ...)", "handler"),
     Metric("WorkerStarts", "counter", "count", _MODEL,
            "worker processes that began loading the model (initial workers and every restart)", "handler"),
     Metric("PredictionTime", "gauge", "ms", _MODEL,

@@ -15,8 +15,6 @@ import base64
 import concurrent.futures as cf
 import io
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from http.client import HTTPConnection
@@ -27,73 +25,14 @@ import pytest
 from PIL import Image
 
 from serving.client import encode_png, heldout_digits, multipart
-from serving.core import Limits
-from serving.server import REPO, http, read_properties, stop_server
+from serving.server import http
 from test_serving_core import bad_inputs, bad_requests, encode, exotic_modes
 
 pytestmark = pytest.mark.slow
 
-LIMITS = Limits(max_images=4, max_pixels=1_000_000, max_image_bytes=200_000)
-MAX_REQUEST_SIZE = 1_000_000  # TorchServe's own body limit in this test server
-
-
-def _export(checkpoint: Path, out: Path, variants: tuple[str, ...]) -> dict:
-    from export.core import ExportConfig, export_run
-
-    cfg = ExportConfig(run=checkpoint.parent.name, runs_dir=str(checkpoint.parent.parent),
-                       out_dir=str(out), checkpoint=str(checkpoint), variants=variants,
-                       calib_size=64, check_size=64, eval_size=120, latency_rounds=0,
-                       max_int8_drop=100.0)  # plumbing, not accuracy: a 1-epoch model may be noisy
-    return export_run(cfg, log=lambda _msg: None)
-
-
-@pytest.fixture(scope="session")
-def serve_artifacts(tmp_path_factory, digits_checkpoint, cifar_checkpoint) -> tuple[Path, dict]:
-    """The tiny runs exported through export's Python API: (artifacts dir, {run: manifest})."""
-    artifacts = tmp_path_factory.mktemp("serve-artifacts")
-    return artifacts, {"digits": _export(digits_checkpoint, artifacts, ("onnx-fp32", "onnx-int8")),
-                       "cifarnet": _export(cifar_checkpoint, artifacts, ("torchscript-fp32",))}
-
-
-@pytest.fixture(scope="session")
-def served(tmp_path_factory, serve_artifacts):
-    """The running server: yields a dict with its URLs, model names, manifests and work dir."""
-    from serving.archive import ArchiveConfig, build_archive
-    from serving.server import free_port
-
-    root = tmp_path_factory.mktemp("serve")
-    artifacts, manifests = serve_artifacts
-    store, work = root / "model_store", root / "work"
-    build_archive(ArchiveConfig(run="cifarnet", artifacts_dir=str(artifacts), model_store=str(store),
-                                variant_cpu="torchscript-fp32", batch_size=4, max_batch_delay_ms=200,
-                                limits=LIMITS), log=lambda _m: None)
-    try:
-        for attempt in range(2):  # a free port can be taken by another process before TorchServe binds it
-            props = read_properties(REPO / "serving" / "config.properties")
-            props.update({"inference_address": f"http://127.0.0.1:{free_port()}",
-                          "management_address": f"http://127.0.0.1:{free_port()}",
-                          "metrics_address": f"http://127.0.0.1:{free_port()}",
-                          "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
-                          "max_request_size": str(MAX_REQUEST_SIZE),
-                          "metrics_config": str(REPO / "serving" / "metrics.yaml")})
-            config = root / "config.properties"
-            config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-            cmd = [sys.executable, "-m", "serving", "serve", "--config", str(config),
-                   "--artifacts-dir", str(artifacts), "--model-store", str(store), "--workdir", str(work),
-                   "--batch-size", "4", "--max-batch-delay", "200", "--max-images", str(LIMITS.max_images),
-                   "--max-pixels", str(LIMITS.max_pixels), "--max-image-bytes", str(LIMITS.max_image_bytes),
-                   "--timeout", "300", "--token"]  # token auth on, as a production server has it
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
-            if proc.returncode == 0 or "already in use" not in proc.stderr or attempt == 1:
-                break
-        assert proc.returncode == 0, f"serve failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        keys = json.loads((work / "key_file.json").read_text())
-        yield {"url": props["inference_address"], "management": props["management_address"],
-               "metrics": props["metrics_address"], "manifests": manifests, "work": work,
-               "artifacts": artifacts, "serve_output": proc.stdout,
-               "token": keys["inference"]["key"], "management_token": keys["management"]["key"]}
-    finally:
-        stop_server(work)
+# The session server (fixtures `served`, `serve_artifacts`) lives in conftest.py, shared with
+# test_observability.py; these are its limits.
+from conftest import LIMITS, MAX_REQUEST_SIZE  # noqa: E402
 
 
 def post(served, model: str, body: bytes, content_type: str = "application/octet-stream",
