@@ -367,20 +367,12 @@ def test_every_dashboard_query_and_rule_returns_plausible_data(served, prometheu
     assert {m["ModelName"] for m, _ in recorded} >= {"digits", "cifarnet"}
 
 
-def _worker_pids(served, model: str) -> list[int]:
-    """The model's TorchServe worker processes (children of the session server's Java frontend)."""
-    launcher = int((served["work"] / "torchserve.pid").read_text())
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    procs = [line.split(None, 2) for line in out.splitlines()]
-    java = {int(p) for p, pp, _ in procs if int(pp) == launcher}
-    # a worker's command line names its socket; its model only appears in the frontend's bookkeeping,
-    # so ask the management API which ports serve the model
+def _workers(served, model: str) -> list[dict]:
+    """The model's workers, from the session server's management API (id, pid, status)."""
     auth = {"Authorization": f"Bearer {served['management_token']}"}
     status, raw = http("GET", served["management"] + f"/models/{model}", headers=auth)
     assert status == 200, raw
-    ports = {str(w["id"]) for w in json.loads(raw)[0]["workers"]}
-    return [int(p) for p, pp, args in procs if int(pp) in java and "model_service_worker" in args
-            and any(f".ts.sock.{port}" in args for port in ports)]
+    return json.loads(raw)[0]["workers"]
 
 
 @pytest.mark.slow
@@ -388,9 +380,9 @@ def test_a_killed_worker_fires_the_restart_alert(served, prometheus):
     """The restart alert's own expression, on real data: kill one digits worker, TorchServe restarts it."""
     alert = next(r for g in obs.rule_groups() for r in g["rules"] if r.get("alert") == "VisionpipeWorkerRestarted")
     assert prometheus.query(alert["expr"]) == []
-    pids = _worker_pids(served, "digits")
-    assert pids, "no digits worker found"
-    os.kill(pids[0], signal.SIGKILL)
+    workers = _workers(served, "digits")
+    assert workers and all(w["status"] == "READY" for w in workers), workers
+    os.kill(int(workers[0]["pid"]), signal.SIGKILL)  # a worker of the test's own server
     deadline = time.monotonic() + 120
     fired = []
     while not fired and time.monotonic() < deadline:
@@ -400,11 +392,7 @@ def test_a_killed_worker_fires_the_restart_alert(served, prometheus):
     starts = prometheus.query('increase(WorkerStarts{ModelName="digits"}[2m])')
     assert starts and starts[0][1] >= 1, starts
     # leave the session server as it was: every digits worker ready again
-    auth = {"Authorization": f"Bearer {served['management_token']}"}
-    while time.monotonic() < deadline:
-        workers = json.loads(http("GET", served["management"] + "/models/digits", headers=auth)[1])[0]["workers"]
-        if all(w["status"] == "READY" for w in workers):
-            break
+    while not all(w["status"] == "READY" for w in _workers(served, "digits")) and time.monotonic() < deadline:
         time.sleep(0.5)
     status, _ = _post(served, "digits", encode_png(heldout_digits(1)[0][0]), "image/png")
     assert status == 200
