@@ -7,9 +7,10 @@ Steps, every one of which must come back clean (exit 0; 1 with one line per prob
             training); a render error is a problem.
   schema    each rendered object against the Kubernetes OpenAPI schemas bundled in kubernetes-validate,
             strict (unknown fields rejected), for K8S_VERSION. Custom resources (ServiceMonitor,
-            InferenceService, ServingRuntime, PyTorchJob) against the subsets in deploy/crd-schemas.yaml,
-            and their embedded pod templates as the built-in PodTemplate/Pod they are.
-  static    docker-compose.yml, Prometheus and Grafana files parse; every dashboard panel has a query.
+            PrometheusRule, InferenceService, ServingRuntime, PyTorchJob) against the subsets in
+            deploy/crd-schemas.yaml, and their embedded pod templates as the built-in PodTemplate/Pod they are.
+  static    docker-compose.yml, Prometheus and Grafana files parse; every dashboard panel has a query;
+            the PrometheusRule holds the same rule groups as the docker-compose rules file.
   checkov   the rendered manifests and the Dockerfile (skips, each justified, in deploy/checkov.yaml).
   hadolint  the Dockerfile (ignores are inline, each with its reason).
 
@@ -130,7 +131,8 @@ def check_static(deploy_dir: Path) -> list[str]:
     """docker-compose, Prometheus and Grafana files: parse, and the dashboard has real queries."""
     problems = []
     for rel in ("docker-compose.yml", "compose/prometheus.yml", "grafana/provisioning/datasources/prometheus.yml",
-                "grafana/provisioning/dashboards/visionpipe.yml"):
+                "grafana/provisioning/dashboards/visionpipe.yml", "prometheus/visionpipe-rules.yml",
+                "prometheus/visionpipe-rules.test.yml", "k8s/monitoring/prometheusrule.yaml"):
         try:
             if not isinstance(yaml.safe_load((deploy_dir / rel).read_text()), dict):
                 problems.append(f"{rel}: not a YAML mapping")
@@ -143,6 +145,14 @@ def check_static(deploy_dir: Path) -> list[str]:
                 problems.append(f"grafana/visionpipe-dashboard.json: panel {panel.get('title')!r} has no query")
     except (OSError, ValueError) as err:
         problems.append(f"grafana/visionpipe-dashboard.json: {err}")
+    try:  # one set of rules: what docker-compose loads is what the operator gets
+        plain = yaml.safe_load((deploy_dir / "prometheus/visionpipe-rules.yml").read_text())
+        crd = yaml.safe_load((deploy_dir / "k8s/monitoring/prometheusrule.yaml").read_text())
+        if plain.get("groups") != (crd.get("spec") or {}).get("groups"):
+            problems.append("k8s/monitoring/prometheusrule.yaml: its groups differ from prometheus/visionpipe-rules.yml; "
+                            "regenerate both: python deploy/observability.py")
+    except (OSError, yaml.YAMLError, AttributeError) as err:
+        problems.append(f"prometheus rules: {err}")
     return problems
 
 

@@ -17,19 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from export.registry import REGISTRY
 from export.runtime import IntegrityError, load_variant
 from serving.core import InferenceCore, InputError, Limits, StageTimes, clip, top_k
 from serving.protocol import ModelInfo, error_response, format_response, parse_request
+from serving.metrics import HandlerMetrics  # noqa: I001 -- every metric is declared there
 
 logger = logging.getLogger(__name__)
-
-# Handler metrics (declared in serving/metrics.yaml so the Prometheus endpoint exports them).
-TIME_METRICS = ("DecodeTime", "PreprocessTime", "InferenceTime")  # ms per batch, histograms
-REJECTED_METRIC = "RejectedInputs"  # counter, label Reason = InputError.type
 
 
 @dataclass(frozen=True)
@@ -80,6 +76,7 @@ class ClassifierHandler(BaseHandler):
         # loaded (and sha256-verified) by export.runtime, so the base initializer is not called.
         props = context.system_properties
         self.context = context
+        HandlerMetrics(context.metrics, context.model_name).worker_started()  # before a load that may fail
         self.config = HandlerConfig.from_yaml(getattr(context, "model_yaml_config", None))
         device = pick_device(props.get("gpu_id"))
         variant = self.config.variant_cuda if device.startswith("cuda") else self.config.variant_cpu
@@ -102,13 +99,7 @@ class ClassifierHandler(BaseHandler):
 
     def _init_metrics(self, metrics) -> None:
         self.metrics = metrics
-        self._time_metrics = {name: metrics.add_metric_to_cache(name, "ms", ["ModelName", "Level"],
-                                                                MetricTypes.HISTOGRAM)
-                              for name in TIME_METRICS} if metrics is not None else {}
-        self._rejected = (metrics.add_metric_to_cache(REJECTED_METRIC, "count",
-                                                      ["ModelName", "Level", "Reason"],
-                                                      MetricTypes.COUNTER)
-                          if metrics is not None else None)
+        self.emit = HandlerMetrics(metrics, self.info.name)
 
     # ---------------------------------------------------------------------------------------------
     def handle(self, data: list[dict], context) -> list[str]:
@@ -121,12 +112,12 @@ class ClassifierHandler(BaseHandler):
         start = time.perf_counter()
         times = StageTimes()
         responses: list[str | None] = [None] * len(data)
-        parsed: dict[int, tuple] = {}
+        answered = 0  # requests answered 200
         try:
             plans = self._open_requests(data, context, responses)
             parsed = self._decode_within_budget(plans, context, responses, times)
             if parsed:
-                self._run_model(parsed, context, responses, times)
+                answered = self._run_model(parsed, context, responses, times)
         except Exception as err:  # noqa: BLE001 -- our bug: answer every request still open, keep the worker
             self._log_unexpected("batch", err)
             for i, r in enumerate(responses):
@@ -135,7 +126,7 @@ class ClassifierHandler(BaseHandler):
         if context is not None:  # observability: how many requests shared this model call
             for i in range(len(data)):
                 context.set_response_header(i, "X-Batch-Size", str(len(data)))
-        self._emit_times(times, context, ran_model=bool(parsed))
+        self._emit_times(times, context, answered_200=answered, n_requests=len(data), start=start)
         logger.debug("batch of %d handled in %.1f ms", len(data), (time.perf_counter() - start) * 1e3)
         return responses
 
@@ -188,8 +179,9 @@ class ClassifierHandler(BaseHandler):
                 responses[i] = self._internal_error(context, i, "the server failed on this request", err)
         return parsed
 
-    def _run_model(self, parsed: dict, context, responses: list, times: StageTimes) -> None:
-        """One model call for every admitted request; a failure answers 500 for them, the worker stays."""
+    def _run_model(self, parsed: dict, context, responses: list, times: StageTimes) -> int:
+        """One model call for every admitted request; a failure answers 500 for them, the worker stays.
+        Returns how many were answered 200."""
         order = sorted(parsed)
         try:
             logits = self.core.infer(np.concatenate([parsed[i][1] for i in order]), times)
@@ -197,7 +189,7 @@ class ClassifierHandler(BaseHandler):
             self._log_unexpected("model call", err)
             for i in order:
                 responses[i] = self._internal_error(context, i, "the model failed on this batch", err)
-            return
+            return 0
         offset = 0
         for i in order:
             req, pixels, k = parsed[i]
@@ -205,6 +197,7 @@ class ClassifierHandler(BaseHandler):
             offset += len(pixels)
             body = format_response(req, self.info, top_k(rows, k, self.core.contract.class_names))
             responses[i] = self._reply(context, i, 200, body)
+        return len(order)
 
     @staticmethod
     def _content_types(context, idx: int, params: dict) -> dict[str, str]:
@@ -243,9 +236,7 @@ class ClassifierHandler(BaseHandler):
 
     def _reject(self, context, idx: int, err: InputError) -> str:
         logger.info("request %d rejected: %s %s: %s", idx, err.code, err.type, err.message)
-        if self._rejected is not None:
-            request_id = context.get_request_id(idx) if context is not None else None
-            self._rejected.add_or_update(1, [self.info.name, "Model", err.type], request_id or "")
+        self.emit.rejected(err.type, context.get_request_id(idx) if context is not None else None)
         return self._reply(context, idx, err.code, error_response(err))
 
     def _internal_error(self, context, idx: int, what: str, err: Exception) -> str:
@@ -258,12 +249,7 @@ class ClassifierHandler(BaseHandler):
         logger.error("%s: unexpected %s: %s\n%s", where, type(err).__name__, clip(str(err)),
                      "".join(traceback.format_tb(err.__traceback__)))
 
-    def _emit_times(self, times: StageTimes, context, ran_model: bool) -> None:
-        """One observation per batch and stage; a batch of only rejected requests records none."""
-        if not ran_model:
-            return
-        values = {"DecodeTime": times.decode_ms, "PreprocessTime": times.preprocess_ms,
-                  "InferenceTime": times.inference_ms}
+    def _emit_times(self, times: StageTimes, context, answered_200: int, n_requests: int, start: float) -> None:
+        """The batch's size; its stage times and each 200's latency when the model ran."""
         request_id = context.get_request_id(0) if context is not None else None
-        for name, metric in self._time_metrics.items():
-            metric.add_or_update(round(values[name], 3), [self.info.name, "Model"], request_id or "")
+        self.emit.batch(n_requests, answered_200, start, times, request_id)

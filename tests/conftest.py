@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny on-disk datasets and tiny trained runs, built once per test session."""
+"""Shared fixtures: tiny on-disk datasets, tiny trained runs, and the session TorchServe, built once per session."""
 
 from __future__ import annotations
 

@@ -248,7 +248,7 @@ def test_cli_rejection_is_one_warning_line_and_exit_0(digits_checkpoint, tmp_pat
 def test_fp32_parity_gate_fails_with_an_impossible_tolerance(digits_checkpoint, tmp_path):
     cfg = small_config(digits_checkpoint, tmp_path, variants=("torchscript-fp32",), atol=-1.0,
                        latency_rounds=0)
-    with pytest.raises(GateError, match=r"torchscript-fp32 parity: top-1 agreement 1\.0000"):
+    with pytest.raises(GateError, match=r"torchscript-fp32: parity: top-1 agreement 1\.0000"):
         export_run(cfg, log=lambda _: None)
 
 
