@@ -36,7 +36,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     warmup_steps: int | None = None  # linear warmup (onecycle: rising phase); None = 10 % of the steps
-    min_steps: int = 0               # at least this many optimizer steps: small data gets more passes per epoch
+    min_steps: int = 500             # at least this many optimizer steps: small data gets more passes per epoch
     label_smoothing: float = 0.0
     accum_steps: int = 1             # optimizer step every N batches
     clip_grad_norm: float = 0.0      # 0 = off
