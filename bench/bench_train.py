@@ -382,11 +382,10 @@ def write_subsample(src: Path, out: Path, n: int, seed: int = 0) -> Path:
         return raw[:4 + 4 * ndim], np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
     out.mkdir(parents=True, exist_ok=True)
-    keep = np.sort(np.random.default_rng(seed).permutation(60000)[:n])
     for name in FASHION_FILES:
         header, array = read(name)
-        if name.startswith("train"):
-            array = array[keep]
+        if name.startswith("train"):  # images and labels: the same seeded rows
+            array = array[np.sort(np.random.default_rng(seed).permutation(len(array))[:n])]
             header = header[:4] + len(array).to_bytes(4, "big") + header[8:]
         with gzip.open(out / name, "wb") as f:
             f.write(header + array.tobytes())

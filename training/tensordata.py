@@ -221,10 +221,16 @@ class TensorBatches:
         n, b = self._samples(), self.batch_size
         return n // b if self.drop_last and n >= b else -(-n // b)
 
+    def indices(self) -> torch.Tensor:
+        """The samples this rank's batches of this epoch hold, in order."""
+        order = shard_indices(len(self.data), epoch=self.epoch, seed=self.seed, rank=self.rank,
+                              world=self.world, repeats=self.repeats, shuffle=self.shuffle,
+                              device=self.data.images.device)
+        return order[:len(self) * self.batch_size]
+
     def __iter__(self):
         dev = self.data.images.device
-        order = shard_indices(len(self.data), epoch=self.epoch, seed=self.seed, rank=self.rank,
-                              world=self.world, repeats=self.repeats, shuffle=self.shuffle, device=dev)
+        order = self.indices()
         g = torch.Generator(device=dev).manual_seed(seed_for(self.seed, self.epoch, self.rank, 1))
         for k in range(len(self)):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
