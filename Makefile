@@ -59,7 +59,7 @@ help:
 	@echo "make bench-export [RUN=x] latency of every exported variant"
 	@$(MAKE) --no-print-directory help-serve help-deploy help-observability
 	@sed -n '2,5p' mk/loadtest.mk | sed 's/^# //'
-	@echo "make bench-train          Fashion-MNIST time to accuracy, demo training speed, step ceiling (docs/benchmarks.md)"
+	@echo "make bench-train          trainer vs step ceiling, Fashion-MNIST time to accuracy, demo training, small data (docs/benchmarks.md, reports/bench_train.json)"
 	@echo "make clean                remove runs/ artifacts/ reports/ logs/ model_store/*.mar"
 
 venv: $(VENV_ALL)
@@ -78,12 +78,16 @@ evaluate: $(VENV_BASE)
 	$(PY) -m training evaluate --checkpoint runs/$(or $(RUN),digits)/best.pt \
 	  $(if $(filter file,$(origin DATASET)),,--dataset $(DATASET)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-# Fashion-MNIST time to accuracy, make demo's training step, the compute ceiling per step;
-# results into docs/benchmarks.md (about 5 min).
+# Fashion-MNIST time to accuracy, the trainer against its step ceiling (side by side), make demo's
+# training step, 4 vs 30 epochs on a 4,000-image subsample, the step ceiling per model; sections of
+# docs/benchmarks.md and reports/bench_train.json (about 15 min on an idle 2-core machine).
 BENCH_TRAIN_ARGS ?=
+BENCH_TRAIN_OUT  := --docs docs/benchmarks.md --json reports/bench_train.json
 bench-train: $(VENV_BASE)
-	$(PY) bench/bench_train.py fashion --docs docs/benchmarks.md $(BENCH_TRAIN_ARGS)
-	$(PY) bench/bench_train.py demo --demo-args "$(DEMO_TRAIN_ARGS)" --docs docs/benchmarks.md
+	$(PY) bench/bench_train.py ratio $(BENCH_TRAIN_OUT)
+	$(PY) bench/bench_train.py fashion $(BENCH_TRAIN_OUT) $(BENCH_TRAIN_ARGS)
+	$(PY) bench/bench_train.py demo --demo-args "$(DEMO_TRAIN_ARGS)" $(BENCH_TRAIN_OUT)
+	$(PY) bench/bench_train.py subsample $(BENCH_TRAIN_OUT)
 	$(PY) bench/bench_train.py steps --docs docs/benchmarks.md
 
 # ---- demo: the whole pipeline, offline ---------------------------------------------------------

@@ -59,13 +59,14 @@ def _interrupt_after(epochs_done: int, monkeypatch):
     monkeypatch.setattr(train_mod, "train_one_epoch", flaky)
 
 
-def test_resume_gives_identical_weights(tmp_path, monkeypatch):
-    """Seeded run interrupted after epoch 1 and resumed == the uninterrupted run, bit for bit.
-
-    workers=2 so DataLoader worker seeding and augmentation randomness are covered as well.
-    """
-    common = dict(model="simple_cnn", dataset="digits", epochs=2, workers=2, val_fraction=0.5, lr=3e-3,
-                  seed=7, runs_dir=str(tmp_path), batch_size=64, tensorboard=False)
+@pytest.mark.parametrize("pipeline, extra", [
+    ("loader", dict(workers=2, min_steps=0)),       # DataLoader worker seeding, PIL augmentation
+    ("tensor", dict(min_steps=40, augment="crop-flip")),  # device-side augmentation, 2 passes per epoch
+])
+def test_resume_gives_identical_weights(tmp_path, monkeypatch, pipeline, extra):
+    """Seeded run interrupted after epoch 1 and resumed == the uninterrupted run, bit for bit."""
+    common = dict(model="simple_cnn", dataset="digits", epochs=2, val_fraction=0.5, lr=3e-3, seed=7,
+                  runs_dir=str(tmp_path), batch_size=64, tensorboard=False, pipeline=pipeline, **extra)
     train_mod.fit(TrainConfig(run="straight", **common))
 
     with monkeypatch.context() as m:
@@ -77,10 +78,26 @@ def test_resume_gives_identical_weights(tmp_path, monkeypatch):
 
     a = load_checkpoint(tmp_path / "straight/last.pt")
     b = load_checkpoint(tmp_path / "resumed/last.pt")
-    assert a["epoch"] == b["epoch"] == 2
+    assert a["epoch"] == b["epoch"] == 2 and a["config"]["pipeline"] == pipeline
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     assert [h["val_accuracy"] for h in a["history"]] == [h["val_accuracy"] for h in b["history"]]
+
+
+def test_warmup_cosine_counts_optimizer_steps():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = train_mod.build_scheduler(TrainConfig(schedule="cosine", warmup_steps=4, optimizer="sgd"), opt, 20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.25) and lrs[4] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)
+    assert lrs[:5] == sorted(lrs[:5]) and lrs[4:] == sorted(lrs[4:], reverse=True) and lrs[-1] < 0.02
+    # A small dataset: 4 epochs of 28 steps make 112 steps; a floor of 500 makes each epoch 5 passes.
+    assert train_mod.passes_per_epoch(TrainConfig(epochs=4, min_steps=500), 28) == 5
+    assert train_mod.passes_per_epoch(TrainConfig(epochs=30, min_steps=500), 28) == 1
 
 
 def test_resume_refuses_changed_settings(tmp_path):
@@ -189,3 +206,41 @@ def test_torchrun_two_cpu_processes(tmp_path):
     last = load_checkpoint(tmp_path / "ddp/last.pt")
     assert len(last["rng"]) == 2 and last["epoch"] == 2
     assert [h["epoch"] for h in last["history"]] == [1, 2]
+
+
+DDP_SHARDS = """
+import json, os, sys
+import torch.distributed as dist
+from training.config import TrainConfig
+from training.train import build_pipeline, init_distributed, resolve_device
+rank, world, device = init_distributed(resolve_device("cpu"))
+cfg = TrainConfig(dataset="digits", batch_size=64, min_steps=0, seed=3)
+pipe = build_pipeline(cfg, rank, world, device)
+pipe.set_epoch(1)
+mine = [sorted(map(int, pipe.train.indices())), [int(y) for _, labels in pipe.train for y in labels]]
+everyone = [None] * world
+dist.all_gather_object(everyone, mine)
+if rank == 0:
+    json.dump({"kind": pipe.kind, "shards": everyone}, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_get_disjoint_shards_of_the_tensor_pipeline(tmp_path):
+    """Two gloo processes build the trainer's pipeline: their epoch's samples are disjoint, equally
+    many, and the labels they train on are those samples' labels."""
+    script = tmp_path / "shards.py"
+    script.write_text(DDP_SHARDS)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "shards.json")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "shards.json").read_text())
+    (a, labels_a), (b, labels_b) = report["shards"]
+    assert report["kind"] == "tensor"
+    assert len(a) == len(b) > 0 and not set(a) & set(b)
+    from training.tensordata import load_tensor_splits
+    train = load_tensor_splits("digits", val_fraction=0.1, seed=3).train
+    assert sorted(labels_a) == sorted(train.labels[a].tolist()) and sorted(labels_b) == sorted(train.labels[b].tolist())

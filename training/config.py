@@ -15,6 +15,9 @@ from training.models import MODELS
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("onecycle", "cosine", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# tensor: the dataset as uint8 on the device, batches augmented there (training.tensordata);
+# loader: DataLoader workers with PIL transforms, for data that does not fit; auto: tensor when it fits.
+PIPELINES = ("auto", "tensor", "loader")
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,8 @@ class TrainConfig:
     nesterov: bool = False           # SGD only
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
-    warmup_epochs: float = 1.0       # linear warmup length (onecycle: rising phase)
+    warmup_steps: int | None = None  # linear warmup (onecycle: rising phase); None = 10 % of the steps
+    min_steps: int = 500             # at least this many optimizer steps: small data gets more passes per epoch
     label_smoothing: float = 0.0
     accum_steps: int = 1             # optimizer step every N batches
     clip_grad_norm: float = 0.0      # 0 = off
@@ -44,7 +48,8 @@ class TrainConfig:
     pretrained_weights: str | None = None
     freeze_backbone: bool = False
     seed: int = 0
-    workers: int = 2
+    pipeline: str = "auto"
+    workers: int = 2                 # DataLoader workers (loader pipeline only)
     device: str = "auto"
     resume: bool = False
     tensorboard: bool = True
@@ -56,6 +61,10 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"unknown --optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}"),
             (self.schedule in SCHEDULES, f"unknown --schedule {self.schedule!r}; choose one of {SCHEDULES}"),
             (self.precision in PRECISIONS, f"unknown --precision {self.precision!r}; choose one of {PRECISIONS}"),
+            (self.pipeline in PIPELINES, f"unknown --pipeline {self.pipeline!r}; choose one of {PIPELINES}"),
+            (self.min_steps >= 0, f"--min-steps must be >= 0, got {self.min_steps}"),
+            (self.warmup_steps is None or self.warmup_steps >= 0,
+             f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.augment is None or self.augment in AUGMENTATIONS,
              f"unknown --augment {self.augment!r}; choose one of {AUGMENTATIONS}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),

@@ -36,7 +36,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     precision: str = "fp32", label_smoothing: float = 0.0, accum_steps: int = 1,
                     clip_grad_norm: float = 0.0, channels_last: bool = False,
                     progress: str | None = None) -> EpochStats:
-    """One pass over ``loader``; steps ``scheduler`` after every optimizer step."""
+    """One pass over ``loader`` (a DataLoader, or ``training.tensordata.TensorBatches`` whose batches
+    are on ``device`` already); steps ``scheduler`` after every optimizer step."""
     model.train()
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     total_loss = torch.zeros((), device=device)
@@ -71,9 +72,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}",
                             acc=f"{correct.item() / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
+    loss_sum, n_correct = total_loss.item(), correct.item()  # waits for the device: then time it
     elapsed = time.perf_counter() - start
-    return EpochStats(total_loss.item() / max(seen, 1), correct.item() / max(seen, 1),
-                      seen / max(elapsed, 1e-9), seen)
+    return EpochStats(loss_sum / max(seen, 1), n_correct / max(seen, 1), seen / max(elapsed, 1e-9), seen)
 
 
 @torch.no_grad()
@@ -87,7 +88,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, *, preci
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         with autocast(device, precision):
             all_logits.append(model(images).float().cpu())
-        all_targets.append(targets)
+        all_targets.append(targets.cpu())
     return torch.cat(all_logits), torch.cat(all_targets)
 
 

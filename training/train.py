@@ -11,18 +11,21 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from training.checkpoint import (FORMAT_VERSION, atomic_write_bytes, load_checkpoint, provenance,
                                  save_checkpoint)
 from training.config import TrainConfig
-from training.data import load_splits
+from training.contract import Contract
+from training.data import DATASETS, load_splits
 from training.engine import evaluate, train_one_epoch
 from training.models import build_model
 
@@ -89,21 +92,33 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Per-optimizer-step schedule with a linear warmup of ``warmup_epochs``."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(total - 1, max(0, round(cfg.warmup_epochs * steps_per_epoch)))
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """Linear warm-up length in optimizer steps: ``--warmup-steps``, or 10 % of the run."""
+    steps = round(0.1 * total_steps) if cfg.warmup_steps is None else cfg.warmup_steps
+    return min(total_steps - 1, max(0, steps))
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """A schedule stepped after every optimizer step, ``total_steps`` long, warm-up included."""
+    warmup = warmup_steps(cfg, total_steps)
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=max(warmup / total, 1e-3),
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=max(warmup / total_steps, 1e-3),
             anneal_strategy="cos", cycle_momentum=cfg.optimizer == "sgd")
     if cfg.schedule == "cosine":
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup))
+        if warmup == 0:
+            return cosine
+        # LinearLR's first factor makes step 0 run at lr / warmup, reaching lr after `warmup` steps.
+        ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
     return None
+
+
+def passes_per_epoch(cfg: TrainConfig, steps_per_pass: int) -> int:
+    """How many passes over the training data one epoch makes so that the run takes at least
+    ``--min-steps`` optimizer steps (1 when the data alone gives enough)."""
+    return max(1, math.ceil(cfg.min_steps / (cfg.epochs * max(1, steps_per_pass))))
 
 
 def load_pretrained(model: nn.Module, path: str) -> None:
@@ -123,6 +138,78 @@ def load_pretrained(model: nn.Module, path: str) -> None:
                          f"{len(backbone_keys)} tensors missing (e.g. {sorted(missing)[:3]}); pass a "
                          f"torchvision state_dict of the same architecture")
     model.backbone.load_state_dict(kept, strict=False)
+
+
+# ---- data: tensor-resident when it fits, DataLoader workers otherwise --------------------------------
+@dataclass
+class Pipeline:
+    """Where a run's batches come from. ``train``/``val``/``test`` yield (images, labels) batches
+    (float, normalised); ``set_epoch`` reseeds the training order for an epoch."""
+
+    kind: str                     # "tensor" or "loader"
+    contract: Contract
+    train: Iterable
+    val: Iterable
+    test: Iterable
+    set_epoch: Callable[[int], None]
+    samples: Callable[[], torch.Tensor]  # a few training images in 0..1, for TensorBoard
+    passes: int                   # passes over the training data per epoch
+
+
+def _steps_per_pass(n: int, batch_size: int, accum_steps: int, drop_last: bool) -> int:
+    batches = n // batch_size if drop_last else math.ceil(n / batch_size)
+    return math.ceil(batches / accum_steps)
+
+
+def build_pipeline(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Pipeline:
+    """The run's batches: ``--pipeline tensor`` (or ``auto`` when the images fit on ``device``)
+    keeps the dataset as uint8 there and augments whole batches with tensor ops; ``loader`` runs
+    the PIL transforms in DataLoader workers."""
+    from training.tensordata import TensorBatches, load_tensor_splits, memory_budget
+
+    data = None
+    if cfg.pipeline != "loader":
+        budget = memory_budget(device) if cfg.pipeline == "auto" else None
+        data = load_tensor_splits(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                  image_size=cfg.image_size, max_bytes=budget)
+        if data is None and rank == 0:
+            print(f"{cfg.dataset} does not fit in a quarter of the free memory on {device}: "
+                  f"DataLoader with {cfg.workers} workers", flush=True)
+    if data is not None:
+        drop_last = len(data.train) > cfg.batch_size * world
+        passes = passes_per_epoch(cfg, _steps_per_pass(len(data.train) // world, cfg.batch_size,
+                                                       cfg.accum_steps, drop_last))
+        policy = cfg.augment or DATASETS[cfg.dataset].default_augment
+        train = TensorBatches(data.train.to(device), data.contract, cfg.batch_size, augment=policy, shuffle=True,
+                              drop_last=drop_last, seed=cfg.seed, rank=rank, world=world, repeats=passes)
+        holdout = data.val if len(data.val) else data.test
+        val = TensorBatches(holdout.to(device), data.contract, 256)
+        test = TensorBatches(data.test.to(device), data.contract, 256)
+        return Pipeline("tensor", data.contract, train, val, test, train.set_epoch, train.sample_grid, passes)
+
+    splits = load_splits(cfg.dataset, cfg.data_dir, augment=cfg.augment, val_fraction=cfg.val_fraction,
+                         seed=cfg.seed, image_size=cfg.image_size)
+    drop_last = len(splits.train) > cfg.batch_size * world
+    passes = passes_per_epoch(cfg, _steps_per_pass(len(splits.train) // world, cfg.batch_size,
+                                                   cfg.accum_steps, drop_last))
+    train_set = ConcatDataset([splits.train] * passes) if passes > 1 else splits.train
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                       drop_last=drop_last, **loader_kw)
+    # Their own generator: evaluation must not draw from the global RNG that --resume restores.
+    val = DataLoader(splits.val if len(splits.val) else splits.test, batch_size=256,
+                     generator=torch.Generator(), **loader_kw)
+    test = DataLoader(splits.test, batch_size=256, generator=torch.Generator(), **loader_kw)
+
+    def samples() -> torch.Tensor:
+        images = torch.stack([splits.train[i][0] for i in range(min(32, len(splits.train)))])
+        mean = torch.tensor(splits.contract.mean).view(1, -1, 1, 1)
+        std = torch.tensor(splits.contract.std).view(1, -1, 1, 1)
+        return (images * std + mean).clamp(0, 1)
+
+    return Pipeline("loader", splits.contract, train, val, test,
+                    sampler.set_epoch if sampler is not None else (lambda epoch: None), samples, passes)
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -150,9 +237,8 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
         _check_resumable(resume["config"], cfg)
     seed_everything(cfg.seed + rank)
 
-    splits = load_splits(cfg.dataset, cfg.data_dir, augment=cfg.augment,
-                         val_fraction=cfg.val_fraction, seed=cfg.seed, image_size=cfg.image_size)
-    contract = splits.contract
+    pipe = build_pipeline(cfg, rank, world, device)
+    contract = pipe.contract
     arch_args = {"in_channels": contract.channels, "num_classes": contract.num_classes,
                  "image_size": contract.height}
     if cfg.freeze_backbone:
@@ -162,20 +248,14 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
         load_pretrained(model, cfg.pretrained_weights)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-
-    sampler = DistributedSampler(splits.train, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
-    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=False)
-    train_loader = DataLoader(splits.train, batch_size=cfg.batch_size, shuffle=sampler is None,
-                              sampler=sampler, drop_last=len(splits.train) > cfg.batch_size * world,
-                              **loader_kw)
-    # Its own generator: evaluation must not draw from the global RNG that --resume restores.
-    val_loader = DataLoader(splits.val if len(splits.val) else splits.test, batch_size=256,
-                            generator=torch.Generator(), **loader_kw)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
+    steps_per_epoch = math.ceil(len(pipe.train) / cfg.accum_steps)
+    if is_main:
+        print(f"{pipe.kind} pipeline: {steps_per_epoch} optimizer steps per epoch"
+              + (f" ({pipe.passes} passes over the data, --min-steps {cfg.min_steps})" if pipe.passes > 1 else ""),
+              flush=True)
 
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    scheduler = build_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     train_model = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
                    if world > 1 else model)
@@ -200,16 +280,16 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(run_dir / "tb"))
             if start_epoch == 0:
-                _log_sample_grid(writer, splits.train, contract)
+                from torchvision.utils import make_grid
+                writer.add_image("train/samples", make_grid(pipe.samples(), nrow=8), 0)
 
     base = {"format": FORMAT_VERSION, "arch": cfg.model, "arch_args": arch_args,
             "contract": contract.to_dict(), "dataset": cfg.dataset, "config": _plain(cfg)}
     for epoch in range(start_epoch, cfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        pipe.set_epoch(epoch)
         t0 = time.perf_counter()
         stats = train_one_epoch(
-            train_model, train_loader, optimizer, scheduler, scaler, device, precision=cfg.precision,
+            train_model, pipe.train, optimizer, scheduler, scaler, device, precision=cfg.precision,
             label_smoothing=cfg.label_smoothing, accum_steps=cfg.accum_steps,
             clip_grad_norm=cfg.clip_grad_norm, channels_last=channels_last,
             progress=f"epoch {epoch + 1}/{cfg.epochs}" if is_main else None)
@@ -218,7 +298,7 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
             if world > 1:
                 dist.barrier()  # rank 0 evaluates and saves
             continue
-        val = evaluate(model, val_loader, device, contract.class_names, precision=cfg.precision,
+        val = evaluate(model, pipe.val, device, contract.class_names, precision=cfg.precision,
                        channels_last=channels_last)
         seconds = time.perf_counter() - t0
         images_per_s = stats.images_per_s * world
@@ -248,20 +328,18 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
             dist.barrier()
 
     if is_main:
-        _finish(cfg, best_path, splits, device, writer, history)
+        _finish(cfg, best_path, pipe, device, writer, history)
     return best_path
 
 
-def _finish(cfg: TrainConfig, best_path: Path, splits, device, writer, history) -> None:
+def _finish(cfg: TrainConfig, best_path: Path, pipe: Pipeline, device, writer, history) -> None:
     """Score best.pt on the untouched test split and store the result in it."""
     from training.checkpoint import model_from_checkpoint
 
     best = load_checkpoint(best_path)
     model, contract = model_from_checkpoint(best)
     model.to(device)
-    test = evaluate(model, DataLoader(splits.test, batch_size=256, num_workers=cfg.workers,
-                                      generator=torch.Generator()), device,
-                    contract.class_names)
+    test = evaluate(model, pipe.test, device, contract.class_names)
     best["metrics"] = {**best["metrics"], "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                        "test_samples": test["samples"],
                        "train_seconds": round(sum(h["seconds"] for h in history), 2)}
@@ -296,17 +374,11 @@ def _plain(cfg: TrainConfig) -> dict:
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
     """Resuming with a different model, data or optimisation would silently change the run."""
     fixed = ("model", "dataset", "batch_size", "optimizer", "schedule", "seed", "accum_steps", "lr")
+    if "pipeline" in saved:  # runs from before the tensor pipeline did not record these
+        fixed += ("pipeline", "min_steps", "warmup_steps", "augment")
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in fixed if saved.get(k) != getattr(cfg, k)]
     if saved.get("epochs") != cfg.epochs and cfg.schedule != "none":
         changed.append(f"epochs: {saved.get('epochs')} -> {cfg.epochs} (the LR schedule spans all epochs)")
     if changed:
         raise ValueError(f"cannot --resume {cfg.run_dir / 'last.pt'} with changed settings ({'; '.join(changed)}); "
                          f"use the original settings or a new --run name")
-
-
-def _log_sample_grid(writer, dataset, contract) -> None:
-    from torchvision.utils import make_grid
-    images = torch.stack([dataset[i][0] for i in range(min(32, len(dataset)))])
-    mean = torch.tensor(contract.mean).view(1, -1, 1, 1)
-    std = torch.tensor(contract.std).view(1, -1, 1, 1)
-    writer.add_image("train/samples", make_grid((images * std + mean).clamp(0, 1), nrow=8), 0)
