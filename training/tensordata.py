@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from training.augment import augment_batch
 from training.checkpoint import atomic_write_bytes
-from training import images
+from training.images import is_image_file
 from training.contract import Contract, Normalize
 from training.data import DATASETS, DEFAULT_DATA_ROOT, _split_indices, to_contract
 
@@ -156,7 +156,7 @@ def cached_imagefolder(ds, contract: Contract, cache_dir: Path, workers: int | N
     decode = v2.Compose([*to_contract(contract), v2.PILToTensor()])
     # The same file list (ImageFolder sorts it) read by the same loader as the dataset's: the image
     # conversion serving uses too (training.images: EXIF, alpha, 16-bit, JPEG draft)
-    fresh = ImageFolder(ds.root, transform=decode, loader=ds.loader, is_valid_file=images.is_image_file)
+    fresh = ImageFolder(ds.root, transform=decode, loader=ds.loader, is_valid_file=is_image_file)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     images, labels = [], []
     for x, y in DataLoader(fresh, batch_size=64, num_workers=workers):
