@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from training.augment import augment_batch
 from training.checkpoint import atomic_write_bytes
-from training.images import is_image_file
 from training.contract import Contract, Normalize
 from training.data import DATASETS, DEFAULT_DATA_ROOT, _split_indices, to_contract
+from training.images import is_image_file
 
 CACHE_FORMAT = 2  # bump when the decoded pixels would differ (2: training.images' conversion)
 
