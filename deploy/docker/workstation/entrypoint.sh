@@ -14,6 +14,7 @@ set -euo pipefail
 
 JUPYTER_IP="${JUPYTER_IP:-0.0.0.0}"       # inside the container; the run command decides who reaches it
 JUPYTER_PORT="${JUPYTER_PORT:-8888}"
+SSH_PORT="${SSH_PORT:-2222}"             # both ports inside the container (or on a host network)
 JUPYTER_TOKEN_FILE="${JUPYTER_TOKEN_FILE:-/etc/visionpipe/jupyter/token}"
 AUTHORIZED_KEYS=/etc/visionpipe/ssh/authorized_keys   # fixed: sshd_config's AuthorizedKeysCommand reads it
 HOST_KEY_DIR="$HOME/.workstation/ssh"                 # sshd_config's HostKey points here
@@ -63,9 +64,9 @@ if [ -s "$AUTHORIZED_KEYS" ]; then
     for name in PATH PYTHONPATH VENV VISIONPIPE_WORKSTATION VARIANT MPLCONFIGDIR; do
         [ -n "${!name:-}" ] && setenv+=("$name=${!name}")
     done
-    /usr/sbin/sshd -D -e -f /opt/visionpipe/config/sshd_config -o "SetEnv=${setenv[*]}" &
+    /usr/sbin/sshd -D -e -f /opt/visionpipe/config/sshd_config -p "$SSH_PORT" -o "SetEnv=${setenv[*]}" &
     sshd_pid=$!
-    say "SSH: port 2222, user $(id -un), keys from $AUTHORIZED_KEYS ($(grep -c '^[a-z]' "$AUTHORIZED_KEYS") key(s));" \
+    say "SSH: port $SSH_PORT, user $(id -un), keys from $AUTHORIZED_KEYS ($(grep -c '^[a-z]' "$AUTHORIZED_KEYS") key(s));" \
         "host key $(ssh-keygen -l -f "$HOST_KEY_DIR/ssh_host_ed25519_key.pub" | cut -d' ' -f2)"
 else
     say "SSH: off (no public keys mounted at $AUTHORIZED_KEYS)"
