@@ -51,7 +51,7 @@ help:
 	@echo "make evaluate RUN=... [DATASET=... DATA_DIR=...]  default dataset: the one RUN was trained on"
 	@echo "make export [RUN=x]       runs/<RUN>/best.pt -> artifacts/<RUN>/ (TorchScript, ONNX, INT8 + manifest)"
 	@echo "make bench-export [RUN=x] latency of every exported variant"
-	@$(MAKE) --no-print-directory help-serve help-deploy
+	@$(MAKE) --no-print-directory help-serve help-deploy help-workstation
 	@sed -n '2,5p' mk/loadtest.mk | sed 's/^# //'
 	@echo "make bench-train          Fashion-MNIST time to accuracy, demo training speed, step ceiling (docs/benchmarks.md)"
 	@echo "make clean                remove runs/ artifacts/ reports/ logs/ model_store/*.mar"

@@ -68,7 +68,7 @@ workstation-smoke:
 	deploy/smoke/workstation_smoke.sh
 
 help-workstation:
-	@sed -n '2,7p' mk/workstation.mk | sed 's/^# //'
+	@sed -n '2,6p' mk/workstation.mk | sed 's/^# //'
 
 # Inside the workstation image, `make` uses the image's venv (VENV=/opt/venv), which holds the serve
 # and test extras and is read-only: these stamps never trigger a pip install there. After a change to
