@@ -75,7 +75,8 @@ trap cleanup EXIT
 start_container() {  # $@: extra podman run arguments
     cleanup
     podman run -d --name "$NAME" --network host --read-only --tmpfs /tmp:rw,exec,nosuid,nodev,size=4g \
-        --cap-drop ALL --security-opt no-new-privileges -e JUPYTER_PORT="$JPORT" -e SSH_PORT="$SPORT" \
+        --cap-drop ALL --security-opt no-new-privileges \
+        -e JUPYTER_IP=127.0.0.1 -e JUPYTER_PORT="$JPORT" -e SSH_PORT="$SPORT" \
         -v "$VOL/workspace:/workspace" -v "$VOL/runs:/workspace/runs" -v "$VOL/data:/workspace/data" \
         -v "$VOL/artifacts:/workspace/artifacts" -v "$VOL/home:/home/dev" \
         -v "$SMOKE_DIR/keys/authorized_keys:/etc/visionpipe/ssh/authorized_keys:ro" "$@" "$IMAGE" >/dev/null
