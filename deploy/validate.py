@@ -4,15 +4,15 @@
 
 Steps, every one of which must come back clean (exit 0; 1 with one line per problem otherwise):
   render    ``kubectl kustomize`` of every kustomization (base, overlays cpu/gpu, monitoring, kserve,
-            training); a render error is a problem.
+            training, workstation); a render error is a problem.
   schema    each rendered object against the Kubernetes OpenAPI schemas bundled in kubernetes-validate,
             strict (unknown fields rejected), for K8S_VERSION. Custom resources (ServiceMonitor,
             PrometheusRule, InferenceService, ServingRuntime, PyTorchJob) against the subsets in
             deploy/crd-schemas.yaml, and their embedded pod templates as the built-in PodTemplate/Pod they are.
   static    docker-compose.yml, Prometheus and Grafana files parse; every dashboard panel has a query;
             the PrometheusRule holds the same rule groups as the docker-compose rules file.
-  checkov   the rendered manifests and the Dockerfile (skips, each justified, in deploy/checkov.yaml).
-  hadolint  the Dockerfile (ignores are inline, each with its reason).
+  checkov   the rendered manifests and the Dockerfiles (skips, each justified, in deploy/checkov.yaml).
+  hadolint  the Dockerfiles: serving and workstation (ignores are inline, each with its reason).
 
 Nothing here touches a cluster or the network.
 """
@@ -36,7 +36,8 @@ import yaml
 K8S_VERSION = "1.32.0"
 DEPLOY_DIR = Path(__file__).resolve().parent
 KUSTOMIZATIONS = ("k8s/base", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/monitoring", "k8s/kserve",
-                  "k8s/training")
+                  "k8s/training", "k8s/workstation")
+DOCKERFILES = ("docker/Dockerfile", "docker/workstation/Dockerfile")
 STEPS = ("render", "schema", "static", "checkov", "hadolint")
 
 # InferenceService predictor keys that are KServe's own; the rest of the predictor is a PodSpec.
@@ -157,8 +158,10 @@ def check_static(deploy_dir: Path) -> list[str]:
 
 
 def run_checkov(rendered_dir: Path, deploy_dir: Path) -> list[str]:
-    """checkov on the rendered manifests and the Dockerfile; its report is the problem text."""
-    shutil.copy(deploy_dir / "docker/Dockerfile", rendered_dir / "Dockerfile")
+    """checkov on the rendered manifests and the Dockerfiles; its report is the problem text."""
+    for rel in DOCKERFILES:  # under their own paths: the report names which one failed
+        (rendered_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(deploy_dir / rel, rendered_dir / rel)
     # --skip-download: no calls home to the vendor's API (no network here, and none wanted in CI).
     cmd = [_tool("checkov"), "--directory", str(rendered_dir), "--framework", "kubernetes", "dockerfile",
            "--config-file", str(deploy_dir / "checkov.yaml"), "--skip-download", "--quiet", "--compact"]
@@ -170,7 +173,7 @@ def run_checkov(rendered_dir: Path, deploy_dir: Path) -> list[str]:
 
 
 def run_hadolint(deploy_dir: Path) -> list[str]:
-    done = subprocess.run([_tool("hadolint"), str(deploy_dir / "docker/Dockerfile")],
+    done = subprocess.run([_tool("hadolint"), *[str(deploy_dir / rel) for rel in DOCKERFILES]],
                           capture_output=True, text=True, timeout=60)
     if done.returncode == 0:
         return []

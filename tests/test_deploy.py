@@ -242,3 +242,57 @@ def test_healthcheck_needs_a_ready_worker_per_model(monkeypatch, ping_status, pi
         assert (healthcheck.problems() == []) is healthy, healthcheck.problems()
     finally:
         server.shutdown()
+
+
+# ---- the workstation image and its Kubernetes StatefulSet --------------------------------------------
+WORKSTATION = DEPLOY / "docker/workstation"
+
+
+def test_workstation_dockerfile_passes_the_same_gates_and_fails_a_worse_copy(deploy_copy: Path, tmp_path: Path):
+    """hadolint and checkov see the workstation Dockerfile too, and name it when it gets worse."""
+    assert validate.run_hadolint(DEPLOY) == []
+    dockerfile = deploy_copy / "docker/workstation/Dockerfile"
+    _edit(dockerfile, "apt-get install -y --no-install-recommends", "apt-get install -y")
+    _edit(dockerfile, "USER ${WS_UID}:${WS_GID}\n", "")
+    assert any("workstation/Dockerfile" in p and "DL3015" in p for p in validate.run_hadolint(deploy_copy))
+    rendered = tmp_path / "rendered"
+    rendered.mkdir()
+    text = "\n".join(validate.run_checkov(rendered, deploy_copy))
+    assert "CKV_DOCKER_3" in text and "/docker/workstation/Dockerfile" in text, text  # no non-root user
+
+
+def test_workstation_statefulset_mounts_what_the_image_reads():
+    """The Secret lands where the entrypoint and sshd_config look; ports and user match the image."""
+    entrypoint = (WORKSTATION / "entrypoint.sh").read_text()
+    sshd = (WORKSTATION / "sshd_config").read_text()
+    keys = entrypoint.split("AUTHORIZED_KEYS=", 1)[1].split()[0]
+    token = entrypoint.split('JUPYTER_TOKEN_FILE="${JUPYTER_TOKEN_FILE:-', 1)[1].split("}")[0]
+    assert f"AuthorizedKeysCommand /usr/bin/cat {keys}\n" in sshd
+    assert "PasswordAuthentication no" in sshd and "PermitRootLogin no" in sshd
+    objects = validate.render(DEPLOY / "k8s/workstation")
+    [sts] = [o for o in objects if o["kind"] == "StatefulSet"]
+    pod = sts["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounted = {}
+    for m in container["volumeMounts"]:
+        for item in volumes.get(m["name"], {}).get("secret", {}).get("items", []):
+            mounted[f"{m['mountPath']}/{item['path']}"] = item["key"]
+    assert mounted == {keys: "authorized_keys", token: "token"}
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/workspace", "/home/dev", "/tmp"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001 and "ARG WS_UID=10001" in (WORKSTATION / "Dockerfile").read_text()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"jupyter": 8888, "ssh": 2222}
+    assert 'JUPYTER_PORT="${JUPYTER_PORT:-8888}"' in entrypoint and 'SSH_PORT="${SSH_PORT:-2222}"' in entrypoint
+    [service] = [o for o in objects if o["kind"] == "Service"]
+    assert service["spec"]["type"] == "ClusterIP"
+
+
+def test_workstation_entrypoint_refuses_root():
+    """CI runs as root: the entrypoint must say so and stop before starting any service."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to check the refusal")
+    done = subprocess.run(["bash", str(WORKSTATION / "entrypoint.sh")], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "HOME": "/nonexistent", "MPLCONFIGDIR": "/nonexistent"})
+    assert done.returncode == 2 and "refusing to run as root" in done.stderr
