@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generator
 
 
 @dataclass(frozen=True)
@@ -58,33 +58,19 @@ class Search:
         return self.capacity.offered_rps if self.capacity else 0.0
 
 
-def search_capacity(measure: Callable[[float], Point], start_rps: float, slo: SLO = SLO(),
-                    step: float = 1.4, resolution: float = 0.05, max_points: int = 8,
-                    min_rps: float = 1.0) -> Search:
-    """Find the highest offered rate that passes ``slo``.
-
-    Args:
-        measure: runs the load at a rate (req/s) and returns its ``Point``.
-        start_rps: the first rate tried (a closed-loop ceiling times ~0.8 is a good guess).
-        step: factor between rates while looking for a bracket.
-        resolution: stop bisecting when the bracket's upper end is within this fraction of its lower.
-        max_points: budget of measurements (each costs a run).
-    Returns:
-        The capacity point and every point measured.
-    """
+def capacity_steps(start_rps: float, slo: SLO = SLO(), step: float = 1.4, resolution: float = 0.05,
+                   max_points: int = 8, min_rps: float = 1.0) -> Generator[float, Point, Search]:
+    """The search as a generator: yields the next rate to measure, is sent its ``Point``, returns the
+    ``Search`` (see ``search_capacity``). Several searches can so be stepped in turn (``search_lockstep``)."""
     if start_rps <= 0 or step <= 1 or max_points < 1:
         raise ValueError(f"need start_rps > 0, step > 1, max_points >= 1; got {start_rps}, {step}, {max_points}")
     points: list[Point] = []
-
-    def run(rate: float) -> bool:
-        p = measure(rate)
-        points.append(p)
-        return slo.passes(p)
-
     lo = hi = None  # highest passing / lowest failing rate measured
     rate = start_rps
     while len(points) < max_points:
-        if run(rate):
+        p = yield rate
+        points.append(p)
+        if slo.passes(p):
             lo = rate if lo is None else max(lo, rate)
             if hi is not None:
                 break
@@ -98,12 +84,52 @@ def search_capacity(measure: Callable[[float], Point], start_rps: float, slo: SL
                 break
     while lo is not None and hi is not None and hi > lo * (1 + resolution) and len(points) < max_points:
         mid = math.sqrt(lo * hi)
-        if run(mid):
+        p = yield mid
+        points.append(p)
+        if slo.passes(p):
             lo = mid
         else:
             hi = mid
     passing = [p for p in points if slo.passes(p)]
     return Search(max(passing, key=lambda p: p.offered_rps) if passing else None, points)
+
+
+def search_capacity(measure: Callable[[float], Point], start_rps: float, slo: SLO = SLO(),
+                    step: float = 1.4, resolution: float = 0.05, max_points: int = 8,
+                    min_rps: float = 1.0) -> Search:
+    """Find the highest offered rate that passes ``slo``.
+
+    Args:
+        measure: runs the load at a rate (req/s) and returns its ``Point``.
+        start_rps: the first rate tried (a closed-loop ceiling times ~0.7 is a good guess).
+        step: factor between rates while looking for a bracket.
+        resolution: stop bisecting when the bracket's upper end is within this fraction of its lower.
+        max_points: budget of measurements (each costs a run).
+    Returns:
+        The capacity point and every point measured.
+    """
+    return search_lockstep({"_": (measure, start_rps)}, slo, step, resolution, max_points, min_rps)["_"]
+
+
+def search_lockstep(systems: dict[str, tuple[Callable[[float], Point], float]], slo: SLO = SLO(),
+                    step: float = 1.4, resolution: float = 0.05, max_points: int = 8,
+                    min_rps: float = 1.0) -> dict[str, Search]:
+    """One search per system (``name -> (measure, start_rps)``), their measurements taken in turn,
+    one rate of each system per round: on a machine whose background load drifts, every system sees
+    the same drift instead of one getting a quiet minute and the next a busy one."""
+    gens = {name: capacity_steps(start, slo, step, resolution, max_points, min_rps)
+            for name, (_, start) in systems.items()}
+    rates = {name: next(g) for name, g in gens.items()}
+    results: dict[str, Search] = {}
+    while rates:
+        for name in list(rates):
+            point = systems[name][0](rates[name])
+            try:
+                rates[name] = gens[name].send(point)
+            except StopIteration as done:
+                results[name] = done.value
+                del rates[name]
+    return {name: results[name] for name in systems}
 
 
 def additive_bound(core_rps: float, ceiling_rps: float) -> float:

@@ -143,7 +143,23 @@ def test_open_loop_smoke_against_torchserve(digits_server):
     from loadtest.images import load_pool
 
     bodies = list(load_pool("digits", limit=16).images)
-    r = run_open_loop(Target.post(f"{digits_server.url}/predictions/digits", bodies), 40, duration_s=3.0,
-                      warmup_s=0.5)
-    assert r.errors == 0 and r.ok == r.sent > 80, r
-    assert r.achieved_rps == pytest.approx(40, rel=0.25) and 0 < r.p50_ms <= r.p99_ms < 10_000
+    r = run_open_loop(Target.post(f"{digits_server.url}/predictions/digits", bodies), 30, duration_s=3.0,
+                      warmup_s=0.5, timeout_s=20)
+    # Plumbing only (speed lives in bench/): every scheduled request answered 200, latencies recorded.
+    assert r.errors == 0 and r.ok == r.sent > 50 and r.achieved_rps > 0, r
+    assert 0 < r.p50_ms <= r.p99_ms and r.hdr
+
+
+def test_lockstep_takes_one_rate_per_system_per_round_and_finds_each_knee():
+    from loadtest.capacity import search_lockstep
+
+    order = []
+
+    def system(name, knee):
+        measure, _ = synthetic(knee)
+        return (lambda rate: order.append(name) or measure(rate)), knee / 2
+
+    res = search_lockstep({"a": system("a", 1000.0), "b": system("b", 300.0)}, max_points=10)
+    assert 1000 / 1.06 <= res["a"].capacity_rps <= 1000 and 300 / 1.06 <= res["b"].capacity_rps <= 300
+    n = min(order.count("a"), order.count("b"))
+    assert order[:2 * n] == ["a", "b"] * n  # alternating while both searches run
