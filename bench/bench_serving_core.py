@@ -99,6 +99,46 @@ def concurrent_calls_per_s(artifact_dir: Path, variant: str, seconds: float, rou
     return {t: statistics.median(v) for t, v in totals.items()}
 
 
+def _handler_worker(artifact_dir: str, variant: str | None, threads: int, batch: int, images: list[bytes],
+                    seconds: float, start, results) -> None:
+    """Our TorchServe handler's ``handle`` without TorchServe: parse -> decode -> model -> JSON, on
+    batches of ``batch`` raw-PNG requests, for ``seconds``; puts requests/s."""
+    from serving.core import Limits
+    from serving.handler import ClassifierHandler
+
+    h = ClassifierHandler()
+    h.setup(load_variant(artifact_dir, variant, threads=threads), Limits(), "core", None)
+    reqs = [{"body": im} for im in images]
+    h.handle(reqs[:batch], None)  # warm
+    results.put("ready")
+    start.wait()
+    n, i, t_end = 0, 0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        h.handle([reqs[(i + j) % len(reqs)] for j in range(batch)], None)
+        i += batch
+        n += batch
+    results.put(n / seconds)
+
+
+def core_requests_per_s(artifact_dir: Path, variant: str | None, images: list[bytes], workers: int = 2,
+                        threads: int = 1, batch: int = 8, seconds: float = 6.0) -> float:
+    """C: requests/s of the in-process core as TorchServe's workers would run it (``workers``
+    processes x ``threads`` intra-op threads, ``batch`` requests per call), all started together."""
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_handler_worker, args=(str(artifact_dir), variant, threads, batch, images,
+                                                         seconds, start, results)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        assert results.get(timeout=180) == "ready"
+    start.set()
+    total = sum(results.get(timeout=seconds + 120) for _ in procs)
+    for p in procs:
+        p.join()
+    return total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", nargs="+", type=Path)

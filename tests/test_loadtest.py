@@ -123,27 +123,7 @@ def test_predictions_in_counts_answers(body, n):
     assert predictions_in(body) == n
 
 
-# ---- smoke: locust against a real TorchServe serving the tiny digits model -----------------------
-@pytest.fixture(scope="session")
-def digits_server(tmp_path_factory, digits_checkpoint):
-    """TorchServe (serving.server, shipped config, private ports) serving the tiny digits run's ONNX
-    variant through the real handler, batch 4."""
-    from export.core import ExportConfig, export_run
-    from loadtest.torchserve import PrivateServer
-    from serving.archive import ArchiveConfig, build_archive
-
-    root = tmp_path_factory.mktemp("loadtest-serve")
-    export_run(ExportConfig(run="digits", runs_dir=str(digits_checkpoint.parent.parent),
-                            out_dir=str(root / "artifacts"), checkpoint=str(digits_checkpoint),
-                            variants=("onnx-fp32",), calib_size=64, check_size=64, eval_size=120,
-                            latency_rounds=0, max_int8_drop=100.0), log=lambda _m: None)
-    build_archive(ArchiveConfig(run="digits", artifacts_dir=str(root / "artifacts"),
-                                model_store=str(root / "store"), variant_cpu="onnx-fp32", batch_size=4,
-                                max_batch_delay_ms=5, min_workers=1, max_workers=1), log=lambda _m: None)
-    with PrivateServer(root / "store", ["digits"], workdir=root / "work") as server:
-        yield server
-
-
+# ---- smoke: locust against a real TorchServe serving the tiny digits model (conftest.digits_server) -
 def run_locust(server, out: Path, seconds: int, *extra: str) -> subprocess.CompletedProcess:
     """locust with default arguments: it asks the server what it serves (its management API)."""
     url, mgmt = server.url, server.management_url

@@ -469,3 +469,13 @@ def test_an_answer_over_max_response_bytes_becomes_a_small_413():
     out = handler.handle(batch, ctx)[0]
     assert ctx.get_response_status(0)[0] == 413 and json.loads(out)["type"] == "response_too_large"
     assert len(out) < 400
+def test_light_background_is_the_ring_median_above_mid_grey():
+    from serving.core import has_light_background
+
+    rng = np.random.default_rng(0)
+    for shape in [(28, 28), (8, 8), (5, 9), (1, 1)]:
+        for _ in range(300):  # values around 127.5, so that ties and the two middle values matter
+            a = rng.integers(120, 136, shape, dtype=np.uint8)
+            r = max(1, min(shape) // 10)
+            ring = np.concatenate([a[:r].ravel(), a[-r:].ravel(), a[:, :r].ravel(), a[:, -r:].ravel()])
+            assert has_light_background(Image.fromarray(a, "L")) == (float(np.median(ring)) > 127.5)
