@@ -136,20 +136,15 @@ class ClassifierHandler(BaseHandler):
         Returns {request index: (Request, opened images, topk, pixel cost)}; refused requests get
         their answer in ``responses``.
         """
-        plans = {}
-        for i, params in enumerate(data):
-            try:
-                req = parse_request(params, self.core.contract, self.core.limits,
-                                    self._content_types(context, i, params), self._headers(context, i))
-                k = self.core.check_topk(req.topk)
-                opened, cost = self.core.open_request(req.items)
-                plans[i] = (req, opened, k, cost)
-            except InputError as err:
-                responses[i] = self._reject(context, i, err)
-            except Exception as err:  # noqa: BLE001 -- our bug: fail this request only, loudly
-                self._log_unexpected(f"request {i}", err)
-                responses[i] = self._internal_error(context, i, "the server failed on this request", err)
-        return plans
+        def plan(i: int, params: dict) -> tuple:
+            req = parse_request(params, self.core.contract, self.core.limits,
+                                self._content_types(context, i, params), self._headers(context, i))
+            k = self.core.check_topk(req.topk)
+            opened, cost = self.core.open_request(req.items)
+            return req, opened, k, cost
+
+        plans = {i: self._guarded(context, i, responses, plan, i, params) for i, params in enumerate(data)}
+        return {i: p for i, p in plans.items() if p is not None}
 
     def _decode_within_budget(self, plans: dict, context, responses: list, times: StageTimes
                               ) -> dict[int, tuple]:
@@ -170,14 +165,24 @@ class ClassifierHandler(BaseHandler):
                     f"over the batch limit of {self.core.limits.max_batch_pixels}; retry in a moment"))
                 continue
             spent += cost
-            try:
-                parsed[i] = (req, np.stack([self.core.finish(o, req.invert, times) for o in opened]), k)
-            except InputError as err:
-                responses[i] = self._reject(context, i, err)
-            except Exception as err:  # noqa: BLE001 -- our bug: fail this request only, loudly
-                self._log_unexpected(f"request {i}", err)
-                responses[i] = self._internal_error(context, i, "the server failed on this request", err)
+            pixels = self._guarded(context, i, responses,
+                                   lambda: np.stack([self.core.finish(o, req.invert, times) for o in opened]))
+            if pixels is not None:
+                parsed[i] = (req, pixels, k)
         return parsed
+
+    def _guarded(self, context, i: int, responses: list, step, *args):
+        """``step(*args)`` for request ``i``: an InputError becomes that request's 4xx answer, any
+        other exception (our bug) a 500 for that request only. Returns the step's value, or None
+        when the request has been answered."""
+        try:
+            return step(*args)
+        except InputError as err:
+            responses[i] = self._reject(context, i, err)
+        except Exception as err:  # noqa: BLE001 -- our bug: fail this request only, loudly
+            self._log_unexpected(f"request {i}", err)
+            responses[i] = self._internal_error(context, i, "the server failed on this request", err)
+        return None
 
     def _run_model(self, parsed: dict, context, responses: list, times: StageTimes) -> int:
         """One model call for every admitted request; a failure answers 500 for them, the worker stays.
