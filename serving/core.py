@@ -92,7 +92,9 @@ class Limits:
             (a JPEG counts at its draft size: see ``training.images.draft``).
         max_batch_pixels: the same sum over one model call (all requests TorchServe batched
             together). Requests are admitted cheapest first; one that no longer fits is answered 503
-            (retry) instead of making the whole batch outlast ``responseTimeout``.
+            (retry). Room for one request at the limit plus the small ones batched with it: a model
+            call never decodes two of the costliest requests, so the normal requests that share a
+            worker with an attacker wait for one of them at most.
         max_pixels_per_byte: decoded pixels per encoded byte above which an image of more than
             RATIO_FREE_PIXELS pixels is refused as bomb-like (413) before decoding. A 6300x6300
             1-bit PNG is ~5 KB: 8,000 pixels per byte. Photos are under 10, flat scans a few hundred.
@@ -107,7 +109,7 @@ class Limits:
     max_images: int = 64
     max_pixels: int = 40_000_000
     max_request_pixels: int = 16_000_000
-    max_batch_pixels: int = 32_000_000
+    max_batch_pixels: int = 20_000_000
     max_pixels_per_byte: int = 256
     max_image_bytes: int = 12 * 2**20
     max_response_bytes: int = 2**20
