@@ -282,3 +282,22 @@ def test_no_worker_restarted(served, baseline):
     assert {m: workers(served, m) for m in before} == before
     assert worker_deaths(served)[deaths:] == []
     assert_serves(served)
+
+
+@pytest.mark.parametrize("config", ["serving/config.properties", "deploy/config/config.properties"])
+def test_every_config_closes_the_control_plane(config):
+    """Both shipped configs (make serve; the container, compose and Kubernetes) refuse URL fetches
+    and workflow registration, keep model registration off and management on loopback."""
+    import re
+    from pathlib import Path
+
+    from serving.server import REPO, read_properties
+
+    props = read_properties(REPO / config)
+    patterns = [re.compile(p) for p in props["allowed_urls"].split(",")]
+    for url in ("http://127.0.0.1:9/x.mar", "https://example.com/x.war", "file:///etc/passwd",
+                "file:///opt/visionpipe/model-store/../../etc/x.mar", "FILE:///tmp/x.mar"):
+        assert not any(p.fullmatch(url) for p in patterns), (config, url)
+    assert not Path(props["workflow_store"]).exists()
+    assert props["enable_model_api"] == "false"
+    assert props["management_address"].startswith("http://127.0.0.1:")
