@@ -90,8 +90,8 @@ def markdown(rows: list[dict], limits: Limits, command: str) -> str:
               for r in rows]
     lines += ["", f"Costliest: **{worst['request']}** ({worst['contract']}, {worst['outcome']}), "
               f"{worst['median_ms']:.0f} ms of one core. "
-              f"A model call holds at most max_batch_pixels / max_request_pixels = "
-              f"{limits.max_batch_pixels // limits.max_request_pixels} such requests."]
+              f"A model call holds at most {limits.max_batch_pixels // limits.max_request_pixels} "
+              f"request(s) at max_request_pixels (max_batch_pixels // max_request_pixels)."]
     return "\n".join(lines)
 
 
