@@ -58,7 +58,7 @@ help:
 	@echo "make export [RUN=x]       runs/<RUN>/best.pt -> artifacts/<RUN>/ (TorchScript, ONNX, INT8 + manifest)"
 	@echo "make bench-export [RUN=x] latency of every exported variant"
 	@$(MAKE) --no-print-directory help-serve help-deploy help-observability help-workstation
-	@sed -n '2,5p' mk/loadtest.mk | sed 's/^# //'
+	@sed -n '2,6p' mk/loadtest.mk | sed 's/^# //'
 	@echo "make bench-train          trainer vs step ceiling, Fashion-MNIST time to accuracy, demo training, small data (docs/benchmarks.md, reports/bench_train.json)"
 	@echo "make clean                remove runs/ artifacts/ reports/ logs/ model_store/*.mar"
 
