@@ -24,6 +24,7 @@ NAME=visionpipe-ws-smoke
 WS_UID=10001
 export CONTAINERS_CONF="$PWD/deploy/smoke/containers.conf"   # runc, cgroupfs, host network, no ulimits
 
+trap 'echo "workstation-smoke: error: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 say() { echo "workstation-smoke: $*"; }
 die() { echo "workstation-smoke: error: $*" >&2; exit 1; }
 # The container's own log lines, then stop: used when a check fails.
@@ -81,7 +82,8 @@ start_container() {  # $@: extra podman run arguments
         -v "$VOL/artifacts:/workspace/artifacts" -v "$VOL/home:/home/dev" \
         -v "$SMOKE_DIR/keys/authorized_keys:/etc/visionpipe/ssh/authorized_keys:ro" "$@" "$IMAGE" >/dev/null
     local t0; t0=$(date +%s)
-    until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$JPORT/api")" = 200 ]; do
+    until podman logs "$NAME" 2>&1 | grep -q '^workstation: Jupyter Lab' \
+          && [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$JPORT/api")" = 200 ]; do
         [ "$(podman inspect "$NAME" --format '{{.State.Running}}')" = true ] || fail "container exited"
         [ $(( $(date +%s) - t0 )) -lt 120 ] || fail "Jupyter not up after 120 s"
         sleep 1
@@ -100,8 +102,11 @@ refused() {  # $1: what; rest: ssh arguments. Passes when ssh fails with "Permis
 }
 
 rm -f "$SMOKE_DIR/keys/known_hosts"
+for port in "$JPORT" "$SPORT"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port is taken (host network): set SMOKE_JUPYTER_PORT / SMOKE_SSH_PORT"; fi
+done
 start_container
-podman logs "$NAME" 2>&1 | grep '^workstation' | sed 's/token [0-9a-f]\{16,\}/token <printed>/' | sed 's/^/    /'
+podman logs "$NAME" 2>&1 | { grep '^workstation' || true; } | sed 's/token [0-9a-f]\{16,\}/token <printed>/; s/^/    /'
 TOKEN=$(podman logs "$NAME" 2>&1 | sed -n 's/^workstation: Jupyter Lab: port [0-9]*, token \([0-9a-f]*\) .*/\1/p')
 [ -n "$TOKEN" ] || fail "no generated token in the log"
 [ "$(podman logs "$NAME" 2>&1 | grep -c "$TOKEN")" = 1 ] || fail "the token appears more than once in the log"
