@@ -12,6 +12,7 @@
 #      artifacts and home files, the same SSH host key, and takes the mounted token.
 # Not part of `make test`: the build installs ~5 GB of wheels. Needs podman, runc, debootstrap, curl and
 # an ssh client. Everything goes under SMOKE_DIR (default /var/tmp/visionpipe-ws-smoke).
+# SMOKE_SKIP_BUILD=1 runs the checks on IMAGE as it is; SMOKE_RUN_ARGS adds `podman run` arguments.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -54,11 +55,15 @@ if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
     build_args+=(--build-arg PIP_CERT=/etc/ssl/certs/host-ca.crt)
     volumes+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/host-ca.crt:ro)
 fi
-say "building $IMAGE (log: $SMOKE_DIR/build.log)"
-start=$(date +%s)
-podman build --format docker --network host -f deploy/docker/workstation/Dockerfile "${build_args[@]}" \
-    "${volumes[@]}" -t "$IMAGE" . >"$SMOKE_DIR/build.log" 2>&1 || { tail -20 "$SMOKE_DIR/build.log"; die "build failed"; }
-say "built in $(( $(date +%s) - start )) s; size $(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+if [ -n "${SMOKE_SKIP_BUILD:-}" ]; then
+    say "SMOKE_SKIP_BUILD: using $IMAGE as it is"
+else
+    say "building $IMAGE (log: $SMOKE_DIR/build.log)"
+    start=$(date +%s)
+    podman build --format docker --network host -f deploy/docker/workstation/Dockerfile "${build_args[@]}" \
+        "${volumes[@]}" -t "$IMAGE" . >"$SMOKE_DIR/build.log" 2>&1 || { tail -20 "$SMOKE_DIR/build.log"; die "build failed"; }
+    say "built in $(( $(date +%s) - start )) s; size $(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+fi
 
 # ---- 2. volumes, keys, run ---------------------------------------------------------------------------
 VOL="$SMOKE_DIR/volumes"
@@ -80,7 +85,8 @@ start_container() {  # $@: extra podman run arguments
         -e JUPYTER_IP=127.0.0.1 -e JUPYTER_PORT="$JPORT" -e SSH_PORT="$SPORT" \
         -v "$VOL/workspace:/workspace" -v "$VOL/runs:/workspace/runs" -v "$VOL/data:/workspace/data" \
         -v "$VOL/artifacts:/workspace/artifacts" -v "$VOL/home:/home/dev" \
-        -v "$SMOKE_DIR/keys/authorized_keys:/etc/visionpipe/ssh/authorized_keys:ro" "$@" "$IMAGE" >/dev/null
+        -v "$SMOKE_DIR/keys/authorized_keys:/etc/visionpipe/ssh/authorized_keys:ro" ${SMOKE_RUN_ARGS:-} "$@" \
+        "$IMAGE" >/dev/null
     local t0; t0=$(date +%s)
     until podman logs "$NAME" 2>&1 | grep -q '^workstation: Jupyter Lab' \
           && [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$JPORT/api")" = 200 ]; do
