@@ -12,6 +12,7 @@
 #      artifacts and home files, the same SSH host key, and takes the mounted token.
 # Not part of `make test`: the build installs ~5 GB of wheels. Needs podman, runc, debootstrap, curl and
 # an ssh client. Everything goes under SMOKE_DIR (default /var/tmp/visionpipe-ws-smoke).
+# SMOKE_SKIP_BUILD=1 runs the checks on IMAGE as it is; SMOKE_RUN_ARGS adds `podman run` arguments.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -24,6 +25,7 @@ NAME=visionpipe-ws-smoke
 WS_UID=10001
 export CONTAINERS_CONF="$PWD/deploy/smoke/containers.conf"   # runc, cgroupfs, host network, no ulimits
 
+trap 'echo "workstation-smoke: error: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 say() { echo "workstation-smoke: $*"; }
 die() { echo "workstation-smoke: error: $*" >&2; exit 1; }
 # The container's own log lines, then stop: used when a check fails.
@@ -53,11 +55,15 @@ if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
     build_args+=(--build-arg PIP_CERT=/etc/ssl/certs/host-ca.crt)
     volumes+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/host-ca.crt:ro)
 fi
-say "building $IMAGE (log: $SMOKE_DIR/build.log)"
-start=$(date +%s)
-podman build --format docker --network host -f deploy/docker/workstation/Dockerfile "${build_args[@]}" \
-    "${volumes[@]}" -t "$IMAGE" . >"$SMOKE_DIR/build.log" 2>&1 || { tail -20 "$SMOKE_DIR/build.log"; die "build failed"; }
-say "built in $(( $(date +%s) - start )) s; size $(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+if [ -n "${SMOKE_SKIP_BUILD:-}" ]; then
+    say "SMOKE_SKIP_BUILD: using $IMAGE as it is"
+else
+    say "building $IMAGE (log: $SMOKE_DIR/build.log)"
+    start=$(date +%s)
+    podman build --format docker --network host -f deploy/docker/workstation/Dockerfile "${build_args[@]}" \
+        "${volumes[@]}" -t "$IMAGE" . >"$SMOKE_DIR/build.log" 2>&1 || { tail -20 "$SMOKE_DIR/build.log"; die "build failed"; }
+    say "built in $(( $(date +%s) - start )) s; size $(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+fi
 
 # ---- 2. volumes, keys, run ---------------------------------------------------------------------------
 VOL="$SMOKE_DIR/volumes"
@@ -79,9 +85,11 @@ start_container() {  # $@: extra podman run arguments
         -e JUPYTER_IP=127.0.0.1 -e JUPYTER_PORT="$JPORT" -e SSH_PORT="$SPORT" \
         -v "$VOL/workspace:/workspace" -v "$VOL/runs:/workspace/runs" -v "$VOL/data:/workspace/data" \
         -v "$VOL/artifacts:/workspace/artifacts" -v "$VOL/home:/home/dev" \
-        -v "$SMOKE_DIR/keys/authorized_keys:/etc/visionpipe/ssh/authorized_keys:ro" "$@" "$IMAGE" >/dev/null
+        -v "$SMOKE_DIR/keys/authorized_keys:/etc/visionpipe/ssh/authorized_keys:ro" ${SMOKE_RUN_ARGS:-} "$@" \
+        "$IMAGE" >/dev/null
     local t0; t0=$(date +%s)
-    until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$JPORT/api")" = 200 ]; do
+    until podman logs "$NAME" 2>&1 | grep -q '^workstation: Jupyter Lab' \
+          && [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$JPORT/api")" = 200 ]; do
         [ "$(podman inspect "$NAME" --format '{{.State.Running}}')" = true ] || fail "container exited"
         [ $(( $(date +%s) - t0 )) -lt 120 ] || fail "Jupyter not up after 120 s"
         sleep 1
@@ -100,8 +108,11 @@ refused() {  # $1: what; rest: ssh arguments. Passes when ssh fails with "Permis
 }
 
 rm -f "$SMOKE_DIR/keys/known_hosts"
+for port in "$JPORT" "$SPORT"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port is taken (host network): set SMOKE_JUPYTER_PORT / SMOKE_SSH_PORT"; fi
+done
 start_container
-podman logs "$NAME" 2>&1 | grep '^workstation' | sed 's/token [0-9a-f]\{16,\}/token <printed>/' | sed 's/^/    /'
+podman logs "$NAME" 2>&1 | { grep '^workstation' || true; } | sed 's/token [0-9a-f]\{16,\}/token <printed>/; s/^/    /'
 TOKEN=$(podman logs "$NAME" 2>&1 | sed -n 's/^workstation: Jupyter Lab: port [0-9]*, token \([0-9a-f]*\) .*/\1/p')
 [ -n "$TOKEN" ] || fail "no generated token in the log"
 [ "$(podman logs "$NAME" 2>&1 | grep -c "$TOKEN")" = 1 ] || fail "the token appears more than once in the log"

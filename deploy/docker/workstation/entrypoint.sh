@@ -8,7 +8,7 @@
 #                   which shows a provided token as "...").
 #   SSH             on when /etc/visionpipe/ssh/authorized_keys is mounted (public keys, one a line);
 #                   off otherwise, with a note. Host key: generated once into the home volume.
-#   /workspace      if empty (a fresh volume), filled with a copy of the project (notebooks, Makefile,
+#   /workspace      if empty (a fresh volume: nothing but the volume mount points), filled with a copy of the project (notebooks, Makefile,
 #                   sources) so the notebook and `make train` work there; a mounted checkout is left alone.
 set -euo pipefail
 
@@ -30,7 +30,9 @@ fi
 mkdir -p "$MPLCONFIGDIR" "$HOME/.workstation"
 
 # ---- /workspace --------------------------------------------------------------------------------
-if [ -z "$(ls -A "$WORKSPACE" 2>/dev/null)" ] && [ -d "$SEED" ]; then
+# "Empty" ignores the mount points of the runs/, data/, artifacts/ volumes (the runtime creates them)
+# and a fresh filesystem's lost+found.
+if [ -z "$(ls -A "$WORKSPACE" 2>/dev/null | grep -vxE 'runs|data|artifacts|lost\+found')" ] && [ -d "$SEED" ]; then
     # -a keeps the files' times: pyproject.toml stays older than the image's venv (mk/workstation.mk).
     cp -a "$SEED/." "$WORKSPACE/"
     say "empty $WORKSPACE: copied the project into it (notebooks/pipeline.ipynb, Makefile, sources)"
