@@ -265,9 +265,7 @@ class InferenceCore:
         img = decode_image(item, self.limits, self._draft)
         t1 = time.perf_counter()
         img = apply_invert(to_mode(img, c.channels), invert, c.channels)
-        if img.size != (c.width, c.height):  # at the contract's size the resize is the identity, and
-            img = self._resize(img)          # torchvision's v2 dispatch cost more than the whole decode
-        pixels = _chw(img)
+        pixels = _chw(self._resize(img))
         times.decode_ms += (t1 - t0) * 1e3
         times.preprocess_ms += (time.perf_counter() - t1) * 1e3
         return pixels
