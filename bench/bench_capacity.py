@@ -340,7 +340,7 @@ def render(doc: dict) -> str:
         f"{doc['elapsed_s'] / 60:.1f} min. Machine: {m.get('CPU(s)', '?')} cores, {m.get('Model name', '?')} "
         f"({', '.join(m['isa'])}); **shared with other agents' jobs while it ran** (load average "
         f"{doc['load_before']:.1f} before, {doc['load_after']:.1f} after, on 2 cores), so absolute numbers are "
-        f"depressed and noisy; the systems ran one after another in this one run, compare the ratios. Model "
+        f"depressed and noisy; settings were screened one at a time, then the three systems searched side by side in lockstep (one rate of each per round), compare the ratios. Model "
         f"`{doc['run']}` (variant `{doc['variant']}`), {doc['images']}.",
         "",
         f"Capacity = the highest offered rate (Poisson arrivals) with p99 from the intended send time <= "
