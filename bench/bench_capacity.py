@@ -71,6 +71,7 @@ class Config:
     duration_s: float
     warmup_s: float
     screen_s: float
+    warm_s: float
     max_points: int
     stock_settings: tuple[Setting, ...]
     triton_configs: tuple[TritonConfig, ...]
@@ -126,8 +127,15 @@ def open_point(target: Target, rate: float, cfg: Config, server_pid: int, name: 
     return p
 
 
+def warm(target: Target, cfg: Config) -> None:
+    """A fresh server is slow for its first thousands of requests (TorchServe's Java frontend is still
+    being JIT-compiled, ONNX Runtime plans each new batch size): closed-loop load before any measuring."""
+    run_closed_loop(target, 16, cfg.warm_s, warmup_s=0.0)
+
+
 def screen(target: Target, cfg: Config) -> float:
-    """Closed-loop throughput with 16 connections: ranks settings and seeds the search."""
+    """Closed-loop throughput with 16 connections, after a warm-up: ranks settings, seeds the search."""
+    warm(target, cfg)
     return run_closed_loop(target, 16, cfg.screen_s, warmup_s=1.0).achieved_rps
 
 
@@ -262,6 +270,8 @@ def measure_all(cfg: Config, images: list[bytes], variant: str, work: Path) -> d
                    "triton": start_triton(cfg, best_triton, images, work, variant, st),
                    "stock": start_stock(cfg, best_stock, images, work, st)}
         answers = {k: top1_answers(running[k], k, images) for k in ("ours", "triton")}
+        for r in running.values():
+            warm(r.target, cfg)
         closed = {"ours": next(iter(screens["ours"].values())), "stock": screens["stock"][best_stock.label()],
                   "triton": screens["triton"][best_triton.label()]}
         print(f"  searching in lockstep: {', '.join(f'{k} {v.setting}' for k, v in running.items())}", flush=True)
@@ -330,12 +340,13 @@ def render(doc: dict) -> str:
         f"{doc['elapsed_s'] / 60:.1f} min. Machine: {m.get('CPU(s)', '?')} cores, {m.get('Model name', '?')} "
         f"({', '.join(m['isa'])}); **shared with other agents' jobs while it ran** (load average "
         f"{doc['load_before']:.1f} before, {doc['load_after']:.1f} after, on 2 cores), so absolute numbers are "
-        f"depressed and noisy; the systems ran one after another in this one run, compare the ratios. Model "
+        f"depressed and noisy; settings were screened one at a time, then the three systems searched side by side in lockstep (one rate of each per round), compare the ratios. Model "
         f"`{doc['run']}` (variant `{doc['variant']}`), {doc['images']}.",
         "",
         f"Capacity = the highest offered rate (Poisson arrivals) with p99 from the intended send time <= "
         f"{doc['slo']['p99_ms']:g} ms, {doc['slo']['max_errors']} errors and >= {doc['slo']['min_achieved']:.0%} "
-        f"answered; each point {doc['duration_s']:g} s after {doc['warmup_s']:g} s warm-up, the generator "
+        f"answered; every server start is warmed with {doc['warm_s']:g} s of closed-loop load first; each point "
+        f"{doc['duration_s']:g} s after {doc['warmup_s']:g} s warm-up, the generator "
         f"(`loadtest/openloop.py`) on the same cores (its CPU is `generator CPU`, % of one core; `send lag` "
         f"is how late it sent, counted in the latency).",
         "",
@@ -387,6 +398,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per rate")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--screen", type=float, default=4.0, help="closed-loop seconds per screened setting")
+    p.add_argument("--warm", type=float, default=10.0, help="closed-loop seconds of warm-up per server start")
     p.add_argument("--max-points", type=int, default=7, help="rates measured per search")
     p.add_argument("--stock-settings", default="1:0:2,4:5:2,8:5:2", help="BATCH:DELAY_MS:WORKERS,...")
     p.add_argument("--triton-configs", default="2:8:8:1000:2,2:8:8:5000:2,2:16:8:2000:4",
@@ -400,7 +412,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
         raise SystemExit("error: wrk not found (it measures the no-op ceiling); apt-get install -y wrk")
     triton = tuple(TritonConfig(*(int(x) for x in c.split(":"))) for c in a.triton_configs.split(","))
     cfg = Config(a.run, Path(a.artifacts_dir), Path(a.runs_dir), Path(a.reports), Path(a.docs) if a.docs else None,
-                 Path(a.triton_venv), SLO(p99_ms=a.slo_p99_ms), a.duration, a.warmup, a.screen, a.max_points,
+                 Path(a.triton_venv), SLO(p99_ms=a.slo_p99_ms), a.duration, a.warmup, a.screen, a.warm, a.max_points,
                  tuple(Setting.parse(s) for s in a.stock_settings.split(",")), triton, a.profile)
     return cfg, "python bench/bench_capacity.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
@@ -426,7 +438,7 @@ def main(argv=None) -> int:
         "command": command, "commit": commit, "started": started, "elapsed_s": time.monotonic() - t0,
         "machine": cpu_model(), "load_before": load_before, "load_after": os.getloadavg()[0],
         "run": cfg.run, "variant": variant, "images": pool.source, "slo": asdict(cfg.slo),
-        "duration_s": cfg.duration_s, "warmup_s": cfg.warmup_s,
+        "duration_s": cfg.duration_s, "warmup_s": cfg.warmup_s, "warm_s": cfg.warm_s,
         "systems": [asdict(s) for s in systems],
         "bounds": {"core_rps": m["core"], "noop_rps": m["noop"],
                    "core_setting": f"{acfg.max_workers} processes x {acfg.threads} thread, batch {acfg.batch_size}"},

@@ -13,6 +13,7 @@ land in a stall (p90 ~100 ms, p99 ~200 ms).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,8 @@ def main(argv=None) -> int:
     section = ("### The generator against a server that stalls 200 ms once a second (`make capacity-demo`)\n\n"
                f"`python -m loadtest.stall_demo --rate {a.rate:g} --duration {a.duration:g}` "
                f"(`loadtest/stall_server.py`: every request arriving in the first 200 ms of each second is "
-               f"answered at the end of that 200 ms; {a.duration:g} s per generator):\n\n" + table + "\n\n"
+               f"answered at the end of that 200 ms; {a.duration:g} s per generator; load average "
+               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, shared with other jobs):\n\n" + table + "\n\n"
                "A closed loop that times each request from its actual send (our `--closed` mode; locust "
                "and hey measure the same way) sees each stall once per connection and its p99 stays near the "
                "unstalled latency. wrk 4's p99 does show the stall, but only because wrk back-fills its "

@@ -162,6 +162,7 @@ class TritonServer:
                 time.sleep(0.5)
         except BaseException:
             self.stop()
+            shutil.rmtree(self.workdir, ignore_errors=True)  # __exit__ never runs for a failed start
             raise
         self.ready_s = time.monotonic() - t0
         return self

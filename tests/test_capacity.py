@@ -163,3 +163,20 @@ def test_lockstep_takes_one_rate_per_system_per_round_and_finds_each_knee():
     assert 1000 / 1.06 <= res["a"].capacity_rps <= 1000 and 300 / 1.06 <= res["b"].capacity_rps <= 300
     n = min(order.count("a"), order.count("b"))
     assert order[:2 * n] == ["a", "b"] * n  # alternating while both searches run
+
+
+def test_bench_targets_are_ratios_of_capacities_and_a_peer_without_capacity_is_beaten():
+    import importlib.util
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_capacity", REPO / "bench/bench_capacity.py")
+    bench = sys.modules["bench_capacity"] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(bench)
+    t = bench.targets(300, 250, 100, 320, 40.0, SLO(p99_ms=50))
+    assert t["vs_triton"] == pytest.approx(1.2) and t["vs_stock"] == 3.0 and t["vs_bound"] == pytest.approx(0.9375)
+    assert t["vs_triton_ok"] and t["vs_stock_ok"] and t["vs_bound_ok"] and t["p99_ok"]
+    t = bench.targets(100, 0, 0, 320, 60.0, SLO(p99_ms=50))
+    assert t["vs_triton"] is None and t["vs_triton_ok"] and not t["vs_bound_ok"] and not t["p99_ok"]
+    assert not bench.targets(0, 0, 0, 320, 0.0, SLO())["vs_triton_ok"]
