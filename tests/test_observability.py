@@ -269,9 +269,10 @@ def _traffic(served, seconds: float) -> dict:
     from PIL import Image
     import numpy as np
     cifar = encode(Image.fromarray(np.random.default_rng(5).integers(0, 255, (32, 32, 3), np.uint8)), "JPEG")
-    mix = [("digits", d, "image/png") for d in digits] + [("cifarnet", cifar, "image/jpeg")] * 3 + [
-        ("digits", b"not an image at all", "image/png"), ("digits", b"", "image/png")]
-    results: dict = {"latency": {"digits": [], "cifarnet": []}, "status": [], "form_500": None}
+    bad = [("digits", b"not an image at all", "image/png"), ("digits", b"", "image/png")]
+    mix = [("digits", d, "image/png") for d in digits] + [("cifarnet", cifar, "image/jpeg")] * 3 + bad
+    results: dict = {"latency": {"digits": [], "cifarnet": []}, "form_500": None,
+                     "status": [_post(served, *request)[0] for request in bad]}  # each at least once
     results["form_500"] = _post(served, "digits", FORM_500, "application/x-www-form-urlencoded")[0]
     deadline = time.monotonic() + seconds
 
