@@ -35,10 +35,12 @@ AVAILABILITY_SLO_TARGET = 0.999
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
 KINDS = ("counter", "gauge", "histogram")
-# Where a metric comes from: TorchServe's frontend (declared under ts_metrics), our handler (declared
-# under model_metrics; TorchServe adds Hostname), or NVIDIA's DCGM exporter on GPU hosts (not declared
-# to TorchServe at all; listed so that the dashboard's GPU panels name metrics that exist).
-SOURCES = ("frontend", "handler", "dcgm")
+# Where a metric comes from: TorchServe's frontend (declared under ts_metrics); the worker process,
+# declared under model_metrics (TorchServe adds Hostname) and emitted by our handler or by TorchServe's
+# own service layer; or NVIDIA's DCGM exporter on GPU hosts (not declared to TorchServe at all; listed
+# so that the dashboard's GPU panels name metrics that exist).
+SOURCES = ("frontend", "handler", "worker", "dcgm")
+MODEL_METRIC_SOURCES = ("handler", "worker")
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Metric:
     @property
     def exported_labels(self) -> tuple[str, ...]:
         """Labels as scraped: TorchServe adds Hostname to model metrics; histograms add le to _bucket."""
-        return self.labels + (("Hostname",) if self.source == "handler" else ())
+        return self.labels + (("Hostname",) if self.source in MODEL_METRIC_SOURCES else ())
 
 
 _HOST = ("Level", "Hostname")  # Level="Host" on every frontend host metric
@@ -124,7 +126,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("WorkerStarts", "counter", "count", _MODEL,
            "worker processes that began loading the model (initial workers and every restart)", "handler"),
     Metric("PredictionTime", "gauge", "ms", _MODEL,
-           "the latest batch's whole handle() time, emitted by TorchServe's service layer", "handler"),
+           "the latest batch's whole handle() time, emitted by TorchServe's service layer", "worker"),
     # ---- NVIDIA DCGM exporter (GPU hosts; scraped from the exporter, not TorchServe) --------------
     Metric("DCGM_FI_DEV_GPU_UTIL", "gauge", "Percent", ("gpu", "UUID", "Hostname"),
            "GPU utilisation, per GPU", "dcgm", gpu=True),
@@ -163,7 +165,7 @@ class HandlerMetrics:
         from ts.metrics.metric_type_enum import MetricTypes  # only inside a TorchServe worker
 
         for m in METRICS:
-            if m.source == "handler" and m.name != "PredictionTime":  # that one TorchServe emits itself
+            if m.source == "handler":
                 self._metrics[m.name] = cache.add_metric_to_cache(m.name, m.unit, list(m.labels),
                                                                   MetricTypes[m.kind.upper()])
 
@@ -206,10 +208,10 @@ def render_metrics_yaml() -> str:
     lines = ["# GENERATED from serving/metrics.py by `python deploy/observability.py`: edit that, not this.",
              "# TorchServe exports on its metrics port (metrics_mode=prometheus) only the metrics declared here.",
              "# Model metrics get a Hostname label from TorchServe."]
-    for section, source in (("ts_metrics", "frontend"), ("model_metrics", "handler")):
+    for section, sources in (("ts_metrics", ("frontend",)), ("model_metrics", MODEL_METRIC_SOURCES)):
         lines.append(f"{section}:")
         for kind in KINDS:
-            chosen = [m for m in METRICS if m.source == source and m.kind == kind]
+            chosen = [m for m in METRICS if m.source in sources and m.kind == kind]
             if not chosen:
                 continue
             lines.append(f"  {kind}:")
