@@ -37,9 +37,12 @@ def train_tiny(runs_dir: Path, run: str, model: str, dataset: str, data_dir: Pat
     from training.config import TrainConfig
     from training.train import fit
 
+    # min_steps=0: a smoke run makes only the steps its epochs hold (the default floor would stretch
+    # a 1-epoch run on tiny data to 500 steps).
+    settings = dict(batch_size=32, workers=0, tensorboard=False, min_steps=0)
     cfg = TrainConfig(run=run, model=model, dataset=dataset,
                       data_dir=str(data_dir) if data_dir else None, runs_dir=str(runs_dir),
-                      epochs=epochs, batch_size=32, workers=0, tensorboard=False, **overrides)
+                      epochs=epochs, **{**settings, **overrides})
     return fit(cfg)
 
 

@@ -49,14 +49,24 @@ def test_step_rates_measure_every_setting():
     assert all(ips > 0 for *_, ips in rates)
 
 
-def test_ratio_section_uses_per_round_ratios():
-    res = bench.RatioResult({"tensor": [900.0, 950.0, 400.0], "loader": [500.0, 520.0, 200.0],
-                             "ceiling": [1000.0, 1000.0, 420.0]}, [0.9, 0.95, 400 / 420],
+def test_ratio_section_uses_per_round_cpu_ratios():
+    wall = {"tensor": [90.0, 95.0, 40.0], "loader": [50.0, 52.0, 20.0], "ceiling": [100.0, 100.0, 42.0]}
+    cpu = {k + "_cpu": [v * 10 for v in vs] for k, vs in wall.items()}
+    res = bench.RatioResult({**wall, **cpu}, [0.9, 0.95, 40 / 42],
                             {"model": "bn_cnn", "batch_size": 128, "precision": "bf16", "channels_last": True,
-                             "augment": "crop-flip", "rounds": 3, "steps": 5, "loader_workers": 1, "device": "cpu"})
+                             "augment": "crop-flip", "rounds": 3, "steps": 5, "loader_workers": 0, "device": "cpu"})
     text = bench.ratio_section(res, "machine")
-    assert "tensor **0.95**" in text and "DataLoader 0.50" in text and "Target >= 0.90: met" in text
+    assert "tensor **0.950**" in text and "DataLoader 0.500" in text and "Target >= 0.90: met" in text
     assert text.count("\n| ") == 4  # header + 3 rounds
+
+
+def test_ratio_runs_the_trainer_and_the_ceiling(tmp_path, monkeypatch):
+    from datafiles import write_mnist_gz
+    monkeypatch.chdir(tmp_path)  # IDX staging goes to ./data
+    data = write_mnist_gz(tmp_path / "f", n_train=64, n_test=8)
+    res = bench.trainer_vs_ceiling(data, model_name="simple_cnn", batch_size=8, precision="fp32",
+                                   channels_last=False, rounds=2, steps=3)
+    assert all(len(v) == 2 and min(v) > 0 for v in res.rates.values()) and len(res.ratios) == 2
 
 
 def test_subsample_files_and_report(tmp_path):

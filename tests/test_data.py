@@ -1,5 +1,7 @@
 """Datasets through the real torchvision readers, on tiny files in the exact on-disk formats."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,19 @@ def test_mnist_idx_gz_files(tiny_mnist_dir, tmp_path, monkeypatch):
     x, y = s.test[3]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and y == 3
     assert s.contract.mean == (0.1307,) and s.contract.std == (0.3081,)
-    assert (tmp_path / "data/MNIST/raw/train-images-idx3-ubyte").is_file()
+    assert len(list(tmp_path.glob("data/staged/*/MNIST/raw/train-images-idx3-ubyte"))) == 1
+
+
+def test_idx_staging_follows_its_source_folder(tmp_path, monkeypatch):
+    """Files staged from one folder are never read for another, nor after the source changed."""
+    monkeypatch.chdir(tmp_path)
+    big, small = write_mnist_gz(tmp_path / "big", n_train=30, n_test=10), write_mnist_gz(tmp_path / "small", n_train=20, n_test=10)
+    assert len(load_splits("fashion-mnist", big, val_fraction=0.0).train) == 30
+    assert len(load_splits("fashion-mnist", small, val_fraction=0.0).train) == 20
+    write_mnist_gz(small, n_train=25, n_test=10)  # rewritten in place: new mtimes
+    for f in small.iterdir():
+        os.utime(f, ns=(f.stat().st_mtime_ns + 10**9, f.stat().st_mtime_ns + 10**9))
+    assert len(load_splits("fashion-mnist", small, val_fraction=0.0).train) == 25
 
 
 def test_fashion_mnist_uses_its_own_contract(tiny_mnist_dir, tmp_path, monkeypatch):

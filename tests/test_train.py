@@ -197,7 +197,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "training", "train", "--run-name", "ddp", "--model", "simple_cnn", "--dataset", "digits",
-         "--epochs", "2", "--workers", "0", "--runs-dir", str(tmp_path), "--no-tensorboard",
+         "--epochs", "2", "--workers", "0", "--min-steps", "0", "--runs-dir", str(tmp_path), "--no-tensorboard",
          "--val-fraction", "0.5"],
         capture_output=True, text=True, cwd=REPO, timeout=180, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
 import shutil
 import tempfile
@@ -167,25 +168,29 @@ def _stage_idx(cls: type, data_dir: Path, root: Path) -> Path:
     """Return a torchvision root for ``cls`` holding the IDX files found in ``data_dir``.
 
     Accepts torchvision's own layout (``<data_dir>/<Class>/raw/``) or the four files (``.gz`` or not)
-    directly in ``data_dir``, as Debian's dataset packages ship them; the latter are decompressed into
-    ``<root>/<Class>/raw/`` once.
+    directly in ``data_dir``, as Debian's dataset packages ship them; the latter are decompressed once
+    into ``<root>/staged/<hash of data_dir>/<Class>/raw/``, one folder per source folder, and again
+    whenever a source file's mtime differs from its staged copy's (a staged copy of another folder,
+    or of older files, is never read).
     """
     if all((data_dir / cls.__name__ / "raw" / f).exists() for f in IDX_FILES):
         return data_dir
-    raw = root / cls.__name__ / "raw"
+    staged = root / "staged" / hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    raw = staged / cls.__name__ / "raw"
     for f in IDX_FILES:
-        if (raw / f).exists():
-            continue
         for candidate, gz in ((data_dir / f, False), (data_dir / (f + ".gz"), True),
                               (data_dir / cls.__name__ / "raw" / (f + ".gz"), True)):
             if candidate.exists():
-                _atomic_copy(candidate, raw / f, decompress=gz)
+                mtime = candidate.stat().st_mtime_ns
+                if not (raw / f).exists() or (raw / f).stat().st_mtime_ns != mtime:
+                    _atomic_copy(candidate, raw / f, decompress=gz)
+                    os.utime(raw / f, ns=(mtime, mtime))
                 break
         else:
             raise DataNotFoundError(
                 f"{cls.__name__} files not found: expected {', '.join(IDX_FILES)} (or .gz) in "
                 f"{data_dir} or {data_dir / cls.__name__ / 'raw'}; fetch them or pass --data-dir DIR")
-    return root
+    return staged
 
 
 def _torchvision_loader(cls: type, contract: Contract):
