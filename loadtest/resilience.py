@@ -25,6 +25,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import sys
@@ -509,18 +510,22 @@ def fault_section(r: dict, command: str) -> str:
     ])
 
 
-def seconds(text: str) -> float:
-    """A duration as locust's --run-time spells it (600, 600s, 10m, 1h30m) -> seconds, with locust's
-    own parser."""
-    from locust.util.timespan import parse_timespan
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
+
+def seconds(text: str) -> float:
+    """A duration as locust's --run-time spells it: 600, 600s, 10m, 1h30m -> seconds. (Not locust's own
+    ``parse_timespan``: importing locust monkey-patches threads and sockets for gevent, which the paced
+    load's threads must not get.)"""
     try:
-        total = parse_timespan(text.strip())
+        return float(text)
     except ValueError:
-        total = 0
+        pass
+    m = _DURATION.fullmatch(text.strip())
+    total = sum(float(v) * unit for v, unit in zip(m.groups(), (3600, 60, 1)) if v) if m else 0.0
     if total <= 0:
         raise argparse.ArgumentTypeError(f"bad duration {text!r}: write seconds (600) or 600s, 10m, 1h30m")
-    return float(total)
+    return total
 
 
 def main(argv=None) -> int:
