@@ -415,8 +415,10 @@ def attack(args) -> dict:
     model = args.run
     limits, contract = archive_settings(Path(args.model_store) / f"{model}.mar")
     bodies = [(name, p["body"]) for name, p in request_cases(limits, contract).items()]
+    from export.core import cpu_name
+
     out: dict = {"run": model, "attackers": args.attackers, "attack_bodies": len(bodies),
-                 "limits": asdict(limits)}
+                 "limits": asdict(limits), "cpu": cpu_name()}
     with tempfile.TemporaryDirectory(prefix="attack-") as tmp, \
             PrivateServer(Path(args.model_store), [model]) as ts:
         work = Path(tmp)
@@ -465,7 +467,7 @@ def attack_section(r: dict, command: str) -> str:
     lim = r["limits"]
     return "\n".join([
         "## Attack run (`make fault`, attack scenario)", "",
-        f"Command: `{command}`, on the shared, noisy 2-core machine. {r['run']}: {r['attackers']} attackers "
+        f"Command: `{command}`, {r.get('cpu', '')}, on the shared, noisy 2-core machine. {r['run']}: {r['attackers']} attackers "
         f"post the {r['attack_bodies']} costliest request bodies the archive's limits admit "
         f"(`loadtest/attacks.py`; {lim['max_request_pixels']:,} pixels per request, {lim['max_batch_pixels']:,} "
         f"per model call), back to back, for {r['duration_s']:.0f} s, while normal users post held-out "
