@@ -82,6 +82,7 @@ class ClassifierHandler(BaseHandler):
         self.config = HandlerConfig.from_yaml(getattr(context, "model_yaml_config", None))
         device = pick_device(props.get("gpu_id"))
         variant = self.config.variant_cuda if device.startswith("cuda") else self.config.variant_cpu
+
         def fell_back(name: str, on: str, numbers: dict, why: str) -> None:  # one line per failed variant
             logger.warning("reference check failed: %s on %s (%s): %s; falling back", name, on, cpu_name(), why)
             emit.fallback(name)
@@ -93,8 +94,8 @@ class ClassifierHandler(BaseHandler):
             raise IntegrityError(f"archive of model {context.model_name!r} is corrupt: {e} -- rebuild it: "
                                  f"make archive RUN={context.model_name}") from e
         self.setup(runner, self.config.limits, context.model_name, context.metrics)
-        logger.info("loaded %r: %s on %s, %s threads, limits %s", self.info.name, runner.variant,
-                    runner.device, self.config.threads, self.config.limits)
+        logger.info("loaded %r: %s on %s, %s threads, limits %s, reference check %s", self.info.name,
+                    runner.variant, runner.device, self.config.threads, self.config.limits, runner.reference_check)
 
     def setup(self, runner, limits: Limits, model_name: str, metrics) -> None:
         """Wire a loaded runner in (``initialize`` does this; unit tests pass a fake runner)."""
