@@ -358,3 +358,20 @@ def test_cpu_name_names_the_isa_that_moves_int8_numbers():
     assert cpu_name(avx2) == f"AMD EPYC 7B12 ({os.cpu_count()} logical CPUs; avx2)"
     assert cpu_name(vnni).endswith("; avx2, avx512f, avx512_vnni, avx_vnni)")
     assert cpu_name("model name : Old\nflags : sse2\n").endswith("; no AVX2)")
+
+
+def test_reference_check_gates_int8_by_accuracy_and_fp32_by_logits():
+    from export.runtime import Reference, reference_check
+
+    gates = {"fp32_top1_agreement": 1.0, "fp32_atol": 1e-3, "int8_max_drop_points": 1.0}
+    labels = np.arange(100) % 10
+    logits = np.eye(10, dtype=np.float32)[labels] * 5
+    ref = Reference(np.zeros((100, 1, 2, 2), np.uint8), labels, logits)
+    assert reference_check(logits + 1e-4, ref, "fp32", gates)[1] is None
+    assert "max |logit diff| 0.01" in reference_check(logits + 0.01, ref, "fp32", gates)[1]
+    wrong = logits.copy()
+    wrong[:1] = np.roll(wrong[:1], 1, axis=1)  # one image flipped: 1 point, the batch's resolution
+    assert reference_check(wrong, ref, "int8", gates)[1] is None
+    wrong[:2] = np.roll(logits[:2], 1, axis=1)  # two images flipped: 2 points on 100 images
+    numbers, why = reference_check(wrong, ref, "int8", gates)
+    assert numbers["drop_points"] == pytest.approx(2.0) and "2.00 points below" in why
