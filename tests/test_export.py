@@ -370,7 +370,7 @@ def test_reference_check_gates_int8_by_accuracy_and_fp32_by_logits():
     assert reference_check(logits + 1e-4, ref, "fp32", gates)[1] is None
     assert "max |logit diff| 0.01" in reference_check(logits + 0.01, ref, "fp32", gates)[1]
     wrong = logits.copy()
-    wrong[:1] = np.roll(wrong[:1], 1, axis=1)  # one image flipped: 1 point, the batch's resolution
+    wrong[:1] = np.roll(wrong[:1], 1, axis=1)  # one image flipped: 1 point on 100 images, the gate itself
     assert reference_check(wrong, ref, "int8", gates)[1] is None
     wrong[:2] = np.roll(logits[:2], 1, axis=1)  # two images flipped: 2 points on 100 images
     numbers, why = reference_check(wrong, ref, "int8", gates)
