@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
     a = p.parse_args(argv)
     return ExportConfig(run=a.run, runs_dir=a.runs_dir, out_dir=a.out_dir, checkpoint=a.checkpoint,
                         data_dir=a.data_dir, variants=a.variants, calib_size=a.calib_size,
-                        check_size=a.check_size, reference_size=a.reference_size, val_size=a.val_size, eval_size=a.eval_size, max_int8_drop=a.max_int8_drop,
+                        check_size=a.check_size, reference_size=a.reference_size, val_size=a.val_size,
+                        eval_size=a.eval_size, max_int8_drop=a.max_int8_drop,
                         atol=a.atol, quant_backend=a.quant_backend, ort_reduce_range=a.ort_reduce_range,
                         ort_activation=a.ort_activation, latency_threads=a.latency_threads,
                         latency_rounds=a.latency_rounds, cpu_default=a.cpu_default, strict=a.strict,

@@ -295,7 +295,8 @@ class InferenceCore:
         calibration = (getattr(runner, "manifest", None) or {}).get("calibration") or {}
         self.temperature = float(calibration.get("temperature", 1.0))
         if not self.temperature > 0:
-            raise ValueError(f"manifest calibration temperature must be > 0, got {self.temperature}; re-run make export")
+            raise ValueError(f"manifest calibration temperature must be > 0, got {self.temperature}; "
+                             f"re-run make export")
 
     def check_topk(self, topk: int | None) -> int:
         k = self.limits.default_topk if topk is None else topk
