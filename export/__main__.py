@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
     p.add_argument("--calib-size", type=int, default=d.calib_size, help="training images for INT8 calibration")
     p.add_argument("--check-size", type=int, default=d.check_size,
                    help="held-out images for the fp32 parity gate (0: all)")
+    p.add_argument("--reference-size", type=int, default=d.reference_size,
+                   help="of the check images, how many ship as the reference batch every serving worker "
+                        "re-checks its variant on at load")
+    p.add_argument("--val-size", type=int, default=d.val_size,
+                   help="validation images (the checkpoint's own val split) the temperature is fitted on (0: all)")
     p.add_argument("--eval-size", type=int, default=d.eval_size,
                    help="held-out images for accuracy (0: the whole test split)")
     p.add_argument("--max-int8-drop", type=float, default=d.max_int8_drop,
@@ -54,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
     a = p.parse_args(argv)
     return ExportConfig(run=a.run, runs_dir=a.runs_dir, out_dir=a.out_dir, checkpoint=a.checkpoint,
                         data_dir=a.data_dir, variants=a.variants, calib_size=a.calib_size,
-                        check_size=a.check_size, eval_size=a.eval_size, max_int8_drop=a.max_int8_drop,
+                        check_size=a.check_size, reference_size=a.reference_size, val_size=a.val_size,
+                        eval_size=a.eval_size, max_int8_drop=a.max_int8_drop,
                         atol=a.atol, quant_backend=a.quant_backend, ort_reduce_range=a.ort_reduce_range,
                         ort_activation=a.ort_activation, latency_threads=a.latency_threads,
                         latency_rounds=a.latency_rounds, cpu_default=a.cpu_default, strict=a.strict,

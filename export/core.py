@@ -32,10 +32,12 @@ import numpy as np
 import torch
 
 from export import registry
+from export.calibrate import ECE_BINS, calibration_report
 from export.data import Pixels, load_pixels
 from export.measure import accuracy, eager_predict, latency, parity, predict_all
 from export.registry import REGISTRY, VARIANTS, BuildContext  # noqa: F401
-from export.runtime import MANIFEST_FORMAT, MANIFEST_NAME, load_variant, read_manifest, sha256_file, verify_file
+from export.runtime import (MANIFEST_FORMAT, MANIFEST_NAME, REFERENCE_NAME, Reference, load_variant,
+                            read_manifest, reference_check, save_reference, sha256_file, verify_file)
 from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint, provenance
 
 class GateError(RuntimeError):
@@ -54,6 +56,8 @@ class ExportConfig:
     variants: tuple[str, ...] = VARIANTS
     calib_size: int = 512                # training images for INT8 calibration
     check_size: int = 1000               # held-out images for the fp32 parity gate
+    reference_size: int = 256            # of those, shipped as the reference batch every worker checks
+    val_size: int = 0                    # validation images the temperature is fitted on; 0 = all
     eval_size: int = 0                   # held-out images for accuracy; 0 = the whole test split
     max_int8_drop: float = 1.0           # accuracy points INT8 may lose against eager fp32
     atol: float = 1e-3                   # max |logit - eager logit| for fp32 variants
@@ -73,7 +77,7 @@ class ExportConfig:
         if self.cpu_default is not None and self.cpu_default not in self.variants:
             raise ValueError(f"--cpu-default {self.cpu_default} is not among the exported variants "
                              f"{', '.join(self.variants)}")
-        for name in ("calib_size", "check_size", "eval_size", "latency_rounds"):
+        for name in ("calib_size", "check_size", "reference_size", "val_size", "eval_size", "latency_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if any(t < 1 for t in self.latency_threads):
@@ -97,7 +101,10 @@ class Source:
     sha256: str
     heldout: Pixels
     calibration: Pixels | None
+    validation: Pixels | None                      # the checkpoint's val split (temperature fitting)
     check_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ref_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    reference: dict = field(default_factory=dict)  # the manifest's "reference" entry
 
 
 def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
@@ -113,11 +120,13 @@ def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
     eager_acc = accuracy(eager_logits, src.heldout.labels)
     log(f"{cfg.run}: eager fp32 accuracy {eager_acc:.4f} on {len(src.heldout)} held-out images "
         f"({src.ckpt['dataset']} test split)")
+    calibration = fit_calibration(src, eager, eager_logits, log)
 
     out = Path(cfg.out_dir) / cfg.run
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{cfg.run}.staging-"))
     try:
+        src.reference = write_reference(src, eager_logits, staging)
         ctx = BuildContext(src.model, src.contract, src.calibration.images if src.calibration else None,
                            staging, cfg)
         entries, rejected = {}, {}
@@ -138,6 +147,7 @@ def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
             raise GateError(f"export {cfg.run} failed (--strict): " + "; ".join(
                 f"{n}: {r['reason']}" for n, r in rejected.items()) + " (nothing was published)")
         manifest = make_manifest(cfg, src, entries, eager_acc)
+        manifest["calibration"] = calibration
         manifest["rejected"] = {n: {k: v for k, v in r.items() if k not in ("file", "sha256")}
                                 for n, r in rejected.items()}
         write_json(staging / MANIFEST_NAME, manifest)
@@ -152,6 +162,22 @@ def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
         f"cpu default {manifest['default_variant']['cpu']}"
         + (f", rejected {', '.join(manifest['rejected'])}" if manifest["rejected"] else "") + ")")
     return manifest
+
+
+def fit_calibration(src: Source, eager, eager_logits: np.ndarray, log) -> dict:
+    """The temperature the served probabilities use (export.calibrate), fitted on the checkpoint's
+    validation split, with ECE/NLL before and after on the held-out test images."""
+    if src.validation is None or not len(src.validation):
+        log(f"warning: {src.path}: trained without a validation split (val_fraction 0): temperature 1 "
+            f"(probabilities uncalibrated)")
+        return {"temperature": 1.0, "fitted_on": None, "ece_bins": ECE_BINS, "test": None}
+    report = calibration_report(predict_all(eager, src.validation.images), src.validation.labels,
+                                eager_logits, src.heldout.labels, {"dataset": src.ckpt["dataset"], "split": "val"})
+    t = report["test"]
+    log(f"calibration: temperature {report['temperature']:.3f} fitted on {report['fitted_on']['samples']} "
+        f"validation images; test ECE ({ECE_BINS} bins) {t['ece_before']:.4f} -> {t['ece_after']:.4f}, "
+        f"NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f} on {t['samples']} images")
+    return report
 
 
 def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np.ndarray, eager_acc: float,
@@ -175,10 +201,16 @@ def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np
         logits = predict_all(load_variant(ctx.staging, name), src.heldout.images)
         entry["parity"] = parity(eager_logits[src.check_idx], logits[src.check_idx])
         entry["accuracy"] = accuracy(logits, src.heldout.labels)
+        # the check every serving worker repeats on its own machine (export.runtime.reference_check)
+        reference = Reference(src.heldout.images[src.ref_idx], src.heldout.labels[src.ref_idx],
+                              eager_logits[src.ref_idx])
+        entry["reference_check"], ref_failure = reference_check(logits[src.ref_idx], reference,
+                                                                variant.precision, export_gates(cfg))
         log(f"{cfg.run}: {name:17s} accuracy {entry['accuracy']:.4f}  "
             f"top-1 agreement {entry['parity']['top1_agreement']:.4f}  "
             f"max |diff| {entry['parity']['max_abs_diff']:.2e}  {entry['bytes']:,} bytes")
-        failure = gate_failure(name, entry, eager_acc, cfg)
+        failure = gate_failure(name, entry, eager_acc, cfg) or (
+            ref_failure and f"reference batch: {ref_failure}")
         tried.append({"recipe": recipe, "accuracy": entry["accuracy"], "passed": failure is None})
         if failure is None:
             entry["recipes_tried"] = tried
@@ -205,12 +237,27 @@ def load_source(cfg: ExportConfig) -> Source:
     heldout = load_pixels(split="test", limit=cfg.eval_size, **kw)
     needs_calibration = any(REGISTRY[v].precision == "int8" for v in cfg.variants)
     calibration = load_pixels(split="train", limit=cfg.calib_size, **kw) if needs_calibration else None
+    val_fraction = train_cfg.get("val_fraction", 0.0)
+    validation = load_pixels(split="val", limit=cfg.val_size, val_fraction=val_fraction,
+                             split_seed=train_cfg.get("seed", 0), **kw) if val_fraction else None
     if needs_calibration and not cfg.calib_size:
         raise ValueError("INT8 variants need calibration images: --calib-size must be > 0")
     rng = np.random.default_rng(cfg.seed)
     n_check = len(heldout) if not cfg.check_size else min(cfg.check_size, len(heldout))
     check_idx = np.sort(rng.permutation(len(heldout))[:n_check])
-    return Source(model, contract, ckpt, path, sha256_file(path), heldout, calibration, check_idx)
+    # the reference batch: a seeded subset of the parity check images (fp32 variants already match there)
+    ref_idx = np.sort(rng.permutation(check_idx)[:max(1, min(cfg.reference_size, len(check_idx)))])
+    return Source(model, contract, ckpt, path, sha256_file(path), heldout, calibration, validation, check_idx,
+                  ref_idx)
+
+
+def write_reference(src: Source, eager_logits: np.ndarray, staging: Path) -> dict:
+    """Save the reference batch (images as served, labels, eager fp32 logits); returns its manifest entry."""
+    path = staging / REFERENCE_NAME
+    idx = src.ref_idx
+    save_reference(path, Reference(src.heldout.images[idx], src.heldout.labels[idx], eager_logits[idx]))
+    return {"file": path.name, "sha256": sha256_file(path), "samples": int(len(idx)),
+            "accuracy": accuracy(eager_logits[idx], src.heldout.labels[idx])}
 
 
 def gate_failure(name: str, entry: dict, eager_acc: float, cfg: ExportConfig) -> str | None:
@@ -280,6 +327,11 @@ def choose_cpu_default(cfg: ExportConfig, entries: dict[str, dict]) -> str:
     return "onnx-fp32" if "onnx-fp32" in entries else next(iter(entries))
 
 
+def export_gates(cfg: ExportConfig) -> dict:
+    """The gates export applies, recorded in the manifest; every serving worker re-applies them."""
+    return {"fp32_top1_agreement": 1.0, "fp32_atol": cfg.atol, "int8_max_drop_points": cfg.max_int8_drop}
+
+
 def make_manifest(cfg: ExportConfig, src: Source, entries: dict, eager_acc: float) -> dict:
     ckpt = src.ckpt
     import onnx
@@ -299,7 +351,8 @@ def make_manifest(cfg: ExportConfig, src: Source, entries: dict, eager_acc: floa
         "heldout": {"dataset": ckpt["dataset"], "split": "test", "samples": len(src.heldout),
                     "check_samples": int(len(src.check_idx))},
         "baseline": {"variant": "eager-fp32", "accuracy": eager_acc},
-        "gates": {"fp32_top1_agreement": 1.0, "fp32_atol": cfg.atol, "int8_max_drop_points": cfg.max_int8_drop},
+        "reference": src.reference,
+        "gates": export_gates(cfg),
         "default_variant": {"cpu": None, "cuda": None},
         "variants": entries,
     }
@@ -307,12 +360,13 @@ def make_manifest(cfg: ExportConfig, src: Source, entries: dict, eager_acc: floa
 
 def publish(staging: Path, out: Path, manifest: dict) -> None:
     """Copy each variant into ``out`` atomically, then the manifest, then verify what landed."""
-    for name, e in manifest["variants"].items():
+    files = [*manifest["variants"].values(), manifest["reference"]]
+    for e in files:
         data = (staging / e["file"]).read_bytes()
         atomic_write_bytes(out / e["file"], lambda f, d=data: f.write(d))
     write_json(out / MANIFEST_NAME, manifest)
     published = read_manifest(out)
-    for e in published["variants"].values():
+    for e in [*published["variants"].values(), published["reference"]]:
         verify_file(out / e["file"], e["sha256"])
 
 

@@ -29,24 +29,30 @@ class Pixels:
 
 
 def load_pixels(dataset: str, data_dir: str | None, contract: Contract, split: str, limit: int = 0,
-                seed: int = 0, image_size: int | None = None) -> Pixels:
+                seed: int = 0, image_size: int | None = None, val_fraction: float = 0.0,
+                split_seed: int = 0) -> Pixels:
     """uint8 pixels and labels of a dataset split, at the contract's size.
 
     Args:
         dataset: dataset name the checkpoint was trained on.
         data_dir: where its files are (None: the dataset's default).
         contract: the checkpoint's contract; the dataset must give the same one.
-        split: "test" (held-out) or "train" (calibration; no augmentation).
+        split: "test" (held-out), "train" (INT8 calibration; no augmentation) or "val" (the share of
+            the training split training held out: temperature fitting).
         limit: keep a seeded random subset of this many images; 0 keeps all.
         seed: seeds the subset.
         image_size: the size an ImageFolder model was trained at (ignored by fixed-size datasets).
+        val_fraction, split_seed: the checkpoint's train/val split (its training config); "val" needs
+            val_fraction > 0.
     """
-    splits = load_splits(dataset, data_dir, augment="none", val_fraction=0.0, download=False,
-                         image_size=image_size)
+    if split == "val" and not val_fraction:
+        raise ValueError("split 'val' needs the checkpoint's val_fraction > 0 (it was trained without one)")
+    splits = load_splits(dataset, data_dir, augment="none", val_fraction=val_fraction, seed=split_seed,
+                         download=False, image_size=image_size)
     if splits.contract != contract:
         raise ValueError(f"dataset {dataset!r} gives contract {splits.contract}, but the checkpoint was "
                          f"trained for {contract}; pass the dataset it was trained on")
-    ds: Dataset = {"test": splits.test, "train": splits.train}[split]
+    ds: Dataset = {"test": splits.test, "train": splits.train, "val": splits.val}[split]
     if limit and limit < len(ds):
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]
         ds = Subset(ds, sorted(order.tolist()))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,10 @@ VARIANTS = registry.VARIANTS  # the built-in variant names (export.registry is t
 
 class IntegrityError(RuntimeError):
     """An artifact file is missing or its sha256 differs from the manifest's."""
+
+
+class SelfCheckError(RuntimeError):
+    """No variant reproduces the export's answers on the reference batch on this machine."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -76,6 +81,7 @@ class Runner:
         self.variant, self.runtime, self.precision, self.device = variant, runtime, precision, device
         self.contract, self.manifest = contract, manifest
         self._predict = predict
+        self.reference_check: dict | None = None  # set by load_checked_variant
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         c = self.contract
@@ -174,6 +180,104 @@ def _load_torchscript(path: Path, device: str, threads: int | None):
         return out.float().cpu().numpy()
 
     return predict, device
+
+
+# ---- the reference batch: what every loaded variant must reproduce --------------------------------
+REFERENCE_NAME = "reference.npz"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Held-out images as served, their labels and eager fp32's logits, saved at export.
+
+    ``images`` (N, C, H, W) uint8, ``labels`` (N,) int64, ``logits`` (N, K) float32.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    logits: np.ndarray
+
+
+def save_reference(path: str | os.PathLike, ref: Reference) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, images=ref.images, labels=ref.labels, logits=ref.logits.astype(np.float32))
+
+
+def load_reference(artifact_dir: str | os.PathLike, manifest: dict) -> Reference:
+    """The run's reference batch, sha256-checked against the manifest like every variant file."""
+    entry = manifest.get("reference")
+    if not entry:
+        raise ValueError(f"{Path(artifact_dir) / MANIFEST_NAME} has no reference batch (exported before "
+                         f"it existed); re-run `make export RUN={manifest.get('name')}`")
+    path = Path(artifact_dir) / entry["file"]
+    verify_file(path, entry["sha256"])
+    with np.load(path, allow_pickle=False) as z:
+        return Reference(z["images"], z["labels"].astype(np.int64), z["logits"])
+
+
+def reference_check(logits: np.ndarray, ref: Reference, precision: str, gates: dict) -> tuple[dict, str | None]:
+    """A variant's logits on the reference batch against the export's gates.
+
+    fp32: the same top-1 as eager fp32 on every image and logits within ``fp32_atol``; INT8: accuracy
+    at most ``int8_max_drop_points`` below eager fp32's on the batch. Returns (the numbers, why it
+    fails or None).
+    """
+    top1, ref_top1 = logits.argmax(axis=1), ref.logits.argmax(axis=1)
+    numbers = {"samples": int(len(ref.labels)),
+               "top1_agreement": float((top1 == ref_top1).mean()),
+               "max_abs_diff": float(np.abs(logits.astype(np.float64) - ref.logits).max()),
+               "accuracy": float((top1 == ref.labels).mean()),
+               "reference_accuracy": float((ref_top1 == ref.labels).mean())}
+    numbers["drop_points"] = (numbers["reference_accuracy"] - numbers["accuracy"]) * 100.0
+    if precision == "fp32":
+        if numbers["top1_agreement"] < gates["fp32_top1_agreement"] or numbers["max_abs_diff"] > gates["fp32_atol"]:
+            return numbers, (f"top-1 agreement {numbers['top1_agreement']:.4f} (need "
+                             f"{gates['fp32_top1_agreement']:g}), max |logit diff| {numbers['max_abs_diff']:.3g} "
+                             f"(allowed {gates['fp32_atol']:g}) on {numbers['samples']} reference images")
+    # a little slack for float rounding: 0.98 - 0.97 is 1.0000000000000009 points, not over a 1-point gate
+    elif numbers["drop_points"] > gates["int8_max_drop_points"] + 1e-9:
+        return numbers, (f"accuracy {numbers['accuracy']:.4f} is {numbers['drop_points']:.2f} points below eager "
+                         f"fp32 {numbers['reference_accuracy']:.4f} (allowed {gates['int8_max_drop_points']:g}), "
+                         f"top-1 agreement {numbers['top1_agreement']:.4f} on {numbers['samples']} reference images")
+    return numbers, None
+
+
+def load_checked_variant(artifact_dir: str | os.PathLike, variant: str | None = None, device: str = "cpu",
+                         threads: int | None = None, on_failure=None) -> Runner:
+    """``load_variant``, then the reference check on this machine before the variant takes traffic.
+
+    A variant outside the export's gates on the reference batch (another CPU's INT8 kernels, a GPU's
+    TF32, a broken runtime) is reported to ``on_failure(variant, device, numbers, reason)`` and the
+    next variant present in ``artifact_dir`` is tried, INT8 before fp32 (fp32 last). The returned
+    runner's ``reference_check`` holds its numbers.
+
+    Raises:
+        SelfCheckError: no variant present passes; the message names each one's numbers.
+        IntegrityError, ValueError: as ``load_variant``; the reference file is hash-checked too.
+    """
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    ref = load_reference(artifact_dir, manifest)
+    runner = load_variant(artifact_dir, variant, device, threads)
+    device_type = device.split(":")[0]
+    fallbacks = sorted((v for v, e in manifest["variants"].items()
+                        if v != runner.variant and device_type in e.get("devices", ["cpu"])
+                        and (artifact_dir / e["file"]).is_file()),
+                       key=lambda v: manifest["variants"][v]["precision"] == "fp32")
+    failures = []
+    while True:
+        numbers, why = reference_check(runner(ref.images), ref, runner.precision, manifest["gates"])
+        if why is None:
+            runner.reference_check = numbers
+            return runner
+        failures.append(f"{runner.variant} on {runner.device}: {why}")
+        if on_failure is not None:
+            on_failure(runner.variant, runner.device, numbers, why)
+        if not fallbacks:
+            raise SelfCheckError(f"no variant of {manifest.get('name')!r} in {artifact_dir} reproduces the "
+                                 f"export's answers on this machine: " + "; ".join(failures)
+                                 + " -- re-export on this hardware or pack an fp32 variant")
+        runner = load_variant(artifact_dir, fallbacks.pop(0), device, threads)
 
 
 # runtime name (``Variant.runtime``) -> load(path, device, threads) -> (predict, device it runs on)

@@ -2,9 +2,10 @@
 
 The archive holds ``handler.py`` (``serving/archive_entry.py``: it imports the handler from the
 installed project), the export ``manifest.json`` unchanged, the variant file(s) the server will run
-(the manifest's default for CPU and for CUDA unless told otherwise), and ``model-config.yaml``
-(TorchServe's batching and worker settings plus the handler's own section). Variant files are
-sha256-checked against the manifest before packing, and again by the worker when it loads them.
+(the manifest's default for CPU and for CUDA unless told otherwise, plus an fp32 fallback when the CPU
+one is INT8), the reference batch every worker checks its variant on, and ``model-config.yaml``
+(TorchServe's batching and worker settings plus the handler's own section). Variant and reference
+files are sha256-checked against the manifest before packing, and again by the worker when it loads them.
 """
 
 from __future__ import annotations
@@ -95,6 +96,17 @@ def chosen_variants(manifest: dict, cfg: ArchiveConfig) -> tuple[str | None, str
     return cpu, cuda
 
 
+def packed_variants(manifest: dict, cpu: str, cuda: str | None) -> list[str]:
+    """The chosen variants, plus an fp32 one for a worker to fall back to when its INT8 variant fails
+    the reference check on the machine that serves it (onnx-fp32 first: the faster fp32 on CPU)."""
+    chosen = [v for v in (cpu, cuda) if v is not None]
+    if manifest["variants"][cpu]["precision"] != "fp32":
+        fp32 = sorted((v for v, e in manifest["variants"].items() if e["precision"] == "fp32"),
+                      key=lambda v: v != "onnx-fp32")
+        chosen += fp32[:1]
+    return list(dict.fromkeys(chosen))
+
+
 def model_config(cfg: ArchiveConfig, cpu: str, cuda: str | None) -> dict:
     """The archive's model-config.yaml: TorchServe's keys, and ``handler:`` for ClassifierHandler."""
     return {
@@ -113,9 +125,11 @@ def build_archive(cfg: ArchiveConfig, log=print) -> Path:
     """Build ``<model_store>/<run>.mar``; returns its path. The old archive is replaced atomically."""
     manifest = read_manifest(cfg.artifact_dir)
     cpu, cuda = chosen_variants(manifest, cfg)
+    if "reference" not in manifest:
+        raise ValueError(f"{cfg.artifact_dir / MANIFEST_NAME} has no reference batch (exported before it "
+                         f"existed); re-run `make export RUN={cfg.run}`")
     files = []
-    for v in dict.fromkeys(x for x in (cpu, cuda) if x is not None):
-        entry = manifest["variants"][v]
+    for entry in [*(manifest["variants"][v] for v in packed_variants(manifest, cpu, cuda)), manifest["reference"]]:
         verify_file(cfg.artifact_dir / entry["file"], entry["sha256"])
         files.append(cfg.artifact_dir / entry["file"])
     store = Path(cfg.model_store)

@@ -261,9 +261,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def top_k(logits: np.ndarray, k: int, class_names: Sequence[str]) -> list[list[dict]]:
-    """(N, K) logits -> per image, the k most probable ``{label, index, probability}``, best first."""
-    probs = softmax(logits.astype(np.float64))
+def top_k(logits: np.ndarray, k: int, class_names: Sequence[str], temperature: float = 1.0) -> list[list[dict]]:
+    """(N, K) logits -> per image, the k most probable ``{label, index, probability}``, best first.
+
+    The one place served probabilities are made: ``softmax(logits / temperature)``, with the
+    temperature export fitted (manifest ``calibration``, ``export.calibrate``) so that they mean what
+    they say; a positive temperature never changes the order.
+    """
+    probs = softmax(logits.astype(np.float64) / temperature)
     k = min(k, probs.shape[1])
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [[{"label": class_names[j], "index": int(j), "probability": round(float(p[j]), 6)}
@@ -286,6 +291,12 @@ class InferenceCore:
     def __init__(self, runner, limits: Limits = Limits()) -> None:
         self.runner, self.limits = runner, limits
         self.contract: Contract = runner.contract
+        # probabilities are softmax(logits / T); manifests exported before calibration existed: T = 1
+        calibration = (getattr(runner, "manifest", None) or {}).get("calibration") or {}
+        self.temperature = float(calibration.get("temperature", 1.0))
+        if not self.temperature > 0:
+            raise ValueError(f"manifest calibration temperature must be > 0, got {self.temperature}; "
+                             f"re-run make export")
 
     def check_topk(self, topk: int | None) -> int:
         k = self.limits.default_topk if topk is None else topk
@@ -361,4 +372,4 @@ class InferenceCore:
         k = self.check_topk(topk)
         opened, _ = self.open_request(items)
         pixels = np.stack([self.finish(o, invert) for o in opened])
-        return top_k(self.infer(pixels), k, self.contract.class_names)
+        return top_k(self.infer(pixels), k, self.contract.class_names, self.temperature)

@@ -20,7 +20,8 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from export.registry import REGISTRY
-from export.runtime import IntegrityError, load_variant
+from export.core import cpu_name
+from export.runtime import IntegrityError, load_checked_variant
 from serving.core import InferenceCore, InputError, Limits, StageTimes, clip, top_k
 from serving.protocol import ModelInfo, error_response, format_response, parse_request
 from serving.metrics import HandlerMetrics  # noqa: I001 -- every metric is declared there
@@ -76,18 +77,25 @@ class ClassifierHandler(BaseHandler):
         # loaded (and sha256-verified) by export.runtime, so the base initializer is not called.
         props = context.system_properties
         self.context = context
-        HandlerMetrics(context.metrics, context.model_name).worker_started()  # before a load that may fail
+        emit = HandlerMetrics(context.metrics, context.model_name)
+        emit.worker_started()  # before a load that may fail
         self.config = HandlerConfig.from_yaml(getattr(context, "model_yaml_config", None))
         device = pick_device(props.get("gpu_id"))
         variant = self.config.variant_cuda if device.startswith("cuda") else self.config.variant_cpu
-        try:
-            runner = load_variant(props["model_dir"], variant, device=device, threads=self.config.threads)
+
+        def fell_back(name: str, on: str, numbers: dict, why: str) -> None:  # one line per failed variant
+            logger.warning("reference check failed: %s on %s (%s): %s; falling back", name, on, cpu_name(), why)
+            emit.fallback(name)
+
+        try:  # the variant proves itself on the reference batch on this device before taking traffic
+            runner = load_checked_variant(props["model_dir"], variant, device=device,
+                                          threads=self.config.threads, on_failure=fell_back)
         except IntegrityError as e:  # fail the worker loudly, naming the archive and the fix
             raise IntegrityError(f"archive of model {context.model_name!r} is corrupt: {e} -- rebuild it: "
                                  f"make archive RUN={context.model_name}") from e
         self.setup(runner, self.config.limits, context.model_name, context.metrics)
-        logger.info("loaded %r: %s on %s, %s threads, limits %s", self.info.name, runner.variant,
-                    runner.device, self.config.threads, self.config.limits)
+        logger.info("loaded %r: %s on %s, %s threads, limits %s, reference check %s", self.info.name,
+                    runner.variant, runner.device, self.config.threads, self.config.limits, runner.reference_check)
 
     def setup(self, runner, limits: Limits, model_name: str, metrics) -> None:
         """Wire a loaded runner in (``initialize`` does this; unit tests pass a fake runner)."""
@@ -200,7 +208,8 @@ class ClassifierHandler(BaseHandler):
             req, pixels, k = parsed[i]
             rows = logits[offset:offset + len(pixels)]
             offset += len(pixels)
-            body = format_response(req, self.info, top_k(rows, k, self.core.contract.class_names))
+            body = format_response(req, self.info, top_k(rows, k, self.core.contract.class_names,
+                                                       self.core.temperature))
             responses[i] = self._reply(context, i, 200, body)
         return len(order)
 

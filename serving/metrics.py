@@ -125,6 +125,9 @@ METRICS: tuple[Metric, ...] = (
            "requests the handler refused, by reason (the error body's type: not_an_image, ...)", "handler"),
     Metric("WorkerStarts", "counter", "count", _MODEL,
            "worker processes that began loading the model (initial workers and every restart)", "handler"),
+    Metric("VariantFallbacks", "counter", "count", _MODEL + ("Variant",),
+           "workers whose variant failed the reference check at load (export.runtime.reference_check) and "
+           "fell back to the next packed variant, by the variant that failed", "handler"),
     Metric("PredictionTime", "gauge", "ms", _MODEL,
            "the latest batch's whole handle() time, emitted by TorchServe's service layer", "worker"),
     # ---- NVIDIA DCGM exporter (GPU hosts; scraped from the exporter, not TorchServe) --------------
@@ -176,6 +179,9 @@ class HandlerMetrics:
 
     def worker_started(self) -> None:
         self._emit("WorkerStarts", 1, None)
+
+    def fallback(self, variant: str) -> None:
+        self._emit("VariantFallbacks", 1, None, variant)
 
     def rejected(self, reason: str, request_id: str | None = None) -> None:
         self._emit("RejectedInputs", 1, request_id, reason)

@@ -269,7 +269,7 @@ def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> dic
     raise ServerError(f"TorchServe not ready after {timeout:.0f} s ({last}); log tail:\n{log_tail(server)}")
 
 
-FATAL_LOAD_ERRORS = ("IntegrityError", "ModuleNotFoundError", "ImportError")
+FATAL_LOAD_ERRORS = ("IntegrityError", "SelfCheckError", "ModuleNotFoundError", "ImportError")
 
 
 def fatal_load_error(server: Server) -> str | None:

@@ -19,8 +19,9 @@ from export import registry
 from export.core import ExportConfig, GateError, export_run
 from export.data import load_pixels, random_pixels
 from export.measure import eager_predict
-from export.runtime import (MANIFEST_NAME, VARIANTS, IntegrityError, load_variant, read_manifest,
-                            sha256_file)
+from export.measure import predict_all
+from export.runtime import (MANIFEST_NAME, VARIANTS, IntegrityError, load_checked_variant, load_reference,
+                            load_variant, read_manifest, sha256_file)
 from training.checkpoint import load_checkpoint, model_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +164,40 @@ def test_tampered_file_fails_the_sha256_check(digits_artifacts, tmp_path, varian
     path.unlink()
     with pytest.raises(IntegrityError, match="missing"):
         load_variant(copy, variant)
+
+
+# ---- the reference batch and the calibration every artifact carries ------------------------------
+def test_reference_batch_is_eager_fp32_on_held_out_images_and_every_variant_reproduces_it(digits_artifacts):
+    manifest = read_manifest(digits_artifacts)
+    ref = load_reference(digits_artifacts, manifest)  # sha256-checked
+    assert manifest["reference"]["samples"] == len(ref.labels) == 100  # check_size 100 < reference_size
+    assert ref.images.dtype == np.uint8 and ref.images.shape == (100, 1, 28, 28)
+    eager, _ = eager_reference(digits_artifacts)
+    np.testing.assert_allclose(predict_all(eager, ref.images), ref.logits, atol=1e-5)
+    for name, entry in manifest["variants"].items():
+        assert entry["reference_check"]["samples"] == 100
+        runner = load_checked_variant(digits_artifacts, name)  # passes on the export machine itself
+        assert runner.variant == name and runner.reference_check["top1_agreement"] >= 0.9
+
+
+def test_tampered_reference_batch_fails_the_sha256_check(digits_artifacts, tmp_path):
+    copy = tmp_path / "digits"
+    shutil.copytree(digits_artifacts, copy)
+    path = copy / read_manifest(copy)["reference"]["file"]
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="reference.npz: sha256 mismatch"):
+        load_checked_variant(copy, "onnx-fp32")
+
+
+def test_temperature_is_fitted_on_the_val_split_and_reported_on_the_test_split(digits_artifacts):
+    cal = read_manifest(digits_artifacts)["calibration"]
+    assert cal["fitted_on"]["split"] == "val" and cal["fitted_on"]["samples"] > 0
+    assert cal["ece_bins"] == 15 and 0.05 < cal["temperature"] < 20
+    t = cal["test"]
+    assert t["samples"] > 0 and all(0 <= t[k] <= 1 for k in ("ece_before", "ece_after"))
+    assert all(np.isfinite(t[k]) and t[k] >= 0 for k in ("nll_before", "nll_after"))
 
 
 def test_missing_or_broken_manifest_is_a_clear_error(tmp_path):
@@ -323,3 +358,20 @@ def test_cpu_name_names_the_isa_that_moves_int8_numbers():
     assert cpu_name(avx2) == f"AMD EPYC 7B12 ({os.cpu_count()} logical CPUs; avx2)"
     assert cpu_name(vnni).endswith("; avx2, avx512f, avx512_vnni, avx_vnni)")
     assert cpu_name("model name : Old\nflags : sse2\n").endswith("; no AVX2)")
+
+
+def test_reference_check_gates_int8_by_accuracy_and_fp32_by_logits():
+    from export.runtime import Reference, reference_check
+
+    gates = {"fp32_top1_agreement": 1.0, "fp32_atol": 1e-3, "int8_max_drop_points": 1.0}
+    labels = np.arange(100) % 10
+    logits = np.eye(10, dtype=np.float32)[labels] * 5
+    ref = Reference(np.zeros((100, 1, 2, 2), np.uint8), labels, logits)
+    assert reference_check(logits + 1e-4, ref, "fp32", gates)[1] is None
+    assert "max |logit diff| 0.01" in reference_check(logits + 0.01, ref, "fp32", gates)[1]
+    wrong = logits.copy()
+    wrong[:1] = np.roll(wrong[:1], 1, axis=1)  # one image flipped: 1 point on 100 images, the gate itself
+    assert reference_check(wrong, ref, "int8", gates)[1] is None
+    wrong[:2] = np.roll(logits[:2], 1, axis=1)  # two images flipped: 2 points on 100 images
+    numbers, why = reference_check(wrong, ref, "int8", gates)
+    assert numbers["drop_points"] == pytest.approx(2.0) and "2.00 points below" in why

@@ -172,6 +172,7 @@ def test_handler_metrics_one_batch():
     emit.batch(2, 0, time.perf_counter(), StageTimes(), "req-1")  # every request refused: no model call
     emit.rejected("not_an_image")
     emit.worker_started()
+    emit.fallback("onnx-int8")
     got = {}
     for name, value, dims in rec.emitted:
         assert dims[:2] == ["digits", "Model"], dims
@@ -180,6 +181,8 @@ def test_handler_metrics_one_batch():
     assert got["DecodeTime"] == [1.5] and got["PreprocessTime"] == [0.5] and got["InferenceTime"] == [4.0]
     assert len(got["RequestLatencySeconds"]) == 2 and all(0.02 <= v < 5 for v in got["RequestLatencySeconds"])
     assert got["RejectedInputs"] == [1] and got["WorkerStarts"] == [1]
+    assert got["VariantFallbacks"] == [1] and ["digits", "Model", "onnx-int8"] in [d for n, _, d in rec.emitted
+                                                                             if n == "VariantFallbacks"]
     assert set(got) == {m.name for m in METRICS if m.source == "handler"}
 
 

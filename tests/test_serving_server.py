@@ -224,6 +224,82 @@ def test_initialize_loads_the_variant_and_answers(serve_artifacts, variant):
     assert ctx.get_response_status(0)[0] == 200 and out["variant"] == variant
 
 
+def _tampered_copy(artifacts: Path, model_dir: Path, logit_shift: float = 0.0, int8_max_drop=None) -> Path:
+    """A copy of the digits artifact with its reference logits shifted (the manifest re-hashed, as a
+    wrong export would be) and/or an INT8 gate no INT8 variant can meet on this machine."""
+    import shutil
+
+    from export.runtime import Reference, load_reference, read_manifest, save_reference, sha256_file
+
+    shutil.copytree(artifacts / "digits", model_dir)
+    manifest = read_manifest(model_dir)
+    if logit_shift:
+        ref = load_reference(model_dir, manifest)
+        path = model_dir / manifest["reference"]["file"]
+        save_reference(path, Reference(ref.images, ref.labels, ref.logits + logit_shift))
+        manifest["reference"]["sha256"] = sha256_file(path)
+    if int8_max_drop is not None:
+        manifest["gates"]["int8_max_drop_points"] = int8_max_drop
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    return model_dir
+
+
+def _answer(handler, ctx) -> dict:
+    out = json.loads(handler.handle([{"body": encode_png(heldout_digits(1)[0][0])}], ctx)[0])
+    assert ctx.get_response_status(0)[0] == 200
+    return out
+
+
+def test_initialize_falls_back_when_int8_fails_its_gate_on_this_machine(serve_artifacts, tmp_path, caplog):
+    from serving.handler import ClassifierHandler
+
+    model_dir = _tampered_copy(serve_artifacts[0], tmp_path / "digits", int8_max_drop=-1000.0)
+    handler, ctx = ClassifierHandler(), _context(model_dir, "onnx-int8")
+    with caplog.at_level("WARNING", logger="serving.handler"):
+        handler.initialize(ctx)
+    assert _answer(handler, ctx)["variant"] == "onnx-fp32"  # the answer names what served
+    lines = [r.getMessage() for r in caplog.records if "reference check failed" in r.getMessage()]
+    assert len(lines) == 1 and "onnx-int8 on cpu" in lines[0] and "logical CPUs" in lines[0]
+    assert "points below eager fp32" in lines[0] and "falling back" in lines[0]
+
+
+def test_initialize_falls_back_when_the_reference_logits_disagree(serve_artifacts, tmp_path):
+    """Logits 0.01 off: argmax (so INT8's accuracy gate) unchanged, fp32's atol gate failed."""
+    from serving.handler import ClassifierHandler
+
+    model_dir = _tampered_copy(serve_artifacts[0], tmp_path / "digits", logit_shift=0.01)
+    handler, ctx = ClassifierHandler(), _context(model_dir, "onnx-fp32")
+    handler.initialize(ctx)
+    assert _answer(handler, ctx)["variant"] == "onnx-int8"
+
+
+def test_no_variant_passing_its_reference_check_is_a_fatal_load_error(serve_artifacts, tmp_path):
+    from export.runtime import SelfCheckError
+    from serving.handler import ClassifierHandler
+    from serving.server import FATAL_LOAD_ERRORS
+
+    model_dir = _tampered_copy(serve_artifacts[0], tmp_path / "digits", logit_shift=0.01, int8_max_drop=-1000.0)
+    with pytest.raises(SelfCheckError, match="onnx-fp32 on cpu: top-1 agreement .*max .logit diff. 0.01.*; "
+                                             "onnx-int8 on cpu: accuracy"):
+        ClassifierHandler().initialize(_context(model_dir, "onnx-fp32"))
+    assert "SelfCheckError" in FATAL_LOAD_ERRORS  # the server stops waiting and prints the cause
+
+
+def test_archive_packs_the_reference_batch_and_an_fp32_fallback(serve_artifacts, tmp_path):
+    import zipfile
+
+    from export.runtime import read_manifest
+    from serving.archive import ArchiveConfig, build_archive, packed_variants
+
+    manifest = read_manifest(serve_artifacts[0] / "digits")
+    assert packed_variants(manifest, "onnx-int8", None) == ["onnx-int8", "onnx-fp32"]  # INT8 never alone
+    assert packed_variants(manifest, "onnx-fp32", None) == ["onnx-fp32"]
+    mar = build_archive(ArchiveConfig(run="digits", artifacts_dir=str(serve_artifacts[0]),
+                                      model_store=str(tmp_path), variant_cpu="onnx-int8"), log=lambda _: None)
+    names = set(zipfile.ZipFile(mar).namelist())
+    assert {"manifest.json", "reference.npz", "onnx-int8.onnx", "onnx-fp32.onnx"} <= names
+
+
 def test_initialize_refuses_a_tampered_variant(serve_artifacts, tmp_path):
     import shutil
 

@@ -43,7 +43,7 @@ class TritonPythonModel:
             offset = 0
             for i in order:
                 n = len(pixels[i])
-                rows = self.top_k(logits[offset:offset + n], self.k, self.names)
+                rows = self.top_k(logits[offset:offset + n], self.k, self.names, self.core.temperature)
                 offset += n
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("LABEL", np.array([[c["label"] for c in r] for r in rows], dtype=object)),
