@@ -46,8 +46,6 @@ def reduce_range_rows(artifact_dir: str) -> list[str]:
     """Markdown rows: ORT INT8 with and without reduce_range, on the reference batch and the test split."""
     import tempfile
 
-    import numpy as np
-
     from export.data import load_pixels
     from export.measure import eager_predict, predict_all
     from export.runtime import LOADERS, MANIFEST_NAME, load_reference, read_manifest

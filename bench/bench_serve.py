@@ -298,7 +298,7 @@ def render_section(cfg: BenchConfig, results: list[Result], recs: dict, checks: 
         "",
         table(results, recs),
         "",
-        f"![throughput vs p99](bench_serve.png)",
+        "![throughput vs p99](bench_serve.png)",
         "",
         f"Recommendation (highest req/s with 0 errors and p99 <= {cfg.slo_p99_ms:.0f} ms):",
         "",
