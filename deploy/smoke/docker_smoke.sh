@@ -29,14 +29,9 @@ ls "$SMOKE_MODEL_STORE"/digits.mar >/dev/null 2>&1 \
 mkdir -p "$SMOKE_DIR"
 
 # 1. Base image: a debootstrapped Debian bookworm with python3-venv, imported once.
-if ! podman image exists "$BASE_IMAGE"; then
-    command -v debootstrap >/dev/null || die "debootstrap not found: apt-get install debootstrap"
-    say "debootstrap bookworm into $SMOKE_DIR/rootfs"
-    rm -rf "$SMOKE_DIR/rootfs"
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
-        "$SMOKE_DIR/rootfs" http://deb.debian.org/debian >"$SMOKE_DIR/debootstrap.log" 2>&1
-    tar -C "$SMOKE_DIR/rootfs" -c . | podman import - "$BASE_IMAGE" >/dev/null
-fi
+# shellcheck source=deploy/smoke/base_image.sh
+. "$(dirname "$0")/base_image.sh"
+ensure_base_image
 
 # 2. Build. Torch comes from this machine's wheel mirror when there is one (PyPI otherwise), and a
 #    TLS-intercepting proxy's CA (the host bundle) is handed to pip.

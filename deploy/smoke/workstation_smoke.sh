@@ -36,14 +36,9 @@ command -v ssh >/dev/null || die "ssh not found: apt-get install openssh-client"
 mkdir -p "$SMOKE_DIR"
 
 # ---- 1. base image and build (the same as docker_smoke.sh) ------------------------------------------
-if ! podman image exists "$BASE_IMAGE"; then
-    command -v debootstrap >/dev/null || die "debootstrap not found: apt-get install debootstrap"
-    say "debootstrap bookworm into $SMOKE_DIR/rootfs"
-    rm -rf "$SMOKE_DIR/rootfs"
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm \
-        "$SMOKE_DIR/rootfs" http://deb.debian.org/debian >"$SMOKE_DIR/debootstrap.log" 2>&1
-    tar -C "$SMOKE_DIR/rootfs" -c . | podman import - "$BASE_IMAGE" >/dev/null
-fi
+# shellcheck source=deploy/smoke/base_image.sh
+. "$(dirname "$0")/base_image.sh"
+ensure_base_image
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg VARIANT=cpu
             --build-arg WS_UID=$WS_UID --build-arg WS_GID=$WS_UID)
 volumes=()
