@@ -46,7 +46,7 @@ from bench_serve import Setting, _start_profile, profile_summary, server_cpu_s  
 from bench_serving_core import core_requests_per_s  # noqa: E402
 from export.runtime import read_manifest  # noqa: E402
 from loadtest.capacity import SLO, Point, Search, additive_bound, search_lockstep  # noqa: E402
-from loadtest.docs import update_section  # noqa: E402
+from loadtest.docs import publish_report  # noqa: E402
 from loadtest.images import load_pool  # noqa: E402
 from loadtest.openloop import RunResult, Target, run_closed_loop, run_open_loop  # noqa: E402
 from loadtest.torchserve import NOOP_HANDLER, STOCK_HANDLER, PrivateServer, baseline_archive  # noqa: E402
@@ -446,13 +446,9 @@ def main(argv=None) -> int:
         "profile": m["profile"], "profile_s": cfg.profile_s,
     }
     doc["targets"] = targets(ours.capacity_rps, triton.capacity_rps, stock.capacity_rps, bound, ours.p99_ms, cfg.slo)
-    atomic_write_bytes(cfg.reports / "capacity.json", lambda f: f.write(json.dumps(doc, indent=2).encode()))
     plot(systems, cfg.slo, cfg.reports / "capacity.png")
     section = render(doc)
-    atomic_write_bytes(cfg.reports / "capacity.md", lambda f: f.write(section.encode()))
-    if cfg.docs:
-        shutil.copyfile(cfg.reports / "capacity.png", cfg.docs.parent / "capacity.png")
-        update_section(cfg.docs, "capacity", section)
+    publish_report(cfg.reports, "capacity", doc, section, cfg.docs, "capacity")
     print("\n" + section)
     return 0
 

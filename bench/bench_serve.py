@@ -17,7 +17,6 @@ The recommendation is the highest-throughput configuration with 0 errors and p99
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -35,7 +34,7 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 
 from export.runtime import read_manifest  # noqa: E402
-from loadtest.docs import update_section  # noqa: E402
+from loadtest.docs import publish_report  # noqa: E402
 from loadtest.wrk import run_wrk, write_images, write_wrk_script, wrk_binary  # noqa: E402
 from loadtest.torchserve import NOOP_HANDLER, STOCK_HANDLER, PrivateServer, baseline_archive  # noqa: E402
 from serving.archive import ArchiveConfig, build_archive  # noqa: E402
@@ -392,12 +391,8 @@ def main(argv=None) -> int:
     doc = {"command": command, "started": started, "elapsed_s": elapsed, "config": str(cfg),
            "results": [asdict(r) for r in results], "targets": checks, "profiles": profiles,
            "recommended": {k: (asdict(v) if v else None) for k, v in recs.items()}}
-    atomic_write_bytes(cfg.reports / "bench_serve.json", lambda f: f.write(json.dumps(doc, indent=2).encode()))
-    atomic_write_bytes(cfg.reports / "bench_serve.md", lambda f: f.write(section.encode()))
     plot(results, cfg.slo_p99_ms, cfg.reports / "bench_serve.png")
-    if cfg.docs:
-        shutil.copyfile(cfg.reports / "bench_serve.png", cfg.docs.parent / "bench_serve.png")
-        update_section(cfg.docs, "bench-serve", section)
+    publish_report(cfg.reports, "bench_serve", doc, section, cfg.docs, "bench-serve")
     print("\n" + section)
     return 0
 

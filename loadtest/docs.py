@@ -6,6 +6,8 @@ block (or appends it the first time), and the file is rewritten atomically.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from training.checkpoint import atomic_write_bytes
@@ -22,3 +24,14 @@ def update_section(path: Path, key: str, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def publish_report(reports: Path, name: str, doc: dict, section: str, docs: Path | None, key: str) -> None:
+    """A benchmark's results: ``<reports>/<name>.json`` and ``.md``; with ``docs``, its section there and
+    its plot (``<reports>/<name>.png``, when drawn) copied beside it."""
+    atomic_write_bytes(reports / f"{name}.json", lambda f: f.write(json.dumps(doc, indent=2).encode()))
+    atomic_write_bytes(reports / f"{name}.md", lambda f: f.write(section.encode()))
+    if docs:
+        if (reports / f"{name}.png").is_file():
+            shutil.copyfile(reports / f"{name}.png", docs.parent / f"{name}.png")
+        update_section(docs, key, section)

@@ -207,3 +207,19 @@ def test_soak_duration_refuses_nonsense(text):
 
     with pytest.raises(argparse.ArgumentTypeError, match="bad duration"):
         seconds(text)
+
+
+def test_publish_report_writes_reports_plot_and_docs_section(tmp_path):
+    from loadtest.docs import publish_report
+
+    reports, docs = tmp_path / "reports", tmp_path / "docs" / "benchmarks.md"
+    reports.mkdir()
+    docs.parent.mkdir()
+    docs.write_text("# Benchmarks\n")
+    (reports / "x.png").write_bytes(b"png")
+    publish_report(reports, "x", {"a": 1}, "## X\nrow", docs, "x-key")
+    assert json.loads((reports / "x.json").read_text()) == {"a": 1}
+    assert (reports / "x.md").read_text() == "## X\nrow" and (docs.parent / "x.png").read_bytes() == b"png"
+    publish_report(reports, "x", {"a": 2}, "## X\nnew", docs, "x-key")  # a rerun replaces its section
+    text = docs.read_text()
+    assert text.count("<!-- x-key:begin -->") == 1 and "new" in text and "row" not in text
