@@ -19,6 +19,7 @@ from pathlib import Path
 
 from serving.core import Limits
 from serving.server import ServerBusyError
+from training.cli import HelpFormatter
 
 DEFAULT_WORKDIR = "logs/serve"
 
@@ -30,7 +31,7 @@ def _archive_config(a, run: str):
                          variant_cpu=a.variant_cpu, variant_cuda=a.variant_cuda, batch_size=a.batch_size,
                          max_batch_delay_ms=a.max_batch_delay, min_workers=a.workers, max_workers=a.workers,
                          response_timeout_s=a.response_timeout, threads=a.threads,
-                         job_queue_size=a.job_queue_size,
+                         job_queue_size=a.job_queue_size, min_confidence=a.min_confidence,
                          limits=Limits(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Limits)}))
 
 
@@ -42,37 +43,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--artifacts-dir", default="artifacts")
-    common.add_argument("--model-store", default="model_store")
-    # archive settings (also used by `serve` when it archives)
-    common.add_argument("--variant-cpu", default=None, help="default: the manifest's CPU default")
-    common.add_argument("--variant-cuda", default=None, help="default: the manifest's CUDA default")
-    common.add_argument("--batch-size", type=int, default=ad["batch_size"],
-                        help="TorchServe batchSize (requests) (default %(default)s)")
-    common.add_argument("--max-batch-delay", type=int, default=ad["max_batch_delay_ms"],
-                        help="TorchServe maxBatchDelay (ms) (default %(default)s)")
-    common.add_argument("--workers", type=int, default=ad["max_workers"],
-                        help="workers per model (default %(default)s: the sweep's best on 2 cores)")
-    common.add_argument("--response-timeout", type=int, default=ad["response_timeout_s"],
-                        help="seconds (default %(default)s)")
-    common.add_argument("--threads", type=int, default=ad["threads"],
-                        help="intra-op threads per worker (default %(default)s)")
-    common.add_argument("--job-queue-size", type=int, default=ad["job_queue_size"],
-                        help="requests queued per model before TorchServe answers 503 at once "
-                             "(default %(default)s)")
-    for f in dataclasses.fields(Limits):  # every request limit (serving.core.Limits documents each)
-        common.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=getattr(d, f.name),
-                            help=f"handler limit {f.name} (default %(default)s)")
+    paths = common.add_argument_group("paths")
+    paths.add_argument("--artifacts-dir", default="artifacts", help="exported runs (make export)")
+    paths.add_argument("--model-store", default="model_store", help="where RUN.mar goes and is served from")
+    arch = common.add_argument_group("archive: variant, batching, workers (model-config.yaml)")
+    arch.add_argument("--variant-cpu", default=None, help="default: the manifest's CPU default")
+    arch.add_argument("--variant-cuda", default=None, help="default: the manifest's CUDA default")
+    arch.add_argument("--batch-size", type=int, default=ad["batch_size"], help="TorchServe batchSize (requests)")
+    arch.add_argument("--max-batch-delay", type=int, default=ad["max_batch_delay_ms"],
+                      help="TorchServe maxBatchDelay (ms)")
+    arch.add_argument("--workers", type=int, default=ad["max_workers"],
+                      help="workers per model (the sweep's best on 2 cores)")
+    arch.add_argument("--response-timeout", type=int, default=ad["response_timeout_s"], help="seconds")
+    arch.add_argument("--threads", type=int, default=ad["threads"], help="intra-op threads per worker")
+    arch.add_argument("--min-confidence", type=float, default=ad["min_confidence"],
+                      help="answers whose calibrated top probability is below this say \"abstain\": true "
+                           "(0: never; a request's min_confidence overrides it)")
+    arch.add_argument("--job-queue-size", type=int, default=ad["job_queue_size"],
+                      help="requests queued per model before TorchServe answers 503 at once")
+    limits = common.add_argument_group("request limits (serving.core.Limits documents each)")
+    for f in dataclasses.fields(Limits):
+        limits.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=getattr(d, f.name),
+                            help=f"handler limit {f.name}")
 
-    a = sub.add_parser("archive", parents=[common], help="build model_store/RUN.mar")
-    a.add_argument("--run", required=True)
-    s = sub.add_parser("serve", parents=[common], help="start TorchServe in the background")
-    s.add_argument("--config", default="serving/config.properties")
+    a = sub.add_parser("archive", parents=[common], help="build model_store/RUN.mar", formatter_class=HelpFormatter)
+    a.add_argument("--run", required=True, help="the exported run (artifacts-dir/RUN/) = served model name")
+    s = sub.add_parser("serve", parents=[common], help="start TorchServe in the background",
+                       formatter_class=HelpFormatter)
+    s.add_argument("--config", default="serving/config.properties", help="TorchServe config.properties")
     s.add_argument("--workdir", default=DEFAULT_WORKDIR, help="logs, pid file, key file")
     s.add_argument("--token", action="store_true", help="turn token authorization on (as in the container)")
     s.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every warm-up")
-    t = sub.add_parser("stop", help="stop the TorchServe `serve` started")
-    t.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    t = sub.add_parser("stop", help="stop the TorchServe `serve` started", formatter_class=HelpFormatter)
+    t.add_argument("--workdir", default=DEFAULT_WORKDIR, help="the one `serve` used")
     return p.parse_args(argv)
 
 

@@ -46,6 +46,8 @@ class ArchiveConfig:
             bench-serve measured on 2 cores).
         threads: intra-op threads per worker (see docs/benchmarks.md, "Serve").
         limits: per-request limits the handler enforces.
+        min_confidence: answers whose (calibrated) top probability is below it say ``"abstain":
+            true``; 0 = never. A request's ``min_confidence`` option overrides it.
     """
 
     run: str
@@ -62,6 +64,7 @@ class ArchiveConfig:
     job_queue_size: int = 100
     threads: int = 1
     limits: Limits = Limits()
+    min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("variant_cpu", "variant_cuda"):
@@ -73,6 +76,8 @@ class ArchiveConfig:
             raise ValueError(f"archive settings must be positive: {self}")
         if self.min_workers > self.max_workers:
             raise ValueError(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"min_confidence {self.min_confidence} is not in [0, 1]; 0 turns abstaining off")
 
     @property
     def artifact_dir(self) -> Path:
@@ -117,7 +122,7 @@ def model_config(cfg: ArchiveConfig, cpu: str, cuda: str | None) -> dict:
         "responseTimeout": cfg.response_timeout_s,
         "jobQueueSize": cfg.job_queue_size,
         "handler": {"variant_cpu": cpu, "variant_cuda": cuda, "threads": cfg.threads,
-                    **dataclasses.asdict(cfg.limits)},
+                    "min_confidence": cfg.min_confidence, **dataclasses.asdict(cfg.limits)},
     }
 
 

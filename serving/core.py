@@ -275,6 +275,12 @@ def top_k(logits: np.ndarray, k: int, class_names: Sequence[str], temperature: f
              for j in row] for p, row in zip(probs, order)]
 
 
+def abstains(topk_lists: list[list[dict]], min_confidence: float) -> list[bool]:
+    """Per image: is its top probability below ``min_confidence``? (0 never abstains.) The answer still
+    carries its top-k; the flag says the model is not confident enough to act on it."""
+    return [bool(row) and row[0]["probability"] < min_confidence for row in topk_lists]
+
+
 class InferenceCore:
     """One loaded variant plus the preprocessing its contract asks for.
 
@@ -286,10 +292,11 @@ class InferenceCore:
         runner: an ``export.runtime.Runner`` (or anything with ``contract``, ``variant``, ``device``
             and ``__call__((N, C, H, W) uint8) -> (N, K) logits``).
         limits: request limits.
+        min_confidence: the model's default abstain threshold (a request may give its own).
     """
 
-    def __init__(self, runner, limits: Limits = Limits()) -> None:
-        self.runner, self.limits = runner, limits
+    def __init__(self, runner, limits: Limits = Limits(), min_confidence: float = 0.0) -> None:
+        self.runner, self.limits, self.min_confidence = runner, limits, min_confidence
         self.contract: Contract = runner.contract
         # probabilities are softmax(logits / T); manifests exported before calibration existed: T = 1
         calibration = (getattr(runner, "manifest", None) or {}).get("calibration") or {}

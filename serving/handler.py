@@ -20,9 +20,9 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from export.registry import REGISTRY
-from export.core import cpu_name
+from training.machine import cpu_name
 from export.runtime import IntegrityError, load_checked_variant
-from serving.core import InferenceCore, InputError, Limits, StageTimes, clip, top_k
+from serving.core import InferenceCore, InputError, Limits, StageTimes, abstains, clip, top_k
 from serving.protocol import ModelInfo, error_response, format_response, parse_request
 from serving.metrics import HandlerMetrics  # noqa: I001 -- every metric is declared there
 
@@ -38,18 +38,21 @@ class HandlerConfig:
             (the one export's benchmarks found fastest at equal accuracy).
         threads: intra-op threads of this worker's runtime; None leaves the runtime default (all cores).
         limits: per-request limits.
+        min_confidence: answers whose top probability is below it say ``"abstain": true`` (0: never);
+            a request's ``min_confidence`` option overrides it.
     """
 
     variant_cpu: str | None = None
     variant_cuda: str | None = None
     threads: int | None = 1
     limits: Limits = Limits()
+    min_confidence: float = 0.0
 
     @classmethod
     def from_yaml(cls, model_yaml_config: dict | None) -> "HandlerConfig":
         section = dict((model_yaml_config or {}).get("handler") or {})
         limit_keys = set(Limits.__dataclass_fields__)
-        known = {"variant_cpu", "variant_cuda", "threads", *limit_keys}
+        known = {"variant_cpu", "variant_cuda", "threads", "min_confidence", *limit_keys}
         unknown = sorted(set(section) - known)
         if unknown:
             raise ValueError(f"model-config.yaml handler: unknown keys {unknown}; known: {sorted(known)}")
@@ -58,8 +61,11 @@ class HandlerConfig:
                 raise ValueError(f"model-config.yaml handler.{key}: {section[key]!r} is not one of {tuple(REGISTRY)}")
         limits = Limits(**{k: int(section[k]) for k in limit_keys if section.get(k) is not None})
         threads = section.get("threads", 1)
+        min_confidence = float(section.get("min_confidence") or 0.0)
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"model-config.yaml handler.min_confidence: {min_confidence} is not in [0, 1]")
         return cls(section.get("variant_cpu"), section.get("variant_cuda"),
-                   None if threads is None else int(threads), limits)
+                   None if threads is None else int(threads), limits, min_confidence)
 
 
 def pick_device(gpu_id) -> str:
@@ -93,13 +99,13 @@ class ClassifierHandler(BaseHandler):
         except IntegrityError as e:  # fail the worker loudly, naming the archive and the fix
             raise IntegrityError(f"archive of model {context.model_name!r} is corrupt: {e} -- rebuild it: "
                                  f"make archive RUN={context.model_name}") from e
-        self.setup(runner, self.config.limits, context.model_name, context.metrics)
+        self.setup(runner, self.config.limits, context.model_name, context.metrics, self.config.min_confidence)
         logger.info("loaded %r: %s on %s, %s threads, limits %s, reference check %s", self.info.name,
                     runner.variant, runner.device, self.config.threads, self.config.limits, runner.reference_check)
 
-    def setup(self, runner, limits: Limits, model_name: str, metrics) -> None:
+    def setup(self, runner, limits: Limits, model_name: str, metrics, min_confidence: float = 0.0) -> None:
         """Wire a loaded runner in (``initialize`` does this; unit tests pass a fake runner)."""
-        self.core = InferenceCore(runner, limits)
+        self.core = InferenceCore(runner, limits, min_confidence)
         self.info = ModelInfo(name=model_name, version=str(runner.manifest.get("version", "")),
                               variant=runner.variant, device=runner.device)
         self._init_metrics(metrics)
@@ -208,8 +214,9 @@ class ClassifierHandler(BaseHandler):
             req, pixels, k = parsed[i]
             rows = logits[offset:offset + len(pixels)]
             offset += len(pixels)
-            body = format_response(req, self.info, top_k(rows, k, self.core.contract.class_names,
-                                                       self.core.temperature))
+            best = top_k(rows, k, self.core.contract.class_names, self.core.temperature)
+            threshold = self.core.min_confidence if req.min_confidence is None else req.min_confidence
+            body = format_response(req, self.info, best, abstains(best, threshold))
             responses[i] = self._reply(context, i, 200, body)
         return len(order)
 

@@ -8,10 +8,11 @@ Requests (one TorchServe request = one dict of parameters, see ``parse_request``
   * KServe v2 / Open Inference Protocol JSON (``POST /v2/models/<name>/infer``): one input tensor,
     ``datatype`` BYTES (base64 image files, shape [N]) or UINT8 (pixels already at the contract,
     shape [N, C, H, W]).
-Options ``topk`` (1..classes) and ``invert`` (auto|yes|no) come from ``parameters`` in a JSON body,
-a multipart text field of that name, or an ``X-TopK`` / ``X-Invert`` header, in that order of
-precedence. (TorchServe 0.12 drops the query string of ``/predictions`` requests, so ``?topk=`` cannot
-work.)
+Options ``topk`` (1..classes), ``invert`` (auto|yes|no) and ``min_confidence`` (0..1: an image whose
+top probability is below it is answered with ``"abstain": true``, its top-k still given) come from
+``parameters`` in a JSON body, a multipart text field of that name, or an ``X-TopK`` / ``X-Invert`` /
+``X-Min-Confidence`` header, in that order of precedence. (TorchServe 0.12 drops the query string of
+``/predictions`` requests, so ``?topk=`` cannot work.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import base64
 import binascii
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -28,7 +30,7 @@ import numpy as np
 from serving.core import INVERT_CHOICES, InputError, Limits, clip
 from training.contract import Contract
 
-OPTION_NAMES = ("topk", "invert")
+OPTION_NAMES = ("topk", "invert", "min_confidence")
 MAX_NAME = 64  # v2 tensor names and request ids: short strings, echoed back only when this short
 PROTOCOL_PREDICTIONS, PROTOCOL_V2 = "predictions", "v2"
 
@@ -40,6 +42,7 @@ class Request:
     items: tuple[bytes | np.ndarray, ...]
     topk: int | None = None
     invert: str = "auto"
+    min_confidence: float | None = None  # None: the model's default (model-config.yaml)
     protocol: str = PROTOCOL_PREDICTIONS
     id: str | None = None
 
@@ -63,10 +66,11 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _options(raw: Mapping[str, Any], typed: bool = False) -> tuple[int | None, str]:
-    """``topk`` and ``invert`` from text (headers, multipart fields) or, with ``typed``, from JSON
-    ``parameters``, where topk must be a JSON integer and invert a string."""
-    topk, invert = None, "auto"
+def _options(raw: Mapping[str, Any], typed: bool = False) -> dict[str, Any]:
+    """The options ``raw`` gives, checked: ``{name: value}`` for those present. From text (headers,
+    multipart fields) or, with ``typed``, from JSON ``parameters``, where topk must be a JSON integer,
+    min_confidence a JSON number and invert a string."""
+    out: dict[str, Any] = {}
     if raw.get("topk") is not None:
         value = raw["topk"]
         if typed and (type(value) is not int):
@@ -74,7 +78,7 @@ def _options(raw: Mapping[str, Any], typed: bool = False) -> tuple[int | None, s
                                                    f"{clip(value)}")
         text = value if typed else _text(value).strip()
         try:
-            topk = int(text)
+            out["topk"] = int(text)
         except ValueError:
             raise InputError(400, "bad_parameter", f"topk must be an integer, got {clip(text)}") from None
     if raw.get("invert") is not None:
@@ -85,7 +89,24 @@ def _options(raw: Mapping[str, Any], typed: bool = False) -> tuple[int | None, s
         if invert not in INVERT_CHOICES:
             raise InputError(400, "bad_parameter",
                              f"invert must be one of {', '.join(INVERT_CHOICES)}, got {clip(invert)}")
-    return topk, invert
+        out["invert"] = invert
+    if raw.get("min_confidence") is not None:
+        out["min_confidence"] = _confidence(raw["min_confidence"], typed)
+    return out
+
+
+def _confidence(value: Any, typed: bool) -> float:
+    bad = InputError(400, "bad_parameter", f"min_confidence must be a number from 0 to 1, got "
+                                           f"{type(value).__name__} {clip(value)}")
+    if typed and type(value) not in (int, float):  # not bool, not a string
+        raise bad
+    try:
+        number = float(value if typed else _text(value).strip())
+    except (ValueError, OverflowError):
+        raise bad from None
+    if not (math.isfinite(number) and 0.0 <= number <= 1.0):
+        raise bad
+    return number
 
 
 def _b64(text: Any, where: str) -> bytes:
@@ -124,7 +145,7 @@ def _looks_like_json(body: Any, content_type: str) -> bool:
     return head.lstrip()[:1] in (b"{", b"[")  # no image format starts with { or [
 
 
-HEADER_OPTIONS = {"x-topk": "topk", "x-invert": "invert"}
+HEADER_OPTIONS = {"x-topk": "topk", "x-invert": "invert", "x-min-confidence": "min_confidence"}
 
 
 def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
@@ -133,7 +154,8 @@ def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
     """One TorchServe request (``{parameter name: value}``) -> ``Request``.
 
     TorchServe names the raw body ``body`` and each multipart part by its field name. ``headers``
-    are the HTTP headers with lower-case names (for ``X-TopK`` / ``X-Invert``).
+    are the HTTP headers with lower-case names (for the ``X-TopK`` / ``X-Invert`` / ``X-Min-Confidence``
+    options).
 
     Raises:
         InputError: empty body, malformed JSON or base64, an unknown JSON shape, too many images.
@@ -148,7 +170,7 @@ def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
     params = dict(params)
     options = {name: (headers or {})[h] for h, name in HEADER_OPTIONS.items() if h in (headers or {})}
     options.update({k: params.pop(k) for k in OPTION_NAMES if k in params})
-    topk, invert = _options(options)
+    opts = _options(options)
     if not params:
         raise InputError(400, "empty_body", "the request has no body: send image bytes, a multipart "
                                             "file, or JSON {\"instances\": [{\"b64\": ...}]}")
@@ -158,8 +180,8 @@ def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
             raise InputError(400, "empty_body", "the request body is empty: send image bytes")
         if _looks_like_json(body, content_types.get("body", "")):
             return _parse_json_request(body if isinstance(body, (dict, list)) else _parse_json(body),
-                                       contract, limits, topk, invert)
-        return Request((bytes(body),), topk, invert)
+                                       contract, limits, opts)
+        return Request((bytes(body),), **opts)
     # multipart/form-data: every part that is not an option is one image file
     _check_count(len(params), limits)
     items = []
@@ -171,20 +193,18 @@ def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
         if len(value) == 0:
             raise InputError(400, "empty_body", f"multipart field {clip(name)} is empty")
         items.append(bytes(value))
-    return Request(tuple(items), topk, invert)
+    return Request(tuple(items), **opts)
 
 
-def _parse_json_request(doc: Any, contract: Contract, limits: Limits, topk: int | None,
-                        invert: str) -> Request:
+def _parse_json_request(doc: Any, contract: Contract, limits: Limits, opts: dict[str, Any]) -> Request:
     if not isinstance(doc, dict):
         raise InputError(400, "bad_request", "the JSON body must be an object with \"instances\" "
                                              "(or \"inputs\" for KServe v2)")
     if doc.get("parameters") is not None:
         if not isinstance(doc["parameters"], dict):
             raise InputError(400, "bad_request", "\"parameters\" must be an object")
-        jt, ji = _options({k: v for k, v in doc["parameters"].items() if k in OPTION_NAMES}, typed=True)
-        topk = jt if jt is not None else topk
-        invert = ji if "invert" in doc["parameters"] else invert
+        opts = {**opts, **_options({k: v for k, v in doc["parameters"].items() if k in OPTION_NAMES},
+                                   typed=True)}
     if "instances" in doc:
         instances = doc["instances"]
         if not isinstance(instances, list):
@@ -195,9 +215,9 @@ def _parse_json_request(doc: Any, contract: Contract, limits: Limits, topk: int 
             if not isinstance(inst, dict) or "b64" not in inst:
                 raise InputError(400, "bad_request", f"instances[{i}] must be an object {{\"b64\": ...}}")
             items.append(_b64(inst["b64"], f"instances[{i}].b64"))
-        return Request(tuple(items), topk, invert)
+        return Request(tuple(items), **opts)
     if "inputs" in doc:
-        return _parse_v2(doc, contract, limits, topk, invert)
+        return _parse_v2(doc, contract, limits, opts)
     raise InputError(400, "bad_request", "the JSON body needs \"instances\": [{\"b64\": ...}] "
                                          "(or \"inputs\" for KServe v2)")
 
@@ -228,7 +248,7 @@ def _flatten(data: list, size: int, what: str) -> list:
     return flat
 
 
-def _parse_v2(doc: dict, contract: Contract, limits: Limits, topk: int | None, invert: str) -> Request:
+def _parse_v2(doc: dict, contract: Contract, limits: Limits, opts: dict[str, Any]) -> Request:
     request_id = _short_string(doc["id"], "\"id\"") if "id" in doc else None
     inputs = doc["inputs"]
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
@@ -251,7 +271,7 @@ def _parse_v2(doc: dict, contract: Contract, limits: Limits, topk: int | None, i
                                                  f"base64 images, got {clip(shape)}")
         flat = _flatten(data, shape[0], "BYTES data")
         items = tuple(_b64(x, f"inputs[0].data[{i}]") for i, x in enumerate(flat))
-        return Request(items, topk, invert, PROTOCOL_V2, request_id)
+        return Request(items, protocol=PROTOCOL_V2, id=request_id, **opts)
     if dtype == "UINT8":
         want = [shape[0], *contract.input_shape]
         if shape != want:
@@ -270,7 +290,7 @@ def _parse_v2(doc: dict, contract: Contract, limits: Limits, topk: int | None, i
         if values is None or (values.size and (values.min() < 0 or values.max() > 255)):
             raise InputError(400, "bad_tensor", "KServe v2 UINT8: data must be integers 0..255")
         pixels = values.astype(np.uint8).reshape(shape)
-        return Request(tuple(pixels), topk, invert, PROTOCOL_V2, request_id)
+        return Request(tuple(pixels), protocol=PROTOCOL_V2, id=request_id, **opts)
     raise InputError(400, "bad_request", f"KServe v2: datatype must be BYTES (encoded images) or UINT8 "
                                          f"(pixels), got {clip(dtype)}")
 
@@ -278,8 +298,11 @@ def _parse_v2(doc: dict, contract: Contract, limits: Limits, topk: int | None, i
 # --------------------------------------------------------------------------------------------------
 # responses
 # --------------------------------------------------------------------------------------------------
-def format_response(request: Request, info: ModelInfo, topk_lists: list[list[dict]]) -> dict:
-    """Top-k per image -> the response document for the request's protocol."""
+def format_response(request: Request, info: ModelInfo, topk_lists: list[list[dict]],
+                    abstain: list[bool] | None = None) -> dict:
+    """Top-k per image (and per image whether the answer abstains) -> the response document for the
+    request's protocol."""
+    abstain = [False] * len(topk_lists) if abstain is None else abstain
     if request.protocol == PROTOCOL_V2:
         n, k = len(topk_lists), len(topk_lists[0]) if topk_lists else 0
         out = {"model_name": info.name, "model_version": info.version,
@@ -290,12 +313,13 @@ def format_response(request: Request, info: ModelInfo, topk_lists: list[list[dic
                    {"name": "index", "datatype": "INT64", "shape": [n, k],
                     "data": [c["index"] for row in topk_lists for c in row]},
                    {"name": "probability", "datatype": "FP32", "shape": [n, k],
-                    "data": [c["probability"] for row in topk_lists for c in row]}]}
+                    "data": [c["probability"] for row in topk_lists for c in row]},
+                   {"name": "abstain", "datatype": "BOOL", "shape": [n], "data": list(abstain)}]}
         if request.id is not None:
             out["id"] = request.id
         return out
     return {"model": info.name, "version": info.version, "variant": info.variant, "device": info.device,
-            "predictions": topk_lists}
+            "predictions": topk_lists, "abstain": list(abstain)}
 
 
 def error_response(err: InputError) -> dict:

@@ -29,6 +29,23 @@ def test_fit_recovers_a_known_temperature(true_t):
     assert nll(skewed, labels, t) < nll(skewed, labels)
 
 
+def test_the_prior_shrinks_a_small_split_toward_1_and_leaves_a_large_one_alone():
+    """144 validation images all right: the plain fit runs to the bottom of T_RANGE, the prior keeps T
+    inside it. On any split the prior only shrinks log T toward 0; on 20,000 images it hardly moves."""
+    logits, _ = synthetic(144, seed=3)
+    right = logits.argmax(1)  # every label predicted correctly
+    assert fit_temperature(logits, right, prior_sigma=None) == pytest.approx(T_RANGE[0], rel=0.01)
+    assert fit_temperature(logits, right) > 1.5 * T_RANGE[0]
+    for seed in range(5):
+        logits, labels = synthetic(144, seed=seed)
+        mle, fitted = (np.log(fit_temperature(logits * 2.0, labels, prior_sigma=s)) for s in (None, 0.5))
+        assert abs(fitted) <= abs(mle) + 1e-9 and np.sign(fitted) == np.sign(mle)
+    logits, labels = synthetic()
+    skewed = logits * 2.5
+    assert fit_temperature(skewed, labels) == pytest.approx(fit_temperature(skewed, labels, prior_sigma=None),
+                                                            rel=0.01)
+
+
 def test_fit_stays_in_range_and_needs_data():
     logits, labels = synthetic(2000)
     assert T_RANGE[0] < fit_temperature(logits, labels) < T_RANGE[1]

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.core import InferenceCore, InputError, Limits, decode_image, to_mode, top_k
-from serving.protocol import PROTOCOL_V2, parse_request
+from serving.core import InferenceCore, InputError, Limits, abstains, decode_image, to_mode, top_k
+from serving.protocol import PROTOCOL_V2, ModelInfo, format_response, parse_request
 from training.contract import Contract
 
 DIGITS = Contract(28, 28, 1, (0.2,), (0.3,), tuple(str(i) for i in range(10)))
@@ -197,6 +197,40 @@ def test_options_from_headers_fields_and_json():
     assert (req.topk, req.invert) == (1, "yes")
 
 
+def test_min_confidence_is_a_number_from_0_to_1_wherever_it_comes_from():
+    png = encode(digit_like())
+    assert parse_request({"body": png}, DIGITS, SMALL).min_confidence is None  # the model's default
+    assert parse_request({"body": png}, DIGITS, SMALL, headers={"x-min-confidence": " 0.5 "}).min_confidence == 0.5
+    assert parse_request({"f": png, "min_confidence": b"1"}, DIGITS, SMALL).min_confidence == 1.0
+    body = json.dumps({"instances": [{"b64": b64(png)}], "parameters": {"min_confidence": 0}}).encode()
+    assert parse_request({"body": body}, DIGITS, SMALL, headers={"x-min-confidence": "0.9"}).min_confidence == 0
+    for bad in ("1.01", "-0.1", "nan", "inf", "0x1", "", "1e999"):
+        with pytest.raises(InputError, match="min_confidence") as err:
+            parse_request({"body": png}, DIGITS, SMALL, headers={"x-min-confidence": bad})
+        assert err.value.code == 400
+    for bad in ("0.5", True, None, [0.5], {"v": 1}, 2):  # JSON: a number, not a string or a bool
+        body = json.dumps({"instances": [{"b64": b64(png)}], "parameters": {"min_confidence": bad}}).encode()
+        if bad is None:  # null = not given
+            assert parse_request({"body": body}, DIGITS, SMALL).min_confidence is None
+            continue
+        with pytest.raises(InputError, match="min_confidence"):
+            parse_request({"body": body}, DIGITS, SMALL)
+
+
+def test_abstain_flags_in_both_protocols():
+    rows = top_k(np.array([[4.0, 0.0, 0.0], [1.0, 1.0, 0.9]]), 2, ("a", "b", "c"))
+    assert abstains(rows, 0.0) == [False, False] and abstains(rows, 1.0) == [True, True]
+    assert abstains(rows, 0.5) == [False, True]
+    info = ModelInfo("m", "1", "onnx-fp32", "cpu")
+    png = encode(digit_like())
+    doc = format_response(parse_request({"body": png}, DIGITS, SMALL), info, rows, abstains(rows, 0.5))
+    assert doc["abstain"] == [False, True] and doc["predictions"] == rows
+    v2 = {"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": [b64(png)] * 2}]}
+    out = format_response(parse_request({"body": json.dumps(v2).encode()}, DIGITS, SMALL), info, rows,
+                          abstains(rows, 0.5))
+    assert out["outputs"][-1] == {"name": "abstain", "datatype": "BOOL", "shape": [2], "data": [False, True]}
+
+
 def test_form_encoded_body_is_refused_with_the_fix():
     with pytest.raises(InputError, match="curl -T") as err:
         parse_request({}, DIGITS, SMALL, headers={"content-type": "application/x-www-form-urlencoded"})
@@ -327,6 +361,10 @@ def test_handler_config_from_yaml():
         HandlerConfig.from_yaml({"handler": {"max_imgs": 8}})
     with pytest.raises(ValueError, match="not one of"):
         HandlerConfig.from_yaml({"handler": {"variant_cpu": "onnx-fp64"}})
+    assert HandlerConfig.from_yaml({"handler": {"min_confidence": 0.6}}).min_confidence == 0.6
+    assert HandlerConfig.from_yaml({}).min_confidence == 0.0
+    with pytest.raises(ValueError, match="min_confidence"):
+        HandlerConfig.from_yaml({"handler": {"min_confidence": 1.5}})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from served import LIMITS, MAX_REQUEST_SIZE, assert_serves, b64, post
-from serving.client import encode_png, heldout_digits, multipart
+from serving.client import heldout_digits, multipart
+from training.images import encode_png
 from serving.server import http
 from test_serving_core import bad_inputs, bad_requests, encode, exotic_modes
 
@@ -91,13 +92,38 @@ def test_kserve_v2_infer(served):
                           path="/v2/models/digits/infer")
     assert status == 200, out
     assert out["id"] == "req-1" and out["model_name"] == "digits"
-    assert [o["name"] for o in out["outputs"]] == ["label", "index", "probability"]
+    assert [o["name"] for o in out["outputs"]] == ["label", "index", "probability", "abstain"]
     assert out["outputs"][0]["shape"] == [2, 5]
     doc = {"inputs": [{"name": "pixels", "shape": [2, 1, 28, 28], "datatype": "UINT8",
                        "data": images.reshape(-1).tolist()}], "parameters": {"topk": 1}}
     status, out2, _ = post(served, "digits", json.dumps(doc).encode(), "application/json",
                            path="/v2/models/digits/infer")
     assert status == 200 and out2["outputs"][1]["data"] == out["outputs"][1]["data"][::5]
+
+
+def test_min_confidence_marks_abstentions_and_keeps_the_answers(served):
+    """The model default (0 in the session archive) abstains never; a request's threshold, from JSON,
+    a header or a multipart field, marks exactly the images whose top probability is below it."""
+    images, _ = heldout_digits(4, seed=5)
+    pngs = [encode_png(x) for x in images]
+    body = json.dumps({"instances": [{"b64": b64(p)} for p in pngs]}).encode()
+    status, plain, _ = post(served, "digits", body, "application/json")
+    assert status == 200 and plain["abstain"] == [False] * 4
+    tops = [row[0]["probability"] for row in plain["predictions"]]
+    cut = sorted(tops)[1] if len(set(tops)) > 1 else 1.0  # between the images, so both flags occur
+    body = json.dumps({"instances": [{"b64": b64(p)} for p in pngs],
+                       "parameters": {"min_confidence": cut}}).encode()
+    status, doc, _ = post(served, "digits", body, "application/json")
+    assert status == 200 and doc["predictions"] == plain["predictions"]
+    assert doc["abstain"] == [t < cut for t in tops]
+    status, doc, _ = post(served, "digits", pngs[0], "image/png", headers={"X-Min-Confidence": "1"})
+    assert status == 200 and doc["abstain"] == [tops[0] < 1.0]
+    form, ctype = multipart({"f": ("0.png", pngs[0], "image/png"), "min_confidence": ("", b"0", "text/plain")})
+    status, doc, _ = post(served, "digits", form, ctype)
+    assert status == 200 and doc["abstain"] == [False]
+    for bad in ("1.5", "nan", "high"):
+        status, doc, _ = post(served, "digits", pngs[0], "image/png", headers={"X-Min-Confidence": bad})
+        assert status == 400 and doc["type"] == "bad_parameter" and "min_confidence" in doc["message"], doc
 
 
 @pytest.mark.parametrize("name", list(exotic_modes()))
