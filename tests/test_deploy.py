@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serving.server import read_properties
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 
@@ -121,6 +123,9 @@ def test_one_torchserve_config_everywhere():
     assert settings["enable_model_api"] == "false" and settings["metrics_mode"] == "prometheus"
     dockerfile = (DEPLOY / "docker/Dockerfile").read_text()
     assert "COPY deploy/config/config.properties" in dockerfile
+    # the frontend's logging: the same log4j2.xml as make serve, copied beside the config
+    assert "-Dlog4j.configurationFile=/opt/visionpipe/config/log4j2.xml" in settings["vmargs"]
+    assert "serving/log4j2.xml /opt/visionpipe/config/" in dockerfile
 
 
 def test_entrypoint_refuses_an_empty_model_store(tmp_path: Path):
@@ -170,6 +175,9 @@ def test_entrypoint_serves_until_healthy_then_stops_gracefully_on_sigterm(digits
            # a private temp dir: TorchServe's pid file and worker sockets live there
            "TEMP": str(tmp_path / "tmp"), "TMPDIR": str(tmp_path / "tmp"), "MPLCONFIGDIR": str(tmp_path / "tmp"),
            "DRAIN_SECONDS": "1",
+           # the container's JVM options, its log4j2.xml found where this checkout has it
+           "TS_VMARGS": read_properties(DEPLOY / "config/config.properties")["vmargs"].replace(
+               "/opt/visionpipe/config/log4j2.xml", str(REPO / "serving/log4j2.xml")),
            "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports['INFERENCE']}",
            "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ports['MANAGEMENT']}",
            "TS_METRICS_ADDRESS": f"http://127.0.0.1:{ports['METRICS']}",

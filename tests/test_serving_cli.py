@@ -52,6 +52,8 @@ def test_render_config_makes_paths_absolute_and_applies_overrides(tmp_path):
     written = read_properties(tmp_path / "c.properties")
     assert written == props and written["inference_address"] == "http://127.0.0.1:1234"
     assert os.path.isabs(written["metrics_config"]) and os.path.isfile(written["metrics_config"])
+    log4j = written["vmargs"].split("-Dlog4j.configurationFile=")[1].split()[0]
+    assert os.path.isabs(log4j) and os.path.isfile(log4j)
     # the shipped settings the README promises
     base = read_properties(REPO / "serving" / "config.properties")
     assert base["enable_model_api"] == "false" and base["metrics_mode"] == "prometheus"
