@@ -39,8 +39,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 from bench_serve import Setting, _start_profile, profile_summary, server_cpu_s  # noqa: E402
 from bench_serving_core import core_requests_per_s  # noqa: E402
@@ -55,7 +53,7 @@ from loadtest.triton_peer import (TritonConfig, TritonServer, infer_request, top
 from loadtest.wrk import run_wrk, write_images, write_wrk_script  # noqa: E402
 from serving.archive import ArchiveConfig, build_archive  # noqa: E402
 from serving.server import http  # noqa: E402
-from training.checkpoint import atomic_write_bytes  # noqa: E402
+from training.files import atomic_write_bytes  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -332,14 +330,16 @@ def render(doc: dict) -> str:
                         for s in doc["systems"] if len(s["screens"]) > 1)
     ok = lambda v: "met" if v else "**MISSED**"  # noqa: E731
     x = lambda r: "n/a (no capacity)" if r is None else f"{r:.2f}x"  # noqa: E731
+    # More runnable work before the run than the cores can take: other jobs shared the machine.
+    contended = (": **the machine was shared with other jobs**, so absolute numbers are depressed and noisy"
+                 if doc["load_before"] > 1.5 else "")
     lines = [
         "## Capacity, open loop, with the peers (`make capacity`)",
         "",
         f"Command: `{doc['command']}` at commit {doc['commit']}, started {doc['started']}, took "
         f"{doc['elapsed_s'] / 60:.1f} min. Machine: {m.get('CPU(s)', '?')} cores, {m.get('Model name', '?')} "
-        f"({', '.join(m['isa'])}); **shared with other agents' jobs while it ran** (load average "
-        f"{doc['load_before']:.1f} before, {doc['load_after']:.1f} after, on 2 cores), so absolute numbers are "
-        f"depressed and noisy; settings were screened one at a time, then the three systems searched side by side in lockstep (one rate of each per round), compare the ratios. Model "
+        f"({', '.join(m['isa'])}); load average {doc['load_before']:.1f} before, {doc['load_after']:.1f} after "
+        f"(the generator and the servers themselves count in it){contended}; settings were screened one at a time, then the three systems searched side by side in lockstep (one rate of each per round), compare the ratios. Model "
         f"`{doc['run']}` (variant `{doc['variant']}`), {doc['images']}.",
         "",
         f"Capacity = the highest offered rate (Poisson arrivals) with p99 from the intended send time <= "

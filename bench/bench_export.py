@@ -18,11 +18,12 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.core import cpu_name, latency_table  # noqa: E402
+from export.core import latency_table  # noqa: E402
+from training.machine import cpu_name  # noqa: E402
 from export.runtime import read_manifest, verify_file  # noqa: E402
-from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint  # noqa: E402
+from training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from training.files import atomic_write_text  # noqa: E402
 from training.contract import Contract  # noqa: E402
 
 # The targets, single thread: ORT fp32 vs eager at batch 1; best INT8 vs eager and vs ORT fp32
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.out:
-        atomic_write_bytes(a.out, lambda f: f.write(text.encode()))
+        atomic_write_text(a.out, text)
     return 0
 
 

@@ -9,7 +9,7 @@ docs/benchmarks.md) and DIR/gpu.json. In order:
 2. training, compute ceiling: ``bench_train.step_rates`` for cifarnet and resnet9 on 3x32x32 inputs,
    fp32 / bf16 / fp16 autocast x channels_last;
 3. training, the real trainer (``python -m training train --device cuda``) on CIFAR-10-shaped data:
-   50,000 + 10,000 pattern images written as real CIFAR-10 pickle batches (``tests/datafiles.py``;
+   50,000 + 10,000 pattern images written as real CIFAR-10 pickle batches (``training/datafiles.py``;
    no CIFAR-10 download is possible offline), per-epoch seconds and images/s, fp32 vs bf16 +
    channels_last vs fp16 (GradScaler);
 4. export: ``python -m export`` of the ``digits`` checkpoint (``<runs-dir>/digits/best.pt``) and of the
@@ -41,8 +41,6 @@ from types import SimpleNamespace
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # datafiles: writers for the real on-disk formats
 
 STEP_MODELS = "cifarnet,resnet9"
 PRECISIONS = {"fp32": [], "bf16+channels_last": ["--precision", "bf16", "--channels-last"],
@@ -112,7 +110,7 @@ def train_steps(md: list[str], batch: int, rounds: int) -> list:
 
 # ---- 3. the real trainer on CIFAR-10-shaped data -------------------------------------------------
 def train_epochs(md: list[str], data_root: Path, runs_dir: Path, epochs: int, workers: int) -> dict:
-    from datafiles import write_cifar10
+    from training.datafiles import write_cifar10
 
     from training.checkpoint import load_checkpoint
 
@@ -206,7 +204,7 @@ def export_and_latency(md: list[str], runs: dict[str, tuple[Path, list[str]]], a
 def _pngs(contract, n: int) -> list[bytes]:
     from PIL import Image
 
-    from datafiles import pattern_images
+    from training.datafiles import pattern_images
 
     images, _ = pattern_images(n, contract.height, contract.width, contract.channels, seed=3)
     out = []

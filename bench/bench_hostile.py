@@ -14,7 +14,6 @@ bench_export). Prints a markdown table and, with ``--docs``, writes it into docs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,12 +22,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from export.core import cpu_name  # noqa: E402
+from training.machine import cpu_name  # noqa: E402
 from loadtest.attacks import request_cases  # noqa: E402
 from loadtest.docs import update_section  # noqa: E402
 from serving.core import RATIO_FREE_PIXELS, InferenceCore, InputError, Limits  # noqa: E402
 from serving.protocol import parse_request  # noqa: E402
-from training.checkpoint import atomic_write_bytes  # noqa: E402
+from training.files import atomic_write_json  # noqa: E402
 from training.contract import Contract  # noqa: E402
 
 DIGITS = Contract(28, 28, 1, (0.17,), (0.3,), tuple(str(i) for i in range(10)))
@@ -105,7 +104,7 @@ def main() -> int:
     rows = run(limits, a.repeats)
     command = "make bench-hostile"
     if a.json:
-        atomic_write_bytes(a.json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
+        atomic_write_json(a.json, rows)
     if a.docs:
         update_section(a.docs, "hostile", markdown(rows, limits, command))
     return 0

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     if a.probe:
         print(json.dumps(probe(a.artifact_dir)))
         return 0
-    from export.core import cpu_name
+    from training.machine import cpu_name
 
     print(f"CPU: {cpu_name()}\n")
     print("| ISA limit | variant | top-1 agreement | accuracy (ref. batch) | max abs logit diff | passes | "

@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 
@@ -38,7 +36,7 @@ from loadtest.docs import publish_report  # noqa: E402
 from loadtest.wrk import run_wrk, write_images, write_wrk_script, wrk_binary  # noqa: E402
 from loadtest.torchserve import NOOP_HANDLER, STOCK_HANDLER, PrivateServer, baseline_archive  # noqa: E402
 from serving.archive import ArchiveConfig, build_archive  # noqa: E402
-from training.checkpoint import atomic_write_bytes  # noqa: E402
+from training.files import atomic_write_bytes  # noqa: E402
 
 CORES = os.cpu_count() or 1
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.runtime import load_variant, read_manifest  # noqa: E402
 from serving.core import InferenceCore, Limits, decode_image  # noqa: E402

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving.server import free_port, http, start_server, stop_server, wait_ready  # noqa: E402
 

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from loadtest.docs import update_section  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
@@ -72,7 +71,7 @@ class TrainResult:
 def machine_line(load_before: float, device: str = "cpu") -> str:
     import torch
     gpu = "no GPU used" if device == "cpu" else device_line(device)
-    from export.core import cpu_name
+    from training.machine import cpu_name
 
     return (f"{cpu_name()}, torch {torch.__version__} (intra-op threads "
             f"{torch.get_num_threads()}), {gpu}; 1-min load average {load_before:.2f} before the "
@@ -433,7 +432,7 @@ def subsample_section(results: dict[str, TrainResult], n: int, machine: str) -> 
 
 def update_json(path: Path, values: dict) -> None:
     """Merge ``values`` into the JSON report (each subcommand adds its own keys)."""
-    from training.checkpoint import atomic_write_bytes
+    from training.files import atomic_write_bytes
 
     report = json.loads(path.read_text()) if path.is_file() else {}
     report.update(values)

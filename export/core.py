@@ -20,8 +20,6 @@ Steps, top to bottom:
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -38,7 +36,9 @@ from export.measure import accuracy, eager_predict, latency, parity, predict_all
 from export.registry import REGISTRY, VARIANTS, BuildContext  # noqa: F401
 from export.runtime import (MANIFEST_FORMAT, MANIFEST_NAME, REFERENCE_NAME, Reference, load_variant,
                             read_manifest, reference_check, save_reference, sha256_file, verify_file)
-from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint, provenance
+from training.checkpoint import load_checkpoint, model_from_checkpoint, provenance
+from training.files import atomic_write_bytes, atomic_write_json
+from training.machine import cpu_name
 
 class GateError(RuntimeError):
     """A variant failed a parity or accuracy gate; the message names the variant and its numbers."""
@@ -150,7 +150,7 @@ def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
         manifest["calibration"] = calibration
         manifest["rejected"] = {n: {k: v for k, v in r.items() if k not in ("file", "sha256")}
                                 for n, r in rejected.items()}
-        write_json(staging / MANIFEST_NAME, manifest)
+        atomic_write_json(staging / MANIFEST_NAME, manifest)
         if cfg.latency_rounds:
             manifest["baseline"]["latency"] = measure_latency(cfg, src, staging, entries, log)
         manifest["default_variant"] = {"cpu": choose_cpu_default(cfg, entries),
@@ -197,7 +197,7 @@ def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np
                  "runtime": variant.runtime, "precision": variant.precision, "devices": list(variant.devices),
                  "recipe": recipe, "latency": {}}
         # measured through the server's loader: sha256 check, then the real runtime
-        write_json(ctx.staging / MANIFEST_NAME, make_manifest(cfg, src, {name: entry}, eager_acc))
+        atomic_write_json(ctx.staging / MANIFEST_NAME, make_manifest(cfg, src, {name: entry}, eager_acc))
         logits = predict_all(load_variant(ctx.staging, name), src.heldout.images)
         entry["parity"] = parity(eager_logits[src.check_idx], logits[src.check_idx])
         entry["accuracy"] = accuracy(logits, src.heldout.labels)
@@ -364,36 +364,11 @@ def publish(staging: Path, out: Path, manifest: dict) -> None:
     for e in files:
         data = (staging / e["file"]).read_bytes()
         atomic_write_bytes(out / e["file"], lambda f, d=data: f.write(d))
-    write_json(out / MANIFEST_NAME, manifest)
+    atomic_write_json(out / MANIFEST_NAME, manifest)
     published = read_manifest(out)
     for e in [*published["variants"].values(), published["reference"]]:
         verify_file(out / e["file"], e["sha256"])
 
-
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-# The x86 features that move these numbers: INT8 kernels saturate on AVX2 without VNNI (hence
-# reduce_range), and AVX-512/VNNI machines run the same variants 2-3x faster. Named in every report.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu_name(cpuinfo: str | None = None) -> str:
-    """"<model name> (<n> logical CPUs; <ISA flags>)" from /proc/cpuinfo (or the text given)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-    except OSError:
-        return platform.processor() or platform.machine()
-    model, flags = None, set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model is None:
-            model = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    isa = ", ".join(f for f in ISA_FLAGS if f in flags) or "no AVX2"
-    return f"{model or platform.machine()} ({os.cpu_count()} logical CPUs; {isa})"
 
 
 def _jsonable(obj):

@@ -6,11 +6,10 @@ block (or appends it the first time), and the file is rewritten atomically.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from training.checkpoint import atomic_write_bytes
+from training.files import atomic_write_json, atomic_write_text
 
 
 def update_section(path: Path, key: str, section: str) -> None:
@@ -23,14 +22,14 @@ def update_section(path: Path, key: str, section: str) -> None:
         text = head + block + tail
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+    atomic_write_text(path, text)
 
 
 def publish_report(reports: Path, name: str, doc: dict, section: str, docs: Path | None, key: str) -> None:
     """A benchmark's results: ``<reports>/<name>.json`` and ``.md``; with ``docs``, its section there and
     its plot (``<reports>/<name>.png``, when drawn) copied beside it."""
-    atomic_write_bytes(reports / f"{name}.json", lambda f: f.write(json.dumps(doc, indent=2).encode()))
-    atomic_write_bytes(reports / f"{name}.md", lambda f: f.write(section.encode()))
+    atomic_write_json(reports / f"{name}.json", doc)
+    atomic_write_text(reports / f"{name}.md", section)
     if docs:
         if (reports / f"{name}.png").is_file():
             shutil.copyfile(reports / f"{name}.png", docs.parent / f"{name}.png")

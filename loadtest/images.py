@@ -9,7 +9,6 @@ machine) is replaced by images synthesised in the contract's shape, and ``ImageP
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from training.contract import Contract
+from training.images import encode_png
 
 @dataclass(frozen=True)
 class ImagePool:
@@ -31,15 +31,6 @@ class ImagePool:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    """(C, H, W) uint8 -> PNG bytes (grey for C=1, RGB for C=3)."""
-    hwc = np.ascontiguousarray(pixels.transpose(1, 2, 0))
-    img = Image.fromarray(hwc[..., 0] if hwc.shape[2] == 1 else hwc, mode="L" if hwc.shape[2] == 1 else "RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def held_out_pixels(dataset: str, data_dir: str | os.PathLike | None = None,

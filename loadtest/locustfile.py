@@ -182,6 +182,6 @@ def _apply_gates(environment, **_kw) -> None:
     print("\n" + format_summary(report), file=sys.stderr, flush=True)
     gate_file = _option(environment, "gate_file", None)
     if gate_file:
-        from training.checkpoint import atomic_write_bytes
-        atomic_write_bytes(gate_file, lambda f: f.write(json.dumps(report, indent=2).encode()))
+        from training.files import atomic_write_json
+        atomic_write_json(gate_file, report)
     environment.process_exit_code = 0 if report["passed"] else 1

@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
+from training.cli import HelpFormatter
+
 ARRIVALS = ("poisson", "constant")
 # Latencies are recorded in microseconds, 1 us .. 120 s, 3 significant digits (0.1 % error).
 _HDR_MAX_US, _HDR_DIGITS = 120_000_000, 3
@@ -398,14 +400,16 @@ def run_closed_loop(target: Target, connections: int, duration_s: float, warmup_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadtest.openloop", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--url", required=True, help="http://HOST:PORT/PATH to POST to")
     p.add_argument("--rate", type=float, help="requests/s (open loop); omit with --closed")
     p.add_argument("--closed", type=int, metavar="CONNECTIONS", help="closed loop instead, for comparison")
-    p.add_argument("--arrivals", choices=ARRIVALS, default="poisson")
+    p.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="inter-arrival distribution")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
-    p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds sent before measuring")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections at most; a request that finds none waits (and its latency counts)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as failed")
     p.add_argument("--images-run", default="digits", help="post held-out PNGs of this run (loadtest.images)")
     p.add_argument("--body", action="append", default=[], help="a file to post instead (repeatable)")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import random
 import re
@@ -41,7 +40,8 @@ import psutil
 from loadtest.docs import update_section
 from loadtest.torchserve import PrivateServer
 from loadtest.wrk import run_wrk, write_images, write_wrk_script, wrk_binary
-from training.checkpoint import atomic_write_bytes
+from training.cli import HelpFormatter
+from training.files import atomic_write_json
 
 
 # ---- the paced load ------------------------------------------------------------------------------
@@ -279,6 +279,8 @@ def soak_section(r: dict, command: str) -> str:
 
 # ---- faults --------------------------------------------------------------------------------------
 def fault(args) -> dict:
+    """Under a paced load at ``--share`` of the measured maximum: kill a worker, send over-limit
+    requests, restart the server; what clients saw at each step."""
     model = args.run
     out: dict = {"run": model}
     with tempfile.TemporaryDirectory(prefix="fault-") as tmp:
@@ -295,79 +297,83 @@ def fault(args) -> dict:
             print(f"fault {model}: max {peak['rps']:.0f} req/s; load {rate:.0f} req/s", flush=True)
             load = PacedLoad(url, bodies, rate, threads=args.threads).start()
             time.sleep(args.baseline)
-
-            # 1. SIGKILL one worker.
-            pids = ts.worker_pids(model)
-            kill_t = load.now()
-            os.kill(pids[0], signal.SIGKILL)
-            ready_t = None
-            while load.now() < kill_t + 90:
-                current = ts.worker_pids(model)
-                if len(current) == len(pids) and pids[0] not in current:
-                    ready_t = load.now()
-                    break
-                time.sleep(0.2)
-            time.sleep(max(0.0, kill_t + args.after - load.now()))
-            recs = list(load.records)
-            base = window(recs, kill_t - args.baseline + 2, kill_t)
-            after = window(recs, kill_t, kill_t + args.after)
-            out["kill_worker"] = {
-                "workers": len(pids), "killed_pid": pids[0], "baseline_rps": base.rps,
-                "baseline_errors": base.errors, "failed_requests": after.errors,
-                "requests_after": after.requests,
-                "worker_ready_s": None if ready_t is None else ready_t - kill_t,
-                "throughput_recovered_s": recovery_s(recs, kill_t, base.rps),
-                "rps_last_5s": window(recs, load.now() - 5, load.now()).rps,
-            }
-            print(f"  kill worker: {out['kill_worker']}", flush=True)
-
-            # 2. Over-limit requests under load: a body over max_request_size, an image over max_pixels.
-            limit = int(_prop(ts, "max_request_size"))
-            t_a = load.now()
-            big = work / "over-limit.bin"
-            big.write_bytes(os.urandom(limit + 1024))
-            big_status, big_body = post_file_with_curl(url, big)
-            pix_status, pix_body = post(url, huge_pixels_png(), "image/png")
-            time.sleep(3)
-            t_b = load.now()
-            during = window(list(load.records), t_a, t_b)
-            out["over_limit"] = {
-                "max_request_size": limit, "body_status": big_status, "body_answer": big_body[:200].decode(errors="replace") or "(empty body)",
-                "pixels_status": pix_status, "pixels_answer": pix_body[:200].decode(errors="replace"),
-                "others_requests": during.requests, "others_errors": during.errors,
-            }
-            print(f"  over-limit: {out['over_limit']}", flush=True)
-
-            # 3. Stop and restart the server on the same ports, load still running.
-            stop_t = load.now()
-            ts.stop()
-            down_t = load.now()
-            time.sleep(2)
-            restart_t0 = time.monotonic()
-            ts.start()
-            restart_ready = time.monotonic() - restart_t0
-            first_ok = None
-            while load.now() < down_t + 120 and first_ok is None:
-                first_ok = next((r.t for r in list(load.records) if r.t > down_t + 2 and r.status == 200), None)
-                time.sleep(0.2)
-            time.sleep(5)
-            recs = load.stop()
-            out["restart"] = {
-                "stop_s": down_t - stop_t, "ready_after_start_s": restart_ready,
-                "clients_first_success_after_stop_s": None if first_ok is None else first_ok - down_t,
-                "failed_while_down": window(recs, stop_t, (first_ok or load.now())).errors,
-                "rps_last_5s": window(recs, recs[-1].t - 5, recs[-1].t).rps,
-            }
-            print(f"  restart: {out['restart']}", flush=True)
+            for step, run_step in (("kill_worker", lambda: _kill_worker(ts, model, load, args)),
+                                   ("over_limit", lambda: _over_limit(ts, url, load, work)),
+                                   ("restart", lambda: _restart(ts, load))):
+                out[step] = run_step()
+                print(f"  {step}: {out[step]}", flush=True)
         finally:
             ts.stop()
-    k, o = out["kill_worker"], out["over_limit"]
-    out["passed"] = bool(
-        k["worker_ready_s"] is not None and k["throughput_recovered_s"] is not None
-        and k["failed_requests"] <= args.max_failed
-        and 400 <= o["body_status"] < 500 and 400 <= o["pixels_status"] < 500 and o["others_errors"] == 0
-        and out["restart"]["clients_first_success_after_stop_s"] is not None)
+    out["passed"] = _fault_passed(out, args.max_failed)
     return out
+
+
+def _kill_worker(ts: PrivateServer, model: str, load: PacedLoad, args) -> dict:
+    """SIGKILL one worker; how long until TorchServe replaced it and throughput came back."""
+    pids = ts.worker_pids(model)
+    kill_t = load.now()
+    os.kill(pids[0], signal.SIGKILL)
+    ready_t = None
+    while load.now() < kill_t + 90:
+        current = ts.worker_pids(model)
+        if len(current) == len(pids) and pids[0] not in current:
+            ready_t = load.now()
+            break
+        time.sleep(0.2)
+    time.sleep(max(0.0, kill_t + args.after - load.now()))
+    recs = list(load.records)
+    base = window(recs, kill_t - args.baseline + 2, kill_t)
+    after = window(recs, kill_t, kill_t + args.after)
+    return {"workers": len(pids), "killed_pid": pids[0], "baseline_rps": base.rps,
+            "baseline_errors": base.errors, "failed_requests": after.errors, "requests_after": after.requests,
+            "worker_ready_s": None if ready_t is None else ready_t - kill_t,
+            "throughput_recovered_s": recovery_s(recs, kill_t, base.rps),
+            "rps_last_5s": window(recs, load.now() - 5, load.now()).rps}
+
+
+def _over_limit(ts: PrivateServer, url: str, load: PacedLoad, work: Path) -> dict:
+    """A body over max_request_size and an image over max_pixels, while the load runs."""
+    limit = int(_prop(ts, "max_request_size"))
+    t_a = load.now()
+    big = work / "over-limit.bin"
+    big.write_bytes(os.urandom(limit + 1024))
+    big_status, big_body = post_file_with_curl(url, big)
+    pix_status, pix_body = post(url, huge_pixels_png(), "image/png")
+    time.sleep(3)
+    during = window(list(load.records), t_a, load.now())
+    return {"max_request_size": limit, "body_status": big_status,
+            "body_answer": big_body[:200].decode(errors="replace") or "(empty body)",
+            "pixels_status": pix_status, "pixels_answer": pix_body[:200].decode(errors="replace"),
+            "others_requests": during.requests, "others_errors": during.errors}
+
+
+def _restart(ts: PrivateServer, load: PacedLoad) -> dict:
+    """Stop and restart the server on the same ports with the load still running; stops the load."""
+    stop_t = load.now()
+    ts.stop()
+    down_t = load.now()
+    time.sleep(2)
+    restart_t0 = time.monotonic()
+    ts.start()
+    restart_ready = time.monotonic() - restart_t0
+    first_ok = None
+    while load.now() < down_t + 120 and first_ok is None:
+        first_ok = next((r.t for r in list(load.records) if r.t > down_t + 2 and r.status == 200), None)
+        time.sleep(0.2)
+    time.sleep(5)
+    recs = load.stop()
+    return {"stop_s": down_t - stop_t, "ready_after_start_s": restart_ready,
+            "clients_first_success_after_stop_s": None if first_ok is None else first_ok - down_t,
+            "failed_while_down": window(recs, stop_t, (first_ok or load.now())).errors,
+            "rps_last_5s": window(recs, recs[-1].t - 5, recs[-1].t).rps}
+
+
+def _fault_passed(out: dict, max_failed: int) -> bool:
+    k, o = out["kill_worker"], out["over_limit"]
+    return bool(k["worker_ready_s"] is not None and k["throughput_recovered_s"] is not None
+                and k["failed_requests"] <= max_failed
+                and 400 <= o["body_status"] < 500 and 400 <= o["pixels_status"] < 500 and o["others_errors"] == 0
+                and out["restart"]["clients_first_success_after_stop_s"] is not None)
 
 
 # ---- attack --------------------------------------------------------------------------------------
@@ -415,7 +421,7 @@ def attack(args) -> dict:
     model = args.run
     limits, contract = archive_settings(Path(args.model_store) / f"{model}.mar")
     bodies = [(name, p["body"]) for name, p in request_cases(limits, contract).items()]
-    from export.core import cpu_name
+    from training.machine import cpu_name
 
     out: dict = {"run": model, "attackers": args.attackers, "attack_bodies": len(bodies),
                  "limits": asdict(limits), "cpu": cpu_name()}
@@ -531,23 +537,28 @@ def seconds(text: str) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("soak", "fault", "attack"))
-    p.add_argument("--run", default="digits")
-    p.add_argument("--model-store", default="model_store", help="holds <run>.mar (make archive)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--artifacts-dir", default="artifacts", help="for the contract of synthesised images")
-    p.add_argument("--reports", default="reports")
-    p.add_argument("--docs", default="docs/benchmarks.md", help="'' to skip the docs update")
-    p.add_argument("--share", type=float, default=0.7, help="load as a share of the measured maximum")
-    p.add_argument("--threads", type=int, default=8, help="client threads of the paced load")
-    p.add_argument("--duration", type=seconds, default=None,
-                   help="soak: 600, 600s, 10m, 1h30m (default 10m); attack: seconds of attack (default 60)")
-    p.add_argument("--attackers", type=int, default=4, help="attack: concurrent attackers")
-    p.add_argument("--window", type=float, default=10.0, help="soak: seconds per window")
-    p.add_argument("--baseline", type=float, default=10.0, help="fault: seconds of load before the kill")
-    p.add_argument("--after", type=float, default=20.0, help="fault: seconds observed after the kill")
-    p.add_argument("--max-failed", type=int, default=50, help="fault: failed requests allowed after a kill")
+    p = argparse.ArgumentParser(prog="python -m loadtest.resilience", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("mode", choices=("soak", "fault", "attack"),
+                   help="soak: hours of steady load; fault: kill, over-limit, restart; attack: hostile bodies")
+    where = p.add_argument_group("model and outputs")
+    where.add_argument("--run", default="digits", help="the served model (model-store/RUN.mar)")
+    where.add_argument("--model-store", default="model_store", help="holds <run>.mar (make archive)")
+    where.add_argument("--data-dir", default=None, help="dataset files for the posted images (default: data/)")
+    where.add_argument("--artifacts-dir", default="artifacts", help="for the contract of synthesised images")
+    where.add_argument("--reports", default="reports", help="writes reports/MODE.json")
+    where.add_argument("--docs", default="docs/benchmarks.md", help="'' to skip the docs update")
+    load = p.add_argument_group("load (all modes)")
+    load.add_argument("--share", type=float, default=0.7, help="load as a share of the measured maximum")
+    load.add_argument("--threads", type=int, default=8, help="client threads of the paced load")
+    load.add_argument("--duration", type=seconds, default=None,
+                      help="soak: 600, 600s, 10m, 1h30m (default: 10m); attack: seconds of attack (60)")
+    modes = p.add_argument_group("per mode")
+    modes.add_argument("--attackers", type=int, default=4, help="attack: concurrent attackers")
+    modes.add_argument("--window", type=float, default=10.0, help="soak: seconds per window")
+    modes.add_argument("--baseline", type=float, default=10.0, help="fault: seconds of load before the kill")
+    modes.add_argument("--after", type=float, default=20.0, help="fault: seconds observed after the kill")
+    modes.add_argument("--max-failed", type=int, default=50, help="fault: failed requests allowed after a kill")
     args = p.parse_args(argv)
     mar = Path(args.model_store) / f"{args.run}.mar"
     if not mar.is_file():
@@ -567,8 +578,7 @@ def main(argv=None) -> int:
     result["command"], result["after_s"] = command, args.after
     section = section_of(result, command)
     Path(args.reports).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(args.reports) / f"{args.mode}.json",
-                       lambda f: f.write(json.dumps(result, indent=2).encode()))
+    atomic_write_json(Path(args.reports) / f"{args.mode}.json", result)
     if args.docs:
         update_section(Path(args.docs), args.mode, section)
     print("\n" + section)

@@ -26,7 +26,7 @@ from loadtest.openloop import Target, run_closed_loop, run_open_loop
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", type=float, default=300.0, help="open-loop requests/s")
-    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     p.add_argument("--connections", type=int, default=4, help="closed-loop connections")
     p.add_argument("--docs", default="", help="also write the table into this file's capacity-demo section")
     a = p.parse_args(argv)

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description="serve until killed; prints the URL on the first line")
     p.add_argument("--stall", type=float, default=0.2, help="seconds of stall per period")
-    p.add_argument("--period", type=float, default=1.0)
+    p.add_argument("--period", type=float, default=1.0, help="seconds between stalls")
     a = p.parse_args(argv)
     with StallServer(a.stall, a.period) as s:
         print(s.url, flush=True)

@@ -19,9 +19,10 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from serving.server import KEY_FILE, http, read_key
+from training.cli import HelpFormatter
+from training.images import encode_png
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_KEY_FILE = f"logs/serve/{KEY_FILE}"
@@ -39,14 +40,6 @@ def heldout_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     contract = load_splits("digits", val_fraction=0.0, download=False).contract
     px = load_pixels("digits", None, contract, "test", limit=count, seed=seed)
     return px.images, px.labels
-
-
-def encode_png(chw: np.ndarray) -> bytes:
-    """(C, H, W) uint8 -> PNG file bytes."""
-    a = chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(a)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def multipart(files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
@@ -106,15 +99,17 @@ def demo(url: str, run: str, count: int, token: str | None, seed: int = 0) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("demo", "predict"))
+    p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("command", choices=("demo", "predict"),
+                   help="demo: post held-out digits one by one, then as one batch; predict: post FILES")
     p.add_argument("files", nargs="*", help="image files (predict)")
     p.add_argument("--run", default="digits", help="model name (the RUN it was trained as)")
-    p.add_argument("--url", default=DEFAULT_URL)
+    p.add_argument("--url", default=DEFAULT_URL, help="TorchServe inference address")
     p.add_argument("--count", type=int, default=8, help="held-out digits to post (demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which held-out digits (demo)")
     p.add_argument("--key-file", default=DEFAULT_KEY_FILE, help="TorchServe key_file.json (token auth)")
-    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--topk", type=int, default=3, help="labels per image in the answer")
     a = p.parse_intermixed_args(argv)  # files may come after options: predict --run cifarnet cat.png
     token = read_key(a.key_file) if a.key_file else None
     try:

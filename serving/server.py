@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from serving.java import java_env
-from training.checkpoint import atomic_write_bytes
+from training.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "serving" / "config.properties"
@@ -63,9 +64,12 @@ def render_config(base: str | os.PathLike, out: str | os.PathLike, overrides: di
     for key in ("metrics_config",):
         if key in props and not Path(props[key]).is_absolute():
             props[key] = str(REPO / props[key])
+    if "vmargs" in props:  # -Dlog4j.configurationFile=serving/log4j2.xml
+        props["vmargs"] = re.sub(r"(-Dlog4j2?\.configurationFile=)(?!/)(\S+)",
+                                 lambda m: m.group(1) + str(REPO / m.group(2)), props["vmargs"])
     text = "# rendered from {} by serving.server\n".format(base) + \
         "".join(f"{k}={v}\n" for k, v in props.items())
-    atomic_write_bytes(out, lambda f: f.write(text.encode()))
+    atomic_write_text(out, text)
     return props
 
 
@@ -164,7 +168,7 @@ def start_server(model_store: str | os.PathLike, models: list[str], workdir: str
     with open(workdir / LOG_FILE, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    atomic_write_bytes(workdir / PID_FILE, lambda f: f.write(str(proc.pid).encode()))
+    atomic_write_text(workdir / PID_FILE, str(proc.pid))
     return Server.from_config(workdir, proc.pid, props, offset)
 
 

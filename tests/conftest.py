@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/datafiles.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/served.py
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from datafiles import write_cifar10, write_imagefolder, write_mnist_gz  # noqa: E402
+from training.datafiles import write_cifar10, write_imagefolder, write_mnist_gz  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

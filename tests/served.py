@@ -17,7 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from serving.client import encode_png, heldout_digits
+from serving.client import heldout_digits
+from training.images import encode_png
 from serving.core import Limits
 
 # Larger than a digit, small enough to keep the suite fast; max_pixels above RATIO_FREE_PIXELS so

@@ -61,7 +61,7 @@ def test_ratio_section_uses_per_round_cpu_ratios():
 
 
 def test_ratio_runs_the_trainer_and_the_ceiling(tmp_path, monkeypatch):
-    from datafiles import write_mnist_gz
+    from training.datafiles import write_mnist_gz
     monkeypatch.chdir(tmp_path)  # IDX staging goes to ./data
     data = write_mnist_gz(tmp_path / "f", n_train=64, n_test=8)
     res = bench.trainer_vs_ceiling(data, model_name="simple_cnn", batch_size=8, precision="fp32",
@@ -72,7 +72,7 @@ def test_ratio_runs_the_trainer_and_the_ceiling(tmp_path, monkeypatch):
 def test_subsample_files_and_report(tmp_path):
     import gzip
 
-    from datafiles import write_mnist_gz
+    from training.datafiles import write_mnist_gz
     src = write_mnist_gz(tmp_path / "src", n_train=50, n_test=10)
     out = bench.write_subsample(src, tmp_path / "sub", 20)
     raw = gzip.open(out / "train-images-idx3-ubyte.gz").read()

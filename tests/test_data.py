@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datafiles import write_imagefolder, write_mnist_gz
+from training.datafiles import write_imagefolder, write_mnist_gz
 from training.contract import Contract, Normalize
 from training.data import DataNotFoundError, build_transform, load_splits
 

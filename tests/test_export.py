@@ -351,7 +351,7 @@ def test_bench_script_writes_a_markdown_table(digits_artifacts, tmp_path):
 
 
 def test_cpu_name_names_the_isa_that_moves_int8_numbers():
-    from export.core import cpu_name
+    from training.machine import cpu_name
 
     avx2 = "model name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma\n"
     vnni = "model name\t: AMD EPYC 9B14\nflags\t\t: avx2 avx512f avx512bw avx512_vnni avx_vnni\n"

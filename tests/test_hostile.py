@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 from served import LIMITS, TINYQ_QUEUE, assert_serves, b64, post, worker_deaths, workers
-from serving.client import encode_png, heldout_digits, multipart
+from serving.client import heldout_digits, multipart
+from training.images import encode_png
 from serving.server import free_port, http as http_call
 
 pytestmark = pytest.mark.slow

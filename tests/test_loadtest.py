@@ -16,7 +16,8 @@ from PIL import Image
 
 from loadtest.gates import Thresholds, Totals, check_gates, format_summary, gate_report
 from loadtest.bodies import b64_batch_body, malformed_request, multipart_body, predictions_in
-from loadtest.images import encode_png, load_pool, synthetic_pixels
+from loadtest.images import load_pool, synthetic_pixels
+from training.images import encode_png
 from loadtest.schedule import step_users
 from training.contract import Contract
 

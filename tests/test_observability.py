@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.client import encode_png, heldout_digits
+from serving.client import heldout_digits
+from training.images import encode_png
 from serving.core import StageTimes
 from serving.metrics import BY_NAME, DEFAULT_BUCKETS, METRICS, HandlerMetrics, series_names
 from serving.server import free_port, http

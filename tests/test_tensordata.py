@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from datafiles import write_imagefolder
+from training.datafiles import write_imagefolder
 from training.augment import augment_batch
 from training.contract import Contract, Normalize
 from training.data import augmentation, load_splits

@@ -10,7 +10,8 @@ import torch
 
 import training.train as train_mod
 from conftest import REPO, train_tiny
-from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.files import atomic_write_bytes
 from training.config import TrainConfig
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from training.cli import HelpFormatter
 from training.config import add_train_arguments, config_from_args
 from training.data import DataNotFoundError
 
@@ -19,19 +20,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a model; writes runs/<RUN>/best.pt and last.pt")
+    train = sub.add_parser("train", help="train a model; writes runs/<RUN>/best.pt and last.pt",
+                           formatter_class=HelpFormatter)
     add_train_arguments(train)
 
-    ev = sub.add_parser("evaluate", help="score a checkpoint on a dataset's test split")
-    ev.add_argument("--checkpoint", required=True)
+    ev = sub.add_parser("evaluate", help="score a checkpoint on a dataset's test split",
+                        formatter_class=HelpFormatter)
+    ev.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
     ev.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
-    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--data-dir", default=None, help="pre-fetched dataset files (default: data/)")
     ev.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/eval-<dataset>/")
-    ev.add_argument("--workers", type=int, default=2)
+    ev.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON line (last line)")
 
     vis = sub.add_parser("visualize", help="first-layer filters and feature maps as PNG")
-    vis.add_argument("--checkpoint", required=True)
+    vis.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
     vis.add_argument("--image", default=None, help="an image file to show feature maps for")
     vis.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/visualize/")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,41 +17,10 @@ import torch
 from torch import nn
 
 from training.contract import Contract
+from training.files import atomic_write_bytes
 from training.models import build_model
 
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over ``path``.
-
-    A crash leaves either the old file or the new one, never a torn file. The file gets the
-    permissions a plain ``open(path, "w")`` would (0666 less the umask), not mkstemp's 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: done once, at import, not per write
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:

@@ -91,25 +91,72 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
+# --help, grouped as timm's train.py groups it: one help line per TrainConfig field, stated here only.
+FLAG_GROUPS: dict[str, dict[str, str]] = {
+    "run and data": {
+        "run": "run name = served model name: writes runs-dir/RUN/ (under torchrun: --run-name)",
+        "dataset": f"one of {', '.join(sorted(DATASETS))}",
+        "data_dir": "pre-fetched dataset files (default: data/, downloaded when missing)",
+        "runs_dir": "where runs/RUN/ goes",
+        "val_fraction": "share of the training split held out for model selection",
+        "image_size": "imagefolder / transfer learning only: square side the images are resized to",
+        "pipeline": "tensor: dataset as uint8 on the device, batches augmented there; loader: DataLoader "
+                    "workers with PIL transforms (data that does not fit); auto: tensor when it fits",
+        "workers": "DataLoader workers (loader pipeline only)",
+        "augment": f"one of {', '.join(AUGMENTATIONS)} (default: the dataset's policy)",
+    },
+    "model": {
+        "model": f"architecture, one of {', '.join(sorted(MODELS))}",
+        "pretrained_weights": "torchvision state_dict file for a fine-tuning model (nothing is downloaded)",
+        "freeze_backbone": "train only the new head of a fine-tuning model",
+    },
+    "optimizer": {
+        "optimizer": f"one of {', '.join(OPTIMIZERS)}",
+        "lr": "peak learning rate (after warm-up)",
+        "momentum": "SGD only",
+        "nesterov": "SGD only",
+        "weight_decay": "decoupled (AdamW) or L2 (Adam, SGD) weight decay",
+        "batch_size": "images per optimizer step, per process",
+        "accum_steps": "optimizer step every N batches",
+        "clip_grad_norm": "clip the gradient norm to this (0: off)",
+        "label_smoothing": "cross-entropy label smoothing",
+    },
+    "schedule (counted in optimizer steps)": {
+        "epochs": "epochs; a small dataset makes several passes per epoch to reach --min-steps",
+        "min_steps": "at least this many optimizer steps over the whole run (0: one pass per epoch)",
+        "schedule": f"one of {', '.join(SCHEDULES)}",
+        "warmup_steps": "linear warm-up steps (onecycle: its rising phase; default: 10 %% of the steps)",
+    },
+    "device and precision": {
+        "device": "auto (cuda when present), cpu, cuda, cuda:N",
+        "precision": f"autocast dtype, one of {', '.join(PRECISIONS)}; fp16 needs CUDA (GradScaler)",
+        "channels_last": "NHWC memory format (default: on when training on CUDA)",
+    },
+    "misc": {
+        "seed": "seeds the data order, augmentation and initialisation (exact resume keeps it)",
+        "resume": "continue runs/RUN/last.pt exactly where it stopped (same settings)",
+        "tensorboard": "write TensorBoard logs to runs/RUN/tb/",
+    },
+}
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One argparse option per TrainConfig field, with the dataclass defaults."""
+    """One argparse option per TrainConfig field, with the dataclass defaults, in FLAG_GROUPS' groups."""
     defaults = TrainConfig()
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        if field.name == "run":
-            # torchrun's parser reads a bare --run as an abbreviation of its own --run-path:
-            # under torchrun, spell it --run-name.
-            parser.add_argument(flag, "--run-name", dest="run", default=default,
-                                help="run name = served model name (under torchrun: --run-name)")
-        elif field.type in ("bool",):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif field.name == "channels_last":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help="default: on when training on CUDA")
-        else:
-            kind = {"int": int, "float": float}.get(str(field.type).split(" |")[0], str)
-            parser.add_argument(flag, type=kind, default=default)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for title, helps in FLAG_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name, text in helps.items():
+            field, flag = fields[name], "--" + name.replace("_", "-")
+            default = getattr(defaults, name)
+            if name == "run":
+                # torchrun's parser reads a bare --run as an abbreviation of its own --run-path.
+                group.add_argument(flag, "--run-name", dest="run", default=default, help=text)
+            elif field.type == "bool" or name == "channels_last":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+            else:
+                kind = {"int": int, "float": float}.get(str(field.type).split(" |")[0], str)
+                group.add_argument(flag, type=kind, default=default, help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -94,17 +94,13 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, *, preci
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
                            class_names: tuple[str, ...] | list[str]) -> dict:
-    """Accuracy, mean loss, per-class precision/recall/F1/support and the confusion matrix."""
-    k = len(class_names)
-    preds = logits.argmax(1)
-    confusion = torch.bincount(targets * k + preds, minlength=k * k).view(k, k)  # rows: true
-    tp = confusion.diag().double()
-    support = confusion.sum(1).double()
-    predicted = confusion.sum(0).double()
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
-                     torch.zeros_like(tp))
+    """Accuracy, mean loss, per-class precision/recall/F1/support and the confusion matrix (rows: true)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(class_names)))  # every class, also one the split happens not to contain
+    y_true, y_pred = targets.numpy(), logits.argmax(1).numpy()
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0)
     per_class = {
         name: {"precision": round(float(precision[i]), 6), "recall": round(float(recall[i]), 6),
                "f1": round(float(f1[i]), 6), "support": int(support[i])}
@@ -112,11 +108,11 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
     }
     n = int(targets.numel())
     return {
-        "accuracy": float(tp.sum() / max(n, 1)),
+        "accuracy": float((y_true == y_pred).sum() / max(n, 1)),
         "loss": float(F.cross_entropy(logits, targets)) if n else float("nan"),
         "samples": n,
         "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from training.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from training.checkpoint import load_checkpoint, model_from_checkpoint
+from training.files import atomic_write_bytes, atomic_write_json
 from training.data import load_splits
 from training.engine import evaluate
 
@@ -34,9 +34,8 @@ def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, data
     metrics = evaluate(model, loader, torch.device("cpu"), contract.class_names)
     metrics = {"checkpoint": str(checkpoint), "dataset": dataset, **metrics}
     out = Path(out_dir) if out_dir else Path(checkpoint).parent / f"eval-{dataset}"
-    atomic_write_bytes(out / "confusion_matrix.json", lambda f: f.write(json.dumps(
-        {"class_names": list(contract.class_names), "rows_true_cols_pred": metrics["confusion_matrix"]},
-        indent=1).encode()))
+    atomic_write_json(out / "confusion_matrix.json", {"class_names": list(contract.class_names),
+                                                      "rows_true_cols_pred": metrics["confusion_matrix"]})
     plot_confusion(metrics["confusion_matrix"], contract.class_names, out / "confusion_matrix.png",
                    title=f"{Path(checkpoint).parent.name} on {dataset}: accuracy {metrics['accuracy']:.4f}")
     return metrics
@@ -46,19 +45,13 @@ def plot_confusion(matrix: list[list[int]], names, path: Path, title: str = "") 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     k = len(names)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 1.0 + 0.5 * k), dpi=100)
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(k), names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    peak = max(max(r) for r in matrix) or 1
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, matrix[i][j], ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i][j] > peak / 2 else "black")
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(names)).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=60, text_kw={"fontsize": 7})
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png"))

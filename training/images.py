@@ -10,6 +10,7 @@ Pure Pillow: no torch, so that serving's decode path does not import the trainin
 
 from __future__ import annotations
 
+import io
 import os
 from typing import IO
 
@@ -130,6 +131,15 @@ def to_array(img: Image.Image) -> np.ndarray:
     """An L or RGB image -> (C, H, W) uint8, the layout exported graphs take."""
     a = np.asarray(img, dtype=np.uint8)
     return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+
+
+def encode_png(chw: np.ndarray) -> bytes:
+    """(C, H, W) uint8 -> PNG bytes (grey for C=1, RGB for C=3): the inverse of ``to_array``, for
+    clients that post pixels (the CLI, load tests, the test suite)."""
+    a = np.ascontiguousarray(chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def read_file(path: str | os.PathLike, contract: Contract) -> Image.Image:

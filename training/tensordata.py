@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from training.augment import augment_batch
-from training.checkpoint import atomic_write_bytes
+from training.files import atomic_write_bytes
 from training.contract import Contract, Normalize
 from training.data import DATASETS, DEFAULT_DATA_ROOT, _split_indices, to_contract
 from training.images import is_image_file

@@ -21,12 +21,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
-from training.checkpoint import (FORMAT_VERSION, atomic_write_bytes, load_checkpoint, provenance,
-                                 save_checkpoint)
+from training.checkpoint import FORMAT_VERSION, load_checkpoint, provenance, save_checkpoint
 from training.config import TrainConfig
 from training.contract import Contract
 from training.data import DATASETS, load_splits
 from training.engine import evaluate, train_one_epoch
+from training.files import atomic_write_text
 from training.models import build_model
 
 
@@ -228,63 +228,31 @@ def fit(cfg: TrainConfig) -> Path:
 
 def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
     is_main = rank == 0
-    run_dir = cfg.run_dir
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    resume = load_checkpoint(last_path) if cfg.resume and last_path.exists() else None
-    if cfg.resume and resume is None and is_main:
-        print(f"--resume: no {last_path} yet, starting a new run")
-    if resume is not None:
-        _check_resumable(resume["config"], cfg)
+    last_path, best_path = cfg.run_dir / "last.pt", cfg.run_dir / "best.pt"
+    resume = _load_resume(cfg, last_path, is_main)
     seed_everything(cfg.seed + rank)
 
     pipe = build_pipeline(cfg, rank, world, device)
-    contract = pipe.contract
-    arch_args = {"in_channels": contract.channels, "num_classes": contract.num_classes,
-                 "image_size": contract.height}
-    if cfg.freeze_backbone:
-        arch_args["freeze_backbone"] = True
-    model = build_model(cfg.model, **arch_args)
-    if cfg.pretrained_weights and resume is None:
-        load_pretrained(model, cfg.pretrained_weights)
-    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model, arch_args, channels_last = _build_model(cfg, pipe.contract, device, pretrained=resume is None)
     steps_per_epoch = math.ceil(len(pipe.train) / cfg.accum_steps)
     if is_main:
         print(f"{pipe.kind} pipeline: {steps_per_epoch} optimizer steps per epoch"
               + (f" ({pipe.passes} passes over the data, --min-steps {cfg.min_steps})" if pipe.passes > 1 else ""),
               flush=True)
-
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     train_model = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
                    if world > 1 else model)
-
     start_epoch, best_acc, history = 0, -1.0, []
     if resume is not None:
-        model.load_state_dict(resume["state_dict"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        set_rng_state(resume["rng"][rank])
-        start_epoch, best_acc, history = resume["epoch"], resume["best_val_accuracy"], resume["history"]
+        start_epoch, best_acc, history = _restore(resume, rank, model, optimizer, scheduler, scaler)
         if is_main:
             print(f"resumed {last_path} at epoch {start_epoch}/{cfg.epochs}")
-
-    writer = None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.json", lambda f: f.write(cfg.to_json().encode()))
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(run_dir / "tb"))
-            if start_epoch == 0:
-                from torchvision.utils import make_grid
-                writer.add_image("train/samples", make_grid(pipe.samples(), nrow=8), 0)
+    writer = _start_run_dir(cfg, pipe, fresh=start_epoch == 0) if is_main else None
 
     base = {"format": FORMAT_VERSION, "arch": cfg.model, "arch_args": arch_args,
-            "contract": contract.to_dict(), "dataset": cfg.dataset, "config": _plain(cfg)}
+            "contract": pipe.contract.to_dict(), "dataset": cfg.dataset, "config": _plain(cfg)}
     for epoch in range(start_epoch, cfg.epochs):
         pipe.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -294,42 +262,96 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
             clip_grad_norm=cfg.clip_grad_norm, channels_last=channels_last,
             progress=f"epoch {epoch + 1}/{cfg.epochs}" if is_main else None)
         rngs = _gather_rng(world)
-        if not is_main:
-            if world > 1:
-                dist.barrier()  # rank 0 evaluates and saves
-            continue
-        val = evaluate(model, pipe.val, device, contract.class_names, precision=cfg.precision,
-                       channels_last=channels_last)
-        seconds = time.perf_counter() - t0
-        images_per_s = stats.images_per_s * world
-        record = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                  "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                  "images_per_s": images_per_s, "seconds": seconds,
-                  "lr": optimizer.param_groups[0]["lr"]}
-        history.append(record)
-        print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {stats.loss:.4f} acc {stats.accuracy:.4f}  "
-              f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}  {images_per_s:.0f} img/s  "
-              f"{seconds:.1f}s", flush=True)
-        if writer is not None:
-            for key, value in record.items():
-                if key != "epoch":
-                    writer.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
-        state = {**base, "state_dict": _cpu_state(model), "epoch": epoch + 1,
-                 "metrics": {"val_accuracy": val["accuracy"], "val_loss": val["loss"]},
-                 "provenance": provenance()}
-        if val["accuracy"] > best_acc:
-            best_acc = val["accuracy"]
-            save_checkpoint(state, best_path)
-        save_checkpoint({**state, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                         "scaler": scaler.state_dict(), "rng": rngs, "best_val_accuracy": best_acc,
-                         "history": history}, last_path)
+        if is_main:
+            val = evaluate(model, pipe.val, device, pipe.contract.class_names, precision=cfg.precision,
+                           channels_last=channels_last)
+            record = _epoch_record(cfg, epoch, stats, val, world, optimizer, time.perf_counter() - t0)
+            history.append(record)
+            _log_epoch(record, writer, cfg.epochs)
+            state = {**base, "state_dict": _cpu_state(model), "epoch": epoch + 1,
+                     "metrics": {"val_accuracy": val["accuracy"], "val_loss": val["loss"]},
+                     "provenance": provenance()}
+            if val["accuracy"] > best_acc:
+                best_acc = val["accuracy"]
+                save_checkpoint(state, best_path)
+            save_checkpoint({**state, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                             "scaler": scaler.state_dict(), "rng": rngs, "best_val_accuracy": best_acc,
+                             "history": history}, last_path)
         if world > 1:
-            dist.barrier()
+            dist.barrier()  # rank 0 evaluates and saves while the others wait
 
     if is_main:
         _finish(cfg, best_path, pipe, device, writer, history)
     return best_path
+
+
+def _load_resume(cfg: TrainConfig, last_path: Path, is_main: bool) -> dict | None:
+    """``last.pt`` when ``--resume`` finds one whose config this run may continue, else None."""
+    resume = load_checkpoint(last_path) if cfg.resume and last_path.exists() else None
+    if cfg.resume and resume is None and is_main:
+        print(f"--resume: no {last_path} yet, starting a new run")
+    if resume is not None:
+        _check_resumable(resume["config"], cfg)
+    return resume
+
+
+def _build_model(cfg: TrainConfig, contract: Contract, device: torch.device,
+                 pretrained: bool) -> tuple[nn.Module, dict, bool]:
+    """The architecture sized for ``contract``, on ``device``; returns (model, arch_args, channels_last)."""
+    arch_args = {"in_channels": contract.channels, "num_classes": contract.num_classes,
+                 "image_size": contract.height}
+    if cfg.freeze_backbone:
+        arch_args["freeze_backbone"] = True
+    model = build_model(cfg.model, **arch_args)
+    if cfg.pretrained_weights and pretrained:
+        load_pretrained(model, cfg.pretrained_weights)
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    return model, arch_args, channels_last
+
+
+def _restore(resume: dict, rank: int, model, optimizer, scheduler, scaler) -> tuple[int, float, list]:
+    """Load ``last.pt``'s states; returns (epochs done, best validation accuracy, history)."""
+    model.load_state_dict(resume["state_dict"])
+    optimizer.load_state_dict(resume["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(resume["scheduler"])
+    scaler.load_state_dict(resume["scaler"])
+    set_rng_state(resume["rng"][rank])
+    return resume["epoch"], resume["best_val_accuracy"], resume["history"]
+
+
+def _start_run_dir(cfg: TrainConfig, pipe: Pipeline, fresh: bool):
+    """Write ``config.json``; returns the TensorBoard writer (None with ``--no-tensorboard``)."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.run_dir / "config.json", cfg.to_json())
+    if not cfg.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(cfg.run_dir / "tb"))
+    if fresh:
+        from torchvision.utils import make_grid
+        writer.add_image("train/samples", make_grid(pipe.samples(), nrow=8), 0)
+    return writer
+
+
+def _epoch_record(cfg: TrainConfig, epoch: int, stats, val: dict, world: int, optimizer,
+                  seconds: float) -> dict:
+    return {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+            "images_per_s": stats.images_per_s * world, "seconds": seconds,
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _log_epoch(record: dict, writer, epochs: int) -> None:
+    print(f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} acc "
+          f"{record['train_accuracy']:.4f}  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}  "
+          f"{record['images_per_s']:.0f} img/s  {record['seconds']:.1f}s", flush=True)
+    if writer is not None:
+        for key, value in record.items():
+            if key != "epoch":
+                writer.add_scalar(key.replace("_", "/", 1), value, record["epoch"])
 
 
 def _finish(cfg: TrainConfig, best_path: Path, pipe: Pipeline, device, writer, history) -> None:
