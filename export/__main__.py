@@ -14,7 +14,7 @@ import sys
 from export.core import ExportConfig, GateError, export_run
 from export.registry import REGISTRY
 from export.runtime import IntegrityError
-from training.cli import HelpFormatter
+from training.cli import HelpFormatter, from_args
 from training.data import DataNotFoundError
 
 
@@ -66,15 +66,7 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
     misc.add_argument("--cpu-default", choices=tuple(REGISTRY), default=None,
                       help="default CPU variant (default: the fastest that passed its gates)")
     misc.add_argument("--seed", type=int, default=d.seed, help="seeds the held-out and calibration samples")
-    a = p.parse_args(argv)
-    return ExportConfig(run=a.run, runs_dir=a.runs_dir, out_dir=a.out_dir, checkpoint=a.checkpoint,
-                        data_dir=a.data_dir, variants=a.variants, calib_size=a.calib_size,
-                        check_size=a.check_size, reference_size=a.reference_size, val_size=a.val_size,
-                        eval_size=a.eval_size, max_int8_drop=a.max_int8_drop,
-                        atol=a.atol, quant_backend=a.quant_backend, ort_reduce_range=a.ort_reduce_range,
-                        ort_activation=a.ort_activation, latency_threads=a.latency_threads,
-                        latency_rounds=a.latency_rounds, cpu_default=a.cpu_default, strict=a.strict,
-                        seed=a.seed)
+    return from_args(ExportConfig, p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,3 +63,19 @@ def test_help_formatter_shows_defaults_once():
     text = " ".join(p.format_help().split())
     assert "a number (default: 3)" in text and "default: computed" in text
     assert text.count("(default: 1)") == 1 and "(default: None)" not in text
+
+
+@pytest.mark.parametrize("module, config", [("export.__main__", "export.core:ExportConfig"),
+                                            ("training.__main__", "training.config:TrainConfig")])
+def test_every_flag_reaches_the_config(module, config, monkeypatch):
+    """training.cli.from_args maps flags to config fields by name: a flag whose dest is not a field
+    would be parsed and then silently dropped."""
+    import dataclasses
+
+    mod, name = config.split(":")
+    fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(mod), name))}
+    parser = _parser_of(module, monkeypatch)
+    if module == "training.__main__":  # the train subcommand
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    dests = {a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+    assert dests <= fields, f"flags that reach no config field: {sorted(dests - fields)}"

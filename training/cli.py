@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -13,3 +17,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or "default:" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def from_args(cls: type[T], args: argparse.Namespace, **fixed) -> T:
+    """The config dataclass ``cls`` from the parsed flags whose names are its fields (--max-int8-drop ->
+    max_int8_drop): the one CLI-to-config step; ``fixed`` gives fields that are not flags."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **fixed)
