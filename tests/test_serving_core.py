@@ -348,8 +348,9 @@ def test_handler_v2_response_shape():
     batch = [{"body": json.dumps(doc).encode()}]
     out = json.loads(handler.handle(batch, make_context(batch))[0])
     assert out["id"] == "abc" and out["model_name"] == "digits"
-    assert [o["name"] for o in out["outputs"]] == ["label", "index", "probability"]
-    assert all(o["shape"] == [2, 3] and len(o["data"]) == 6 for o in out["outputs"])
+    assert [o["name"] for o in out["outputs"]] == ["label", "index", "probability", "abstain"]
+    assert all(o["shape"] == [2, 3] and len(o["data"]) == 6 for o in out["outputs"][:3])
+    assert out["outputs"][3] == {"name": "abstain", "datatype": "BOOL", "shape": [2], "data": [False, False]}
 
 
 def test_handler_config_from_yaml():
