@@ -93,7 +93,7 @@ bench-train: $(VENV_BASE)
 # ---- demo: the whole pipeline, offline ---------------------------------------------------------
 # train digits on scikit-learn's bundled digits -> score the held-out split -> export (TorchScript,
 # ONNX, INT8, each gated against the checkpoint) -> archive -> TorchServe -> post held-out images -> stop.
-# --min-steps 0: the demo keeps its 150 optimizer steps (the default floor of 500 would take ~4x as long).
+# --min-steps 0: the demo keeps its 150 optimizer steps (the default floor of 1000 would take ~7x as long).
 DEMO_TRAIN_ARGS := --run digits --model mnist_cnn --dataset digits --epochs 15 --min-steps 0
 demo: $(VENV_SERVE)
 	$(PY) -m training train $(DEMO_TRAIN_ARGS)
