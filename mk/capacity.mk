@@ -1,6 +1,6 @@
 # ---- capacity, open loop, with the peers (bench/bench_capacity.py, loadtest/openloop.py) ---------
 # make capacity        ours vs the stock-style handler at its best setting vs NVIDIA Triton, plus the
-#                      no-op ceiling and in-process core bounds (~10-15 min); reports/capacity.json, docs
+#                      no-op ceiling and in-process core bounds (~8 min idle, 15+ shared); reports/capacity.json, docs
 # make capacity-demo   the open-loop generator vs a closed loop on a server that stalls 200 ms a second
 CAPACITY_RUN  ?= digits
 CAPACITY_ARGS ?=
