@@ -23,7 +23,7 @@ import yaml
 
 from export.registry import REGISTRY
 from export.runtime import MANIFEST_NAME, read_manifest, verify_file
-from serving.core import Limits
+from serving.core import Limits, check_min_confidence
 
 ENTRY_FILE = Path(__file__).with_name("archive_entry.py")
 
@@ -76,8 +76,7 @@ class ArchiveConfig:
             raise ValueError(f"archive settings must be positive: {self}")
         if self.min_workers > self.max_workers:
             raise ValueError(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
-        if not 0.0 <= self.min_confidence <= 1.0:
-            raise ValueError(f"min_confidence {self.min_confidence} is not in [0, 1]; 0 turns abstaining off")
+        check_min_confidence(self.min_confidence)
 
     @property
     def artifact_dir(self) -> Path:

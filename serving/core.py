@@ -9,6 +9,7 @@ problem with client input raises ``InputError``, which the handler turns into an
 from __future__ import annotations
 
 import io
+import math
 import reprlib
 import time
 import warnings
@@ -273,6 +274,13 @@ def top_k(logits: np.ndarray, k: int, class_names: Sequence[str], temperature: f
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [[{"label": class_names[j], "index": int(j), "probability": round(float(p[j]), 6)}
              for j in row] for p, row in zip(probs, order)]
+
+
+def check_min_confidence(value: float) -> float:
+    """An abstain threshold: a number in [0, 1] (0 never abstains; NaN and inf are refused)."""
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"min_confidence must be a number from 0 to 1 (0: never abstain), got {value!r}")
+    return value
 
 
 def abstains(topk_lists: list[list[dict]], min_confidence: float) -> list[bool]:

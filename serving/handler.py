@@ -22,7 +22,8 @@ from ts.torch_handler.base_handler import BaseHandler
 from export.registry import REGISTRY
 from training.machine import cpu_name
 from export.runtime import IntegrityError, load_checked_variant
-from serving.core import InferenceCore, InputError, Limits, StageTimes, abstains, clip, top_k
+from serving.core import (InferenceCore, InputError, Limits, StageTimes, abstains, check_min_confidence, clip,
+                          top_k)
 from serving.protocol import ModelInfo, error_response, format_response, parse_request
 from serving.metrics import HandlerMetrics  # noqa: I001 -- every metric is declared there
 
@@ -61,9 +62,7 @@ class HandlerConfig:
                 raise ValueError(f"model-config.yaml handler.{key}: {section[key]!r} is not one of {tuple(REGISTRY)}")
         limits = Limits(**{k: int(section[k]) for k in limit_keys if section.get(k) is not None})
         threads = section.get("threads", 1)
-        min_confidence = float(section.get("min_confidence") or 0.0)
-        if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(f"model-config.yaml handler.min_confidence: {min_confidence} is not in [0, 1]")
+        min_confidence = check_min_confidence(float(section.get("min_confidence") or 0.0))
         return cls(section.get("variant_cpu"), section.get("variant_cuda"),
                    None if threads is None else int(threads), limits, min_confidence)
 

@@ -21,13 +21,12 @@ import base64
 import binascii
 import itertools
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
-from serving.core import INVERT_CHOICES, InputError, Limits, clip
+from serving.core import INVERT_CHOICES, InputError, Limits, check_min_confidence, clip
 from training.contract import Contract
 
 OPTION_NAMES = ("topk", "invert", "min_confidence")
@@ -96,17 +95,13 @@ def _options(raw: Mapping[str, Any], typed: bool = False) -> dict[str, Any]:
 
 
 def _confidence(value: Any, typed: bool) -> float:
-    bad = InputError(400, "bad_parameter", f"min_confidence must be a number from 0 to 1, got "
-                                           f"{type(value).__name__} {clip(value)}")
-    if typed and type(value) not in (int, float):  # not bool, not a string
-        raise bad
     try:
-        number = float(value if typed else _text(value).strip())
-    except (ValueError, OverflowError):
-        raise bad from None
-    if not (math.isfinite(number) and 0.0 <= number <= 1.0):
-        raise bad
-    return number
+        if typed and type(value) not in (int, float):  # not bool, not a string
+            raise TypeError
+        return check_min_confidence(float(value if typed else _text(value).strip()))
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(400, "bad_parameter", f"min_confidence must be a number from 0 to 1, got "
+                                               f"{type(value).__name__} {clip(value)}") from None
 
 
 def _b64(text: Any, where: str) -> bytes:

@@ -366,6 +366,10 @@ def test_handler_config_from_yaml():
     assert HandlerConfig.from_yaml({}).min_confidence == 0.0
     with pytest.raises(ValueError, match="min_confidence"):
         HandlerConfig.from_yaml({"handler": {"min_confidence": 1.5}})
+    from serving.archive import ArchiveConfig
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="min_confidence"):
+            ArchiveConfig(run="digits", min_confidence=bad)
 
 
 # --------------------------------------------------------------------------------------------------
