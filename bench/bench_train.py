@@ -432,11 +432,11 @@ def subsample_section(results: dict[str, TrainResult], n: int, machine: str) -> 
 
 def update_json(path: Path, values: dict) -> None:
     """Merge ``values`` into the JSON report (each subcommand adds its own keys)."""
-    from training.files import atomic_write_bytes
+    from training.files import atomic_write_text
 
     report = json.loads(path.read_text()) if path.is_file() else {}
     report.update(values)
-    atomic_write_bytes(path, lambda f: f.write((json.dumps(report, indent=2, sort_keys=True) + "\n").encode()))
+    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def device_line(device: str) -> str:
