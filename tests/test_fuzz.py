@@ -51,18 +51,21 @@ v2_docs = st.fixed_dictionaries(
                          | st.lists(st.integers(0, 255), max_size=30), max_size=800) | json_values}),
         max_size=2)},
     optional={"id": st.text(max_size=80) | json_values,
-              "parameters": st.dictionaries(st.sampled_from(["topk", "invert", "x"]), json_values, max_size=3)
+              "parameters": st.dictionaries(st.sampled_from(["topk", "invert", "min_confidence", "x"]), json_values,
+                                            max_size=3)
               | json_values})
 instance_docs = st.fixed_dictionaries(
     {"instances": st.lists(st.fixed_dictionaries({"b64": st.text(max_size=40) | json_values}) | json_values,
                            max_size=6) | json_values},
-    optional={"parameters": st.dictionaries(st.sampled_from(["topk", "invert"]), json_values, max_size=2)})
+    optional={"parameters": st.dictionaries(st.sampled_from(["topk", "invert", "min_confidence"]), json_values,
+                                            max_size=3)})
 bodies = (st.binary(max_size=300)
           | (v2_docs | instance_docs | json_values).map(lambda d: json.dumps(d).encode()))
 params = st.one_of(
-    st.fixed_dictionaries({"body": bodies}, optional={"topk": st.binary(max_size=8), "invert": st.binary(max_size=8)}),
+    st.fixed_dictionaries({"body": bodies}, optional={"topk": st.binary(max_size=8), "invert": st.binary(max_size=8),
+                                                      "min_confidence": st.binary(max_size=8)}),
     st.dictionaries(st.text(max_size=10), st.binary(max_size=50) | st.text(max_size=10), max_size=6))
-headers = st.dictionaries(st.sampled_from(["x-topk", "x-invert", "content-type", "x-other"]),
+headers = st.dictionaries(st.sampled_from(["x-topk", "x-invert", "x-min-confidence", "content-type", "x-other"]),
                           st.text(max_size=30), max_size=3)
 
 
@@ -75,6 +78,7 @@ def test_parse_request_raises_only_input_errors(params, headers, rgb):
         return
     assert 1 <= len(req.items) <= LIMITS.max_images
     assert req.topk is None or isinstance(req.topk, int)
+    assert req.min_confidence is None or (type(req.min_confidence) is float and 0.0 <= req.min_confidence <= 1.0)
     assert req.id is None or (isinstance(req.id, str) and len(req.id) <= 64)
 
 

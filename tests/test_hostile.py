@@ -62,12 +62,30 @@ def hostile_cases() -> dict[str, tuple[bytes, str, dict, str]]:
         "long v2 shape": (_v2({**uint8, "shape": [1] * (LONG // 3), "data": pixels}), "application/json", {}, v2path),
         "long b64": (json.dumps({"instances": [{"b64": "!" * LONG}]}).encode(), "application/json", {}, ""),
         "long unknown key": (json.dumps({long: 1}).encode(), "application/json", {}, ""),
+        "long min_confidence in JSON": (json.dumps({"instances": [{"b64": b64(png)}],
+                                                    "parameters": {"min_confidence": long}}).encode(),
+                                        "application/json", {}, ""),
         "long X-TopK header": (png, "image/png", {"X-TopK": "9" * 7000}, ""),
+        "long X-Min-Confidence header": (png, "image/png", {"X-Min-Confidence": "0." + "5" * 7000 + "x"}, ""),
         "long X-Invert header": (png, "image/png", {"X-Invert": "y" * 7000}, ""),
         "long multipart field name": (*multipart({"f" * 7000: ("a.png", b"", "image/png")}), {}, ""),
         "long multipart topk field": (*multipart({"file": ("a.png", png, "image/png"),
                                                   "topk": ("t", b"7" * LONG, "text/plain")}), {}, ""),
         # wrong JSON types everywhere
+        "long multipart min_confidence field": (*multipart({"file": ("a.png", png, "image/png"),
+                                                            "min_confidence": ("t", b"0" * LONG + b"x", "text/plain")}),
+                                                {}, ""),
+        "min_confidence as string": (json.dumps({"instances": [{"b64": b64(png)}],
+                                                 "parameters": {"min_confidence": "0.5"}}).encode(),
+                                     "application/json", {}, ""),
+        "min_confidence as bool": (json.dumps({"instances": [{"b64": b64(png)}],
+                                               "parameters": {"min_confidence": True}}).encode(),
+                                   "application/json", {}, ""),
+        "min_confidence NaN": (b'{"instances": [{"b64": "' + b64(png).encode() + b'"}], '
+                               b'"parameters": {"min_confidence": NaN}}', "application/json", {}, ""),
+        "min_confidence huge int": (b'{"instances": [{"b64": "' + b64(png).encode() + b'"}], '
+                                    b'"parameters": {"min_confidence": 1' + b"0" * 5000 + b"}}",
+                                    "application/json", {}, ""),
         "topk as string": (json.dumps({"instances": [{"b64": b64(png)}], "parameters": {"topk": "3"}}).encode(),
                            "application/json", {}, ""),
         "topk as float": (json.dumps({"instances": [{"b64": b64(png)}], "parameters": {"topk": 2.5}}).encode(),
@@ -167,7 +185,8 @@ def test_hostile_requests_get_small_errors(served, baseline):
         problem = _check_answer(name, status, doc, hdrs)
         if problem:
             failures.append(problem)
-        elif name.startswith(("long", "topk", "invert", "parameters", "instances", "b64", "v2")) and status == 200:
+        elif name.startswith(("long", "topk", "invert", "min_confidence", "parameters", "instances", "b64", "v2")) \
+                and status == 200:
             failures.append(f"{name}: accepted (HTTP 200)")
     assert not failures, "\n".join(failures)
     assert_serves(served)
