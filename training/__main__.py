@@ -11,13 +11,13 @@ import json
 import os
 import sys
 
-from training.cli import HelpFormatter
+from training.cli import ArgumentParser, HelpFormatter
 from training.config import add_train_arguments, config_from_args
 from training.data import DataNotFoundError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model; writes runs/<RUN>/best.pt and last.pt",

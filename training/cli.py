@@ -19,6 +19,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: <what> (see prog --help)`` and exit status 2, not the
+    whole usage block first (27 lines for ``train``) that hides the one line that matters. Subparsers
+    made by ``add_subparsers`` are of the same class, so every subcommand answers the same way."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def from_args(cls: type[T], args: argparse.Namespace, **fixed) -> T:
     """The config dataclass ``cls`` from the parsed flags whose names are its fields (--max-int8-drop ->
     max_int8_drop): the one CLI-to-config step; ``fixed`` gives fields that are not flags."""

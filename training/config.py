@@ -56,6 +56,7 @@ class TrainConfig:
     workers: int = 2                 # DataLoader workers (loader pipeline only)
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False          # replace a run trained on another dataset or model
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -79,7 +80,7 @@ class TrainConfig:
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (self.run and "/" not in self.run, f"--run must be a plain name (it becomes the served "
                                                f"model name), got {self.run!r}"),
-            (not MODELS[self.model].pretrained or self.pretrained_weights,
+            (self.model not in MODELS or not MODELS[self.model].pretrained or self.pretrained_weights,
              f"--model {self.model} fine-tunes pretrained weights: pass --pretrained-weights FILE (a "
              f"torchvision state_dict saved with torch.save); nothing is downloaded from a hub"),
         ]
@@ -139,6 +140,7 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
     "misc": {
         "seed": "seeds the data order, augmentation and initialisation (exact resume keeps it)",
         "resume": "continue runs/RUN/last.pt exactly where it stopped (same settings)",
+        "overwrite": "replace runs/RUN/ even when it holds a model trained on another dataset or model",
         "tensorboard": "write TensorBoard logs to runs/RUN/tb/",
     },
 }

@@ -7,6 +7,7 @@ interrupted run continues with ``--resume`` and ends with the same weights as an
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -34,7 +35,10 @@ from training.models import build_model
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists ~20 device types; the CLI says the few that matter
+        raise ValueError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} asked for CUDA but none is available; use --device cpu")
     return device
@@ -215,6 +219,7 @@ def build_pipeline(cfg: TrainConfig, rank: int, world: int, device: torch.device
 # ---- the run -----------------------------------------------------------------------------------
 def fit(cfg: TrainConfig) -> Path:
     """Train as ``cfg`` says; returns the path of ``best.pt``."""
+    check_run_dir(cfg)
     device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA (GradScaler); use --precision bf16 on CPU")
@@ -224,6 +229,24 @@ def fit(cfg: TrainConfig) -> Path:
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """Refuse, before any work, to replace a run trained on another dataset or model: the run name is
+    the served name, so ``runs/digits`` trained on MNIST and then on scikit-learn's digits would
+    silently change what ``/predictions/digits`` answers. ``--overwrite`` replaces it anyway."""
+    saved_path = cfg.run_dir / "config.json"
+    if cfg.overwrite or not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError:
+        return  # a torn or foreign file: nothing to protect
+    changed = [f"{k} {saved.get(k)}" for k in ("dataset", "model") if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"{cfg.run_dir} holds a model trained with {' and '.join(changed)}, not "
+                         f"{cfg.dataset}/{cfg.model}; choose another --run name (make train RUN=...), "
+                         f"move the old run away, or pass --overwrite to replace it")
 
 
 def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
