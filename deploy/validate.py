@@ -3,8 +3,8 @@
     python deploy/validate.py [--deploy-dir deploy] [--k8s-version 1.32.0] [--skip checkov,hadolint]
 
 Steps, every one of which must come back clean (exit 0; 1 with one line per problem otherwise):
-  render    ``kubectl kustomize`` of every kustomization (base, overlays cpu/gpu, monitoring, kserve,
-            training, workstation); a render error is a problem.
+  render    ``kubectl kustomize`` of every kustomization (base, overlays cpu/gpu/oip, monitoring, kserve
+            and kserve/oip, training, workstation); a render error is a problem.
   schema    each rendered object against the Kubernetes OpenAPI schemas bundled in kubernetes-validate,
             strict (unknown fields rejected), for K8S_VERSION. Custom resources (ServiceMonitor,
             PrometheusRule, InferenceService, ServingRuntime, PyTorchJob) against the subsets in
@@ -12,7 +12,8 @@ Steps, every one of which must come back clean (exit 0; 1 with one line per prob
   static    docker-compose.yml, Prometheus and Grafana files parse; every dashboard panel has a query;
             the PrometheusRule holds the same rule groups as the docker-compose rules file.
   checkov   the rendered manifests and the Dockerfiles (skips, each justified, in deploy/checkov.yaml).
-  hadolint  the Dockerfiles: serving and workstation (ignores are inline, each with its reason).
+  hadolint  the Dockerfiles: serving (TorchServe and the Java-free runtime) and workstation (ignores
+            are inline, each with its reason).
 
 Nothing here touches a cluster or the network.
 """
@@ -35,9 +36,9 @@ import yaml
 # preStop `sleep` action (beta, on by default since 1.30) are all in 1.32.
 K8S_VERSION = "1.32.0"
 DEPLOY_DIR = Path(__file__).resolve().parent
-KUSTOMIZATIONS = ("k8s/base", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/monitoring", "k8s/kserve",
-                  "k8s/training", "k8s/workstation")
-DOCKERFILES = ("docker/Dockerfile", "docker/workstation/Dockerfile")
+KUSTOMIZATIONS = ("k8s/base", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/oip", "k8s/monitoring",
+                  "k8s/kserve", "k8s/kserve/oip", "k8s/training", "k8s/workstation")
+DOCKERFILES = ("docker/Dockerfile", "docker/oip/Dockerfile", "docker/workstation/Dockerfile")
 STEPS = ("render", "schema", "static", "checkov", "hadolint")
 
 # InferenceService predictor keys that are KServe's own; the rest of the predictor is a PodSpec.
