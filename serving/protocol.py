@@ -257,21 +257,29 @@ def _parse_v2(doc: dict, contract: Contract, limits: Limits, opts: dict[str, Any
     if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or \
             not all(type(d) is int and d >= 0 for d in shape):
         raise InputError(400, "bad_request", f"KServe v2: shape must be a list of 1 to 4 sizes, got {clip(shape)}")
-    if not isinstance(data, list):
+    if not isinstance(data, (list, np.ndarray)):  # an array: raw tensor bytes (binary extension, gRPC)
         raise InputError(400, "bad_request", "KServe v2: \"data\" must be a list")
     _check_count(shape[0], limits)
     if dtype == "BYTES":
         if shape not in ([shape[0]], [shape[0], 1]):
             raise InputError(400, "bad_request", f"KServe v2 BYTES: shape must be [N] (or [N, 1]) for N "
                                                  f"base64 images, got {clip(shape)}")
+        if not isinstance(data, list):
+            raise InputError(400, "bad_tensor", "KServe v2 BYTES: data must be a list of images")
         flat = _flatten(data, shape[0], "BYTES data")
-        items = tuple(_b64(x, f"inputs[0].data[{i}]") for i, x in enumerate(flat))
+        # bytes: an image already in binary (the binary tensor extension, gRPC); text: base64 in JSON
+        items = tuple(x if isinstance(x, bytes) else _b64(x, f"inputs[0].data[{i}]") for i, x in enumerate(flat))
         return Request(items, protocol=PROTOCOL_V2, id=request_id, **opts)
     if dtype == "UINT8":
         want = [shape[0], *contract.input_shape]
         if shape != want:
             raise InputError(400, "bad_tensor", f"KServe v2 UINT8: shape must be [N, C, H, W] = {want} "
                                                 f"for this model, got {clip(shape)}")
+        if isinstance(data, np.ndarray):  # raw bytes: already uint8, only the count to check
+            if data.dtype != np.uint8 or data.size != int(np.prod(shape)):
+                raise InputError(400, "bad_tensor", f"KServe v2 UINT8: {data.size} {data.dtype} values, "
+                                                    f"the shape says {int(np.prod(shape))} uint8")
+            return Request(tuple(data.reshape(shape)), protocol=PROTOCOL_V2, id=request_id, **opts)
         flat = _flatten(data, int(np.prod(shape)), "UINT8 data")
         # JSON integers only: numpy would silently cast 1.9, "7" or true (Python's bool is an int).
         kinds = set(map(type, flat))
@@ -293,6 +301,17 @@ def _parse_v2(doc: dict, contract: Contract, limits: Limits, opts: dict[str, Any
 # --------------------------------------------------------------------------------------------------
 # responses
 # --------------------------------------------------------------------------------------------------
+# The v2 output tensors, declared once: format_response fills them and the Open Inference Protocol
+# runtime's model metadata lists them. Each: (name, datatype, shape with -1 for any size; the first
+# dimension is the image, a second one the top-k rank).
+V2_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    ("label", "BYTES", (-1, -1)),
+    ("index", "INT64", (-1, -1)),
+    ("probability", "FP32", (-1, -1)),
+    ("abstain", "BOOL", (-1,)),
+)
+
+
 def format_response(request: Request, info: ModelInfo, topk_lists: list[list[dict]],
                     abstain: list[bool] | None = None) -> dict:
     """Top-k per image (and per image whether the answer abstains) -> the response document for the
@@ -300,16 +319,17 @@ def format_response(request: Request, info: ModelInfo, topk_lists: list[list[dic
     abstain = [False] * len(topk_lists) if abstain is None else abstain
     if request.protocol == PROTOCOL_V2:
         n, k = len(topk_lists), len(topk_lists[0]) if topk_lists else 0
+        per_rank = {"label": [c["label"] for row in topk_lists for c in row],
+                    "index": [c["index"] for row in topk_lists for c in row],
+                    "probability": [c["probability"] for row in topk_lists for c in row]}
+        per_image = {"abstain": list(abstain)}
+        outputs = []
+        for name, dtype, shape in V2_OUTPUTS:
+            data = per_rank[name] if len(shape) == 2 else per_image[name]
+            outputs.append({"name": name, "datatype": dtype, "shape": [n, k] if len(shape) == 2 else [n],
+                            "data": data})
         out = {"model_name": info.name, "model_version": info.version,
-               "parameters": {"variant": info.variant, "device": info.device},
-               "outputs": [
-                   {"name": "label", "datatype": "BYTES", "shape": [n, k],
-                    "data": [c["label"] for row in topk_lists for c in row]},
-                   {"name": "index", "datatype": "INT64", "shape": [n, k],
-                    "data": [c["index"] for row in topk_lists for c in row]},
-                   {"name": "probability", "datatype": "FP32", "shape": [n, k],
-                    "data": [c["probability"] for row in topk_lists for c in row]},
-                   {"name": "abstain", "datatype": "BOOL", "shape": [n], "data": list(abstain)}]}
+               "parameters": {"variant": info.variant, "device": info.device}, "outputs": outputs}
         if request.id is not None:
             out["id"] = request.id
         return out
