@@ -1,7 +1,8 @@
 # ---- serve: artifacts/<RUN>/ -> model_store/<RUN>.mar -> TorchServe (serving/) ------------------
 # make archive [RUN=x]   model_store/<RUN>.mar (no RUN: every exported run); ARCHIVE_ARGS goes to
 #                        `python -m serving archive` (--variant-cpu, --batch-size, --threads, ...)
-# make serve [TOKEN=1]   archive what is exported but not archived, start TorchServe in the background
+# make serve [TOKEN=1] [RUNTIME=oip]  archive what is exported but not archived, start a server in the
+#                        background: TorchServe (default) or the Java-free oip runtime (OIP HTTP + gRPC)
 #                        (serving/config.properties; logs in logs/serve/), return once every model in
 #                        model_store/ answered a warm-up prediction, print curl commands
 # make stop              stop it
@@ -10,6 +11,7 @@
 ARCHIVE_ARGS ?=
 SERVE_ARGS   ?=
 TOKEN        ?=
+RUNTIME      ?=
 DEMO_COUNT   ?= 8
 
 .PHONY: archive serve stop demo-serve bench-hostile help-serve
@@ -23,14 +25,14 @@ else
 endif
 
 serve: $(VENV_SERVE)
-	$(PY) -m serving serve $(if $(TOKEN),--token) $(ARCHIVE_ARGS) $(SERVE_ARGS)
+	$(PY) -m serving serve $(if $(RUNTIME),--runtime $(RUNTIME)) $(if $(TOKEN),--token) $(ARCHIVE_ARGS) $(SERVE_ARGS)
 
 stop: $(VENV_SERVE)
 	$(PY) -m serving stop
 
 # Always stops the server, also when the client fails (its exit status is kept).
 demo-serve: $(VENV_SERVE)
-	$(PY) -m serving serve $(ARCHIVE_ARGS) $(SERVE_ARGS)
+	$(PY) -m serving serve $(if $(RUNTIME),--runtime $(RUNTIME)) $(ARCHIVE_ARGS) $(SERVE_ARGS)
 	status=0; $(PY) -m serving.client demo --run digits --count $(DEMO_COUNT) || status=$$?; \
 	$(PY) -m serving stop; exit $$status
 
@@ -38,4 +40,4 @@ bench-hostile: $(VENV_SERVE)
 	$(PY) bench/bench_hostile.py --docs docs/benchmarks.md --json $(or $(REPORTS),reports)/hostile.json
 
 help-serve:
-	@sed -n '2,9p' mk/serve.mk | sed 's/^# //'
+	@sed -n '2,10p' mk/serve.mk | sed 's/^# //'

@@ -1,10 +1,12 @@
 """Command line: ``python -m serving archive|serve|stop``.
 
   archive --run RUN   artifacts/RUN/ -> model_store/RUN.mar
-  serve               archive what is exported but not archived, start TorchServe in the background
+  serve               archive what is exported but not archived, start a server in the background
                       with every model_store/*.mar under its RUN name, return once each model answered
-                      a real warm-up prediction, print curl commands
-  stop                stop the TorchServe that `serve` started
+                      a real warm-up prediction, print curl commands. --runtime torchserve (default:
+                      TorchServe's Java frontend) or oip (serving.oip: no Java, Open Inference
+                      Protocol over HTTP and gRPC)
+  stop                stop the server that `serve` started (either runtime)
 
 Exit status 0 on success; 1 when TorchServe fails to start or a warm-up fails; 2 for a problem the user
 can fix first (nothing exported, port taken, bad option). Errors are one line naming the fix.
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 
 from serving.core import Limits
-from serving.server import ServerBusyError
+from serving.server import RUNTIMES, ServerBusyError
 from training.cli import HelpFormatter
 
 DEFAULT_WORKDIR = "logs/serve"
@@ -68,13 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     a = sub.add_parser("archive", parents=[common], help="build model_store/RUN.mar", formatter_class=HelpFormatter)
     a.add_argument("--run", required=True, help="the exported run (artifacts-dir/RUN/) = served model name")
-    s = sub.add_parser("serve", parents=[common], help="start TorchServe in the background",
+    s = sub.add_parser("serve", parents=[common], help="start a server in the background",
                        formatter_class=HelpFormatter)
-    s.add_argument("--config", default="serving/config.properties", help="TorchServe config.properties")
+    s.add_argument("--runtime", choices=RUNTIMES, default="torchserve",
+                   help="torchserve (Java frontend) or oip (no Java; OIP over HTTP and gRPC)")
+    s.add_argument("--config", default="serving/config.properties",
+                   help="config.properties (the oip runtime reads its addresses and limits too)")
     s.add_argument("--workdir", default=DEFAULT_WORKDIR, help="logs, pid file, key file")
     s.add_argument("--token", action="store_true", help="turn token authorization on (as in the container)")
     s.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every warm-up")
-    t = sub.add_parser("stop", help="stop the TorchServe `serve` started", formatter_class=HelpFormatter)
+    t = sub.add_parser("stop", help="stop the server `serve` started", formatter_class=HelpFormatter)
     t.add_argument("--workdir", default=DEFAULT_WORKDIR, help="the one `serve` used")
     return p.parse_args(argv)
 
@@ -101,8 +106,9 @@ def cmd_serve(a) -> int:
               f"`make train export` (or `make export RUN=...`) first", file=sys.stderr)
         return 2
     overrides = {"disable_token_authorization": "false"} if a.token else {}
-    server = start_server(a.model_store, models, a.workdir, a.config, overrides)
-    print(f"TorchServe starting (pid {server.pid}, log {Path(a.workdir) / 'torchserve.log'}); "
+    server = start_server(a.model_store, models, a.workdir, a.config, overrides, runtime=a.runtime)
+    name = {"torchserve": "TorchServe", "oip": "The oip runtime"}[a.runtime]
+    print(f"{name} starting (pid {server.pid}, log {server.log_file}); "
           f"warming up {', '.join(models)} ...", flush=True)
     try:
         answers = wait_ready(server, models, timeout=a.timeout)
@@ -111,7 +117,7 @@ def cmd_serve(a) -> int:
         raise
     for m, ans in answers.items():
         print(f"  {m}: version {ans['version']}, {ans['variant']} on {ans['device']}: warm-up answered")
-    print(f"\nTorchServe is up at {server.local(server.inference_url)} (stop it with `make stop`). "
+    print(f"\n{name} is up at {server.local(server.inference_url)} (stop it with `make stop`). "
           f"Try:\n{curl_examples(server, models)}")
     return 0
 
@@ -119,7 +125,7 @@ def cmd_serve(a) -> int:
 def cmd_stop(a) -> int:
     from serving.server import stop_server
 
-    print("TorchServe stopped." if stop_server(a.workdir) else f"no TorchServe running from {a.workdir}.")
+    print("Server stopped." if stop_server(a.workdir) else f"no server running from {a.workdir}.")
     return 0
 
 

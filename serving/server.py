@@ -1,4 +1,12 @@
-"""Start, warm up and stop a real TorchServe: used by ``make serve`` / ``make stop`` and the tests.
+"""Start, warm up and stop a real server of either runtime: used by ``make serve`` / ``make stop``, the
+load tests, the benchmarks and the tests.
+
+Two runtimes serve the same ``model_store/<RUN>.mar``: ``torchserve`` (TorchServe's Java frontend and
+Python workers, the default) and ``oip`` (``serving.oip``: no Java; Open Inference Protocol over HTTP
+and gRPC). Both read their addresses from the same ``config.properties`` (inference, metrics and gRPC
+inference address), write their pid file, logs and ``key_file.json`` to one work directory, and are
+stopped the same way (their whole process group). ``worker_pids`` and ``worker_deaths`` tell, for
+either runtime, which worker processes serve a model and whether one was restarted.
 
 TorchServe is launched as ``<venv>/bin/torchserve --foreground`` in its own process group, so that the
 Java frontend and its Python workers can always be stopped together (``stop_server``) and nothing leaks.
@@ -32,7 +40,10 @@ from training.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "serving" / "config.properties"
-PID_FILE, LOG_FILE, CONFIG_FILE, KEY_FILE = "torchserve.pid", "torchserve.log", "config.properties", "key_file.json"
+PID_FILE, CONFIG_FILE, KEY_FILE = "server.pid", "config.properties", "key_file.json"
+RUNTIMES = ("torchserve", "oip")
+LOG_FILES = {"torchserve": "torchserve.log", "oip": "oip.log"}
+LOG_FILE = LOG_FILES["torchserve"]
 
 
 class ServerError(RuntimeError):
@@ -73,6 +84,11 @@ def render_config(base: str | os.PathLike, out: str | os.PathLike, overrides: di
     return props
 
 
+def grpc_address(props: dict[str, str]) -> str:
+    """host:port of the gRPC inference service a config names (TorchServe's keys, read by both runtimes)."""
+    return f"{props.get('grpc_inference_address', '127.0.0.1')}:{props.get('grpc_inference_port', 7070)}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,22 +104,32 @@ def port_in_use(url: str) -> bool:
 
 @dataclass(frozen=True)
 class Server:
-    """A started TorchServe: its addresses, work directory, process-group id and token (if any)."""
+    """A started server: its runtime, addresses, work directory, process-group id and token (if any).
+
+    ``management_url`` is None for the oip runtime, which has no management API.
+    """
 
     workdir: Path
     pid: int
     inference_url: str
-    management_url: str
+    management_url: str | None
     metrics_url: str
     token_auth: bool
     model_log_offset: int = 0  # bytes of logs/model_log.log written by earlier runs in this workdir
+    runtime: str = "torchserve"
+    grpc_address: str = ""  # host:port of the gRPC inference service
 
     @classmethod
-    def from_config(cls, workdir: Path, pid: int, props: dict[str, str], model_log_offset: int = 0
-                    ) -> "Server":
-        return cls(Path(workdir), pid, props["inference_address"], props["management_address"],
+    def from_config(cls, workdir: Path, pid: int, props: dict[str, str], model_log_offset: int = 0,
+                    runtime: str = "torchserve") -> "Server":
+        return cls(Path(workdir), pid, props["inference_address"],
+                   props["management_address"] if runtime == "torchserve" else None,
                    props["metrics_address"], props.get("disable_token_authorization", "false") != "true",
-                   model_log_offset)
+                   model_log_offset, runtime, grpc_address(props))
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / LOG_FILES[self.runtime]
 
     def local(self, url: str) -> str:
         return url.replace("://0.0.0.0", "://127.0.0.1")
@@ -128,48 +154,62 @@ def read_key(path: str | os.PathLike, kind: str = "inference") -> str | None:
 # start / ready / stop
 # --------------------------------------------------------------------------------------------------
 def start_server(model_store: str | os.PathLike, models: list[str], workdir: str | os.PathLike,
-                 config: str | os.PathLike = DEFAULT_CONFIG, overrides: dict[str, str] | None = None
-                 ) -> Server:
-    """Launch TorchServe in the background serving ``<model_store>/<name>.mar`` as ``name``.
+                 config: str | os.PathLike = DEFAULT_CONFIG, overrides: dict[str, str] | None = None,
+                 runtime: str = "torchserve") -> Server:
+    """Launch ``runtime`` in the background serving ``<model_store>/<name>.mar`` as ``name``.
 
-    Returns at once; call ``wait_ready`` next. Raises ServerError if one is already running in
+    Returns at once; call ``wait_ready`` next. Raises ServerBusyError if one is already running in
     ``workdir`` or a port is taken.
     """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     workdir = Path(workdir).resolve()
     (workdir / "tmp").mkdir(parents=True, exist_ok=True)
     if running_pid(workdir) is not None:
-        raise ServerBusyError(f"a TorchServe started from {workdir} is already running (pid "
-                          f"{running_pid(workdir)}); stop it first: make stop")
+        raise ServerBusyError(f"a server started from {workdir} is already running (pid "
+                              f"{running_pid(workdir)}); stop it first: make stop")
     store = Path(model_store).resolve()
     # The only URL TorchServe may "download": a .mar already in this store (see config.properties).
     # (\\Q..\\E quotes the path in the regex; the doubled backslash survives Java's .properties reader)
     store_only = {"allowed_urls": f"file://\\\\Q{store}\\\\E/[A-Za-z0-9_.-]+[.]mar"}
     props = render_config(config, workdir / CONFIG_FILE, {**store_only, **(overrides or {})})
-    grpc = {k: f"http://{props.get(k.replace('port', 'address'), '127.0.0.1')}:{props.get(k, d)}"
-            for k, d in (("grpc_inference_port", 7070), ("grpc_management_port", 7071))}
-    addresses = {k: props[k] for k in ("inference_address", "management_address", "metrics_address")}
-    for key, url in {**addresses, **grpc}.items():
+    listeners = {"inference_address": props["inference_address"], "metrics_address": props["metrics_address"],
+                 "grpc_inference_port": f"http://{grpc_address(props)}"}
+    if runtime == "torchserve":
+        listeners.update(management_address=props["management_address"], grpc_management_port=(
+            f"http://{props.get('grpc_management_address', '127.0.0.1')}:{props.get('grpc_management_port', 7071)}"))
+    for key, url in listeners.items():
         if port_in_use(url):
             raise ServerBusyError(f"{key} {url} is already in use; stop what listens there "
                                   f"(make stop) or change it in {config}")
     (workdir / KEY_FILE).unlink(missing_ok=True)
     model_log = workdir / "logs" / "model_log.log"  # log4j appends across runs
     offset = model_log.stat().st_size if model_log.is_file() else 0
-    torchserve = Path(sys.executable).parent / "torchserve"
-    cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(workdir / CONFIG_FILE),
-           "--model-store", str(store),
-           "--models", *[f"{m}={m}.mar" for m in models]]
-    env = {**java_env(),  # JAVA_HOME: the user's, else the venv's Java 17 (serving/java.py)
-           # TorchServe's pid file and the unpacked archives go to the temp dir; keep them ours so
-           # that parallel servers (tests, make serve) never see each other.
-           "TMPDIR": str(workdir / "tmp"), "TEMP": str(workdir / "tmp"),
-           "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with open(workdir / LOG_FILE, "ab") as log:
+    token = props.get("disable_token_authorization", "false") != "true"
+    if runtime == "torchserve":
+        torchserve = Path(sys.executable).parent / "torchserve"
+        cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(workdir / CONFIG_FILE),
+               "--model-store", str(store),
+               "--models", *[f"{m}={m}.mar" for m in models]]
+        env = {**java_env(),  # JAVA_HOME: the user's, else the venv's Java 17 (serving/java.py)
+               # TorchServe's pid file and the unpacked archives go to the temp dir; keep them ours so
+               # that parallel servers (tests, make serve) never see each other.
+               "TMPDIR": str(workdir / "tmp"), "TEMP": str(workdir / "tmp"),
+               "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs")}
+    else:
+        hostport = lambda url: url.split("://", 1)[-1]  # noqa: E731
+        cmd = [sys.executable, "-m", "serving.oip", "--model-store", str(store), "--models", *models,
+               "--http", hostport(props["inference_address"]), "--metrics", hostport(props["metrics_address"]),
+               "--grpc", grpc_address(props), "--workdir", str(workdir),
+               "--max-request-bytes", props.get("max_request_size", str(16 * 2**20)),
+               *(["--token"] if token else [])]
+        env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    with open(workdir / LOG_FILES[runtime], "ab") as log:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     atomic_write_text(workdir / PID_FILE, str(proc.pid))
-    return Server.from_config(workdir, proc.pid, props, offset)
+    return Server.from_config(workdir, proc.pid, props, offset, runtime)
 
 
 def running_pid(workdir: str | os.PathLike) -> int | None:
@@ -242,7 +282,7 @@ def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> dic
     last = "no answer yet"
     while time.monotonic() < deadline:
         if running_pid(server.workdir) is None:
-            raise ServerError(f"TorchServe exited during start-up; last log lines:\n{log_tail(server)}")
+            raise ServerError(f"{server.runtime} exited during start-up; last log lines:\n{log_tail(server)}")
         fatal = fatal_load_error(server)
         if fatal:  # TorchServe would restart the worker forever; a bad artifact will not heal
             raise ServerError(f"a model failed to load: {fatal}; log tail:\n{log_tail(server)}")
@@ -270,7 +310,7 @@ def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> dic
         if len(answers) == len(models):
             return answers
         time.sleep(0.5)
-    raise ServerError(f"TorchServe not ready after {timeout:.0f} s ({last}); log tail:\n{log_tail(server)}")
+    raise ServerError(f"{server.runtime} not ready after {timeout:.0f} s ({last}); log tail:\n{log_tail(server)}")
 
 
 FATAL_LOAD_ERRORS = ("IntegrityError", "SelfCheckError", "ModuleNotFoundError", "ImportError")
@@ -291,7 +331,7 @@ def fatal_load_error(server: Server) -> str | None:
 
 def log_tail(server: Server, lines: int = 30) -> str:
     texts = []
-    for path in (server.workdir / LOG_FILE, server.workdir / "logs" / "model_log.log"):
+    for path in (server.log_file, server.workdir / "logs" / "model_log.log"):
         if path.is_file():
             texts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
     return "\n".join(texts)
@@ -315,9 +355,46 @@ def curl_examples(server: Server, models: list[str]) -> str:
             f"curl{auth} {base}/v2/models/{m}/infer -H 'Content-Type: application/json' -d '{{\"inputs\": "
             f"[{{\"name\": \"images\", \"shape\": [1], \"datatype\": \"BYTES\", \"data\": [\"'$(base64 -w0 image.png)'\"]}}]}}'",
         ]
+    if server.management_url is None:  # the oip runtime: no management API; OIP metadata and gRPC instead
+        lines += [f"curl{auth} {base}/v2/models/{models[0]}          # Open Inference Protocol model metadata",
+                  f"# gRPC (inference.GRPCInferenceService) on {server.grpc_address}",
+                  f"curl {server.local(server.metrics_url)}/metrics         # Prometheus"]
+        return "\n".join(lines)
     lines += [f"curl {server.local(server.management_url)}/models          # management (loopback only)",
               f"curl {server.local(server.metrics_url)}/metrics         # Prometheus"]
     if server.token_auth:
         lines[-2] = lines[-2].replace("curl ", "curl -H \"Authorization: Bearer $(python3 -c 'import json;"
                                       f"print(json.load(open(\"{server.workdir / KEY_FILE}\"))[\"management\"][\"key\"])')\" ")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# workers: which processes serve a model, and whether one died (either runtime)
+# --------------------------------------------------------------------------------------------------
+# TorchServe's frontend log lines when a worker dies or is restarted; the oip supervisor's one line.
+DEATH_MARKS = {"torchserve": ("Worker disconnected", "died", "Auto recovery", "Retry worker"),
+               "oip": ("died with code",)}
+DEATH_LOGS = {"torchserve": ("logs", "ts_log.log"), "oip": (LOG_FILES["oip"],)}
+
+
+def worker_pids(server: Server, model: str, token: str | None = None) -> list[tuple]:
+    """(id, pid, start time) of each worker process serving ``model``: a restart changes them.
+
+    TorchServe: its management API (``token``: the management key when token auth is on). oip: the
+    supervisor's ``workers.json`` (every worker serves every model).
+    """
+    if server.runtime == "oip":
+        doc = json.loads((server.workdir / "workers.json").read_text())
+        return sorted((w["slot"], w["pid"], w["started"]) for w in doc["workers"])
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status, raw = http("GET", f"{server.local(server.management_url)}/models/{model}", headers=headers)
+    if status != 200:
+        raise ServerError(f"describe {model}: HTTP {status} {raw[:200]!r}")
+    return sorted((w["id"], w.get("pid"), w["startTime"]) for w in json.loads(raw)[0]["workers"])
+
+
+def worker_deaths(server: Server) -> list[str]:
+    """The log lines that report a worker dying or being restarted, since the server's work dir began."""
+    path = server.workdir.joinpath(*DEATH_LOGS[server.runtime])
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return [line for line in text.splitlines() if any(m in line for m in DEATH_MARKS[server.runtime])]
