@@ -3,6 +3,8 @@
   demo --run digits --count 8     post held-out digits (the test split, never trained on) as real PNG
                                   files, print predicted vs true labels
   predict --run NAME FILE...      post image files, print the JSON answers
+  idle                            exit 0 when no server runs here (make demo checks this before its
+                                  minute of work), 2 with one line naming what runs
 
 Exit status 0 when every request was answered 200; 1 when the server is unreachable or answered an
 error (one line naming it and the fix).
@@ -10,9 +12,9 @@ error (one line naming it and the fix).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
+import os
 import sys
 import urllib.error
 import uuid
@@ -20,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.server import KEY_FILE, http, read_key
-from training.cli import HelpFormatter
+from serving.server import DEFAULT_CONFIG, KEY_FILE, http, port_in_use, read_key, read_properties, running_pid
+from training.cli import ArgumentParser, HelpFormatter
 from training.images import encode_png
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-DEFAULT_KEY_FILE = f"logs/serve/{KEY_FILE}"
+DEFAULT_WORKDIR = "logs/serve"  # make serve's (serving.__main__)
+DEFAULT_KEY_FILE = f"{DEFAULT_WORKDIR}/{KEY_FILE}"
 
 
 class ClientError(RuntimeError):
@@ -73,8 +76,45 @@ def post(url: str, model: str, body: bytes, content_type: str, token: str | None
     except ValueError:
         doc = {"message": raw[:200].decode(errors="replace")}
     if status != 200:
-        raise ClientError(f"{target} answered HTTP {status}: {doc.get('message', doc)}")
+        raise ClientError(f"{target} answered HTTP {status}: {doc.get('message', doc)}{_hint(url, status, token)}")
     return doc
+
+
+def _hint(url: str, status: int, token: str | None) -> str:
+    """What to do about an error answer, for the two a user meets first."""
+    if status == 404:
+        served = served_models(url)
+        return (f"; this server serves: {', '.join(served)} (--run NAME)" if served
+                else "; list what is served: curl http://127.0.0.1:8081/models")
+    if status == 401:
+        return ("; the server wants a token (make serve TOKEN=1): --key-file names its key_file.json"
+                if not token else "; the token in --key-file is not this server's (restarted?)")
+    return ""
+
+
+def served_models(url: str) -> list[str]:
+    """The models the server at ``url`` serves, from its management API (same host, port 8081:
+    serving/config.properties); empty when that does not answer (another port, token auth)."""
+    host = url.split("://", 1)[-1].rsplit(":", 1)[0].split("/")[0]
+    try:
+        status, raw = http("GET", f"http://{host}:8081/models?limit=100", timeout=5)
+        return [m["modelName"] for m in json.loads(raw).get("models", [])] if status == 200 else []
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def busy_reason(workdir: str | os.PathLike = DEFAULT_WORKDIR, config: str | os.PathLike = DEFAULT_CONFIG
+                ) -> str | None:
+    """Why a new server could not start here (or would be replaced under a running one), or None:
+    a server started from ``workdir`` still runs, or a port of ``config`` answers."""
+    pid = running_pid(workdir)
+    if pid is not None:
+        return f"a server started from {workdir} is running (pid {pid})"
+    props = read_properties(config)
+    for key in ("inference_address", "management_address"):
+        if key in props and port_in_use(props[key]):
+            return f"something listens on {props[key]} ({key} in {config})"
+    return None
 
 
 def demo(url: str, run: str, count: int, token: str | None, seed: int = 0) -> int:
@@ -99,10 +139,11 @@ def demo(url: str, run: str, count: int, token: str | None, seed: int = 0) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("command", choices=("demo", "predict"),
-                   help="demo: post held-out digits one by one, then as one batch; predict: post FILES")
+    p = ArgumentParser(prog="python -m serving.client", description=__doc__.splitlines()[0],
+                       formatter_class=HelpFormatter)
+    p.add_argument("command", choices=("demo", "predict", "idle"),
+                   help="demo: post held-out digits one by one, then as one batch; predict: post FILES; "
+                        "idle: succeed only when no server runs here")
     p.add_argument("files", nargs="*", help="image files (predict)")
     p.add_argument("--run", default="digits", help="model name (the RUN it was trained as)")
     p.add_argument("--url", default=DEFAULT_URL, help="TorchServe inference address")
@@ -111,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key-file", default=DEFAULT_KEY_FILE, help="TorchServe key_file.json (token auth)")
     p.add_argument("--topk", type=int, default=3, help="labels per image in the answer")
     a = p.parse_intermixed_args(argv)  # files may come after options: predict --run cifarnet cat.png
+    if a.command == "idle":
+        reason = busy_reason()
+        if reason:
+            print(f"error: {reason}; it would keep answering with the model this replaces: "
+                  f"stop it first (make stop)", file=sys.stderr)
+            return 2
+        return 0
     token = read_key(a.key_file) if a.key_file else None
     try:
         if a.command == "demo":
@@ -121,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(post(a.url, a.run, Path(f).read_bytes(), "application/octet-stream", token,
                                   topk=a.topk)))
         return 0
-    except (ClientError, FileNotFoundError) as e:
+    except (ClientError, OSError) as e:  # OSError: a FILE that is missing, a folder, unreadable
         print(f"error: {e}", file=sys.stderr)
         return 1
 
