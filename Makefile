@@ -11,14 +11,17 @@ PYTHON_SYS ?= python3
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 
-# The two served models, by run name. RUN is the name a model is served under.
-SERVED_RUNS     := cifarnet digits
+# The two served models, by run name. RUN is the name a model is served under. `digits` is make demo's
+# run (scikit-learn's bundled 8x8 digits, offline); the MNIST model is `mnist`, so neither replaces the
+# other (training refuses to replace a run trained on another dataset unless given --overwrite).
+SERVED_RUNS     := cifarnet mnist
 MODEL_cifarnet  := cifarnet
 DATASET_cifarnet:= cifar10
 EPOCHS_cifarnet := 30
-MODEL_digits    := mnist_cnn
-DATASET_digits  := mnist
-EPOCHS_digits   := 5
+MODEL_mnist     := mnist_cnn
+DATASET_mnist   := mnist
+EPOCHS_mnist    := 5
+DEMO_RUN        := digits
 
 RUN      ?=
 MODEL    ?= $(or $(MODEL_$(RUN)),mnist_cnn)
@@ -49,23 +52,17 @@ VENV_SERVE  := $(VENV)/.stamp-serve+test
 VENV_ALL    := $(VENV)/.stamp-serve+loadtest+deploy+test
 
 .PHONY: help venv train evaluate bench-train demo test clean
-help:
-	@echo "make demo                 offline: train digits -> export -> archive -> serve -> predict -> stop"
-	@echo "make test                 the test suite"
-	@echo "make train [RUN= MODEL= DATASET= EPOCHS= DATA_DIR= RESUME=1 ARGS=...]"
-	@echo "                          no RUN: trains the served models ($(SERVED_RUNS))"
-	@echo "make evaluate RUN=... [DATASET=... DATA_DIR=...]  default dataset: the one RUN was trained on"
-	@echo "make export [RUN=x]       runs/<RUN>/best.pt -> artifacts/<RUN>/ (TorchScript, ONNX, INT8 + manifest)"
-	@echo "make bench-export [RUN=x] latency of every exported variant"
-	@$(MAKE) --no-print-directory help-serve help-deploy help-observability help-workstation
-	@sed -n '2,6p' mk/loadtest.mk | sed 's/^# //'
-	@echo "make bench-train          trainer vs step ceiling, Fashion-MNIST time to accuracy, demo training, small data (docs/benchmarks.md, reports/bench_train.json)"
-	@echo "make clean                remove runs/ artifacts/ reports/ logs/ model_store/*.mar"
+# Every target documents itself with a `## text` after its prerequisites (in this file and mk/*.mk);
+# help prints those, in file order. A target without one is internal.
+help: ## this list
+	@echo "usage: make TARGET [VAR=value ...]   (README.md; each CLI's --help for its flags)"
+	@awk -v served="$(SERVED_RUNS)" 'match($$0, /^[a-zA-Z0-9_.-]+:[^=]*## /) { gsub(/[$$][(]SERVED_RUNS[)]/, served); \
+	  printf "  make %-18s %s\n", substr($$0, 1, index($$0, ":") - 1), substr($$0, RLENGTH + 1) }' $(MAKEFILE_LIST)
 
-venv: $(VENV_ALL)
+venv: $(VENV_ALL) ## .venv/ with every extra: ~6.6 GB (torch's CUDA wheels), ~7 min with a warm pip cache
 
 # ---- training ----------------------------------------------------------------------------------
-train: $(VENV_BASE)
+train: $(VENV_BASE) ## [RUN= MODEL= DATASET= EPOCHS= DATA_DIR= RESUME=1 ARGS=...] no RUN: the served runs ($(SERVED_RUNS))
 ifeq ($(RUN),)
 	@for r in $(SERVED_RUNS); do $(MAKE) --no-print-directory train RUN=$$r DATA_DIR="$(DATA_DIR)" ARGS="$(ARGS)" || exit 1; done
 else
@@ -74,7 +71,7 @@ else
 endif
 
 # The checkpoint knows its dataset: --dataset only when DATASET is given (not the Makefile default).
-evaluate: $(VENV_BASE)
+evaluate: $(VENV_BASE) ## [RUN=digits DATASET= DATA_DIR=] per-class table, confusion matrix, misclassified images
 	$(PY) -m training evaluate --checkpoint runs/$(or $(RUN),digits)/best.pt \
 	  $(if $(filter file,$(origin DATASET)),,--dataset $(DATASET)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
@@ -83,7 +80,7 @@ evaluate: $(VENV_BASE)
 # docs/benchmarks.md and reports/bench_train.json (about 15 min on an idle 2-core machine).
 BENCH_TRAIN_ARGS ?=
 BENCH_TRAIN_OUT  := --docs docs/benchmarks.md --json reports/bench_train.json
-bench-train: $(VENV_BASE)
+bench-train: $(VENV_BASE) ## trainer vs step ceiling, Fashion-MNIST time to accuracy, demo training, small data (~15 min)
 	$(PY) bench/bench_train.py ratio $(BENCH_TRAIN_OUT)
 	$(PY) bench/bench_train.py fashion $(BENCH_TRAIN_OUT) $(BENCH_TRAIN_ARGS)
 	$(PY) bench/bench_train.py demo --demo-args "$(DEMO_TRAIN_ARGS)" $(BENCH_TRAIN_OUT)
@@ -94,20 +91,25 @@ bench-train: $(VENV_BASE)
 # train digits on scikit-learn's bundled digits -> score the held-out split -> export (TorchScript,
 # ONNX, INT8, each gated against the checkpoint) -> archive -> TorchServe -> post held-out images -> stop.
 # --min-steps 0: the demo keeps its 150 optimizer steps (the default floor of 1000 would take ~7x as long).
-DEMO_TRAIN_ARGS := --run digits --model mnist_cnn --dataset digits --epochs 15 --min-steps 0
-demo: $(VENV_SERVE)
+# A server already running would keep answering with the old model while the demo replaced its files:
+# the demo refuses first, before its minute of work (serving.client idle).
+DEMO_TRAIN_ARGS := --run $(DEMO_RUN) --model mnist_cnn --dataset digits --epochs 15 --min-steps 0
+demo: $(VENV_SERVE) ## offline: train digits -> evaluate -> export -> samples/digits/ -> archive -> serve -> predict -> stop
+	@$(PY) -m serving.client idle
 	$(PY) -m training train $(DEMO_TRAIN_ARGS)
-	$(PY) -m training evaluate --checkpoint runs/digits/best.pt --dataset digits
-	$(PY) -m export --run digits
-	$(PY) -m serving archive --run digits
+	$(PY) -m training evaluate --checkpoint runs/$(DEMO_RUN)/best.pt --dataset digits
+	$(PY) -m export --run $(DEMO_RUN)
+	$(PY) -m export.samples --run $(DEMO_RUN)
+	$(PY) -m export.reliability --run $(DEMO_RUN)
+	$(PY) -m serving archive --run $(DEMO_RUN)
 	$(MAKE) --no-print-directory demo-serve
 
 -include mk/*.mk
 
 # ---- tests -------------------------------------------------------------------------------------
 PYTEST_ARGS ?=
-test: $(VENV_ALL)
+test: $(VENV_ALL) ## the test suite [PYTEST_ARGS=...]
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-clean:
-	rm -rf runs artifacts reports logs model_store/*.mar
+clean: ## remove runs/ artifacts/ samples/ reports/ logs/ model_store/*.mar
+	rm -rf runs artifacts samples reports logs model_store/*.mar

@@ -21,8 +21,8 @@ $(TRITON_VENV)/.stamp:
 	$(TRITON_VENV)/bin/pip install -q --no-deps $(TRITON_WHEELS)
 	touch $@
 
-capacity: $(VENV_LOADTEST) $(TRITON_VENV)/.stamp
+capacity: $(VENV_LOADTEST) $(TRITON_VENV)/.stamp ## open loop: ours vs the stock handler vs NVIDIA Triton (~8 min idle)
 	$(PY) bench/bench_capacity.py --run $(CAPACITY_RUN) --reports $(REPORTS) --triton-venv $(TRITON_VENV) $(CAPACITY_ARGS)
 
-capacity-demo: $(VENV_LOADTEST)
+capacity-demo: $(VENV_LOADTEST) ## the open-loop generator vs a closed loop on a server that stalls
 	$(PY) -m loadtest.stall_demo

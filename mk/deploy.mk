@@ -16,22 +16,22 @@ TORCH_INDEX_URL_cpu  := https://download.pytorch.org/whl/cpu
 TORCH_INDEX_URL_cuda :=
 DOCKER_BUILD_ARGS ?=
 
-.PHONY: docker-build docker-smoke k8s-validate k8s-deploy k8s-smoke help-deploy
+.PHONY: docker-build docker-smoke k8s-validate k8s-deploy k8s-smoke
 # --format docker: podman's default OCI image format drops HEALTHCHECK and SHELL.
-docker-build:
+docker-build: ## [VARIANT=cpu|cuda] image visionpipe-serve:VARIANT with model_store/*.mar baked in
 	@case "$(VARIANT)" in cpu|cuda) ;; *) echo "error: VARIANT=$(VARIANT): use VARIANT=cpu or VARIANT=cuda" >&2; exit 2;; esac
 	@ls model_store/*.mar >/dev/null 2>&1 || echo "warning: no model_store/*.mar: the image will need models mounted at /opt/visionpipe/model-store (make archive bakes them in)" >&2
 	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker) -f deploy/docker/Dockerfile \
 	  --build-arg VARIANT=$(VARIANT) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL_$(VARIANT)) \
 	  $(DOCKER_BUILD_ARGS) -t $(IMAGE):$(VARIANT) .
 
-docker-smoke: $(VENV_SERVE)
+docker-smoke: $(VENV_SERVE) ## podman: build on a debootstrapped bookworm, run, post digits
 	PY=$(PY) deploy/smoke/docker_smoke.sh
 
-k8s-validate: $(VENV_ALL)
+k8s-validate: $(VENV_ALL) ## render + schema-validate + checkov + hadolint, offline
 	$(PY) deploy/validate.py
 
-k8s-deploy:
+k8s-deploy: ## [OVERLAY=cpu|gpu] kubectl apply -k (plus monitoring when its CRDs exist)
 	@case "$(OVERLAY)" in cpu|gpu) ;; *) echo "error: OVERLAY=$(OVERLAY): use OVERLAY=cpu or OVERLAY=gpu" >&2; exit 2;; esac
 	kubectl apply -k deploy/k8s/overlays/$(OVERLAY)
 	@if kubectl get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1; then \
@@ -40,7 +40,7 @@ k8s-deploy:
 	kubectl -n $(K8S_NS) rollout status deployment/visionpipe-serve --timeout=600s
 
 # Port-forward goes through the API server to one pod, so it needs no Ingress and works on kind.
-k8s-smoke: $(VENV_SERVE)
+k8s-smoke: $(VENV_SERVE) ## port-forward the Service, post golden images, check labels
 	@kubectl -n $(K8S_NS) port-forward service/visionpipe-serve $(SMOKE_PORT):8080 >/tmp/visionpipe-port-forward.log 2>&1 & pf=$$!; \
 	trap 'kill $$pf 2>/dev/null' EXIT; \
 	for i in $$(seq 1 30); do curl -sf http://127.0.0.1:$(SMOKE_PORT)/ping >/dev/null 2>&1 && break; sleep 1; done; \
@@ -49,6 +49,3 @@ k8s-smoke: $(VENV_SERVE)
 	  if [ $$s -eq 2 ]; then echo "note: $$r has no labelled test images here (e.g. CIFAR-10 files absent): not counted"; \
 	  elif [ $$s -ne 0 ]; then status=1; fi; \
 	done; exit $$status
-
-help-deploy:
-	@sed -n '2,6p' mk/deploy.mk | sed 's/^# //'

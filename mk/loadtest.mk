@@ -22,7 +22,7 @@ VENV_LOADTEST  := $(VENV)/.stamp-serve+loadtest+test
 
 .PHONY: loadtest bench-serve soak fault
 
-loadtest: $(VENV_LOADTEST)
+loadtest: $(VENV_LOADTEST) ## [HOST= USERS= DURATION=60s] locust against the running server (make serve); gates decide the exit code
 	@mkdir -p $(REPORTS)
 	$(PY) -m locust -f loadtest/locustfile.py$(if $(filter step,$(SHAPE)),$(comma)loadtest/shapes.py) \
 	  --headless --host $(HOST) --users $(USERS) --spawn-rate $(SPAWN_RATE) --run-time $(DURATION) \
@@ -32,14 +32,14 @@ loadtest: $(VENV_LOADTEST)
 	  --management-url $(MANAGEMENT) $(if $(LOADTEST_RUNS),--runs $(LOADTEST_RUNS)) $(LOADTEST_ARGS)
 
 BENCH_ARGS ?=
-bench-serve: $(VENV_LOADTEST)
+bench-serve: $(VENV_LOADTEST) ## the TorchServe sweep: variants x batch settings x workers, baselines, plot, docs
 	$(PY) bench/bench_serve.py --reports $(REPORTS) $(BENCH_ARGS)
 
 # A soak is 10 minutes unless DURATION is given (60s, make loadtest's default, is too short to show drift).
-soak: $(VENV_LOADTEST)
+soak: $(VENV_LOADTEST) ## [DURATION=10m] steady load at ~70 % of the measured maximum; RSS and latency over time
 	$(PY) -m loadtest.resilience soak --duration $(if $(filter file,$(origin DURATION)),10m,$(DURATION)) \
 	  --reports $(REPORTS) $(LOADTEST_ARGS)
 
-fault: $(VENV_LOADTEST)
+fault: $(VENV_LOADTEST) ## kill a worker, restart, over-limit requests under load; then the attack scenario
 	$(PY) -m loadtest.resilience fault --reports $(REPORTS) $(LOADTEST_ARGS)
 	$(PY) -m loadtest.resilience attack --reports $(REPORTS) $(LOADTEST_ARGS)

@@ -14,8 +14,8 @@ TOKEN        ?=
 RUNTIME      ?=
 DEMO_COUNT   ?= 8
 
-.PHONY: archive serve stop demo-serve bench-hostile help-serve
-archive: $(VENV_SERVE)
+.PHONY: archive serve stop demo-serve bench-hostile
+archive: $(VENV_SERVE) ## [RUN=x ARCHIVE_ARGS=...] model_store/<RUN>.mar (no RUN: every exported run)
 ifeq ($(RUN),)
 	@runs=$$(ls artifacts/*/manifest.json 2>/dev/null | cut -d/ -f2 || true); \
 	if [ -z "$$runs" ]; then echo "error: nothing exported in artifacts/; run make export first" >&2; exit 2; fi; \
@@ -24,20 +24,17 @@ else
 	$(PY) -m serving archive --run $(RUN) $(ARCHIVE_ARGS)
 endif
 
-serve: $(VENV_SERVE)
+serve: $(VENV_SERVE) ## [TOKEN=1 RUNTIME=oip] start a server in the background (TorchServe, or the oip runtime), warm every model up, print curl commands
 	$(PY) -m serving serve $(if $(RUNTIME),--runtime $(RUNTIME)) $(if $(TOKEN),--token) $(ARCHIVE_ARGS) $(SERVE_ARGS)
 
-stop: $(VENV_SERVE)
+stop: $(VENV_SERVE) ## stop the server make serve started
 	$(PY) -m serving stop
 
 # Always stops the server, also when the client fails (its exit status is kept).
-demo-serve: $(VENV_SERVE)
+demo-serve: $(VENV_SERVE) ## serve -> post held-out digits, print predicted vs true -> stop
 	$(PY) -m serving serve $(if $(RUNTIME),--runtime $(RUNTIME)) $(ARCHIVE_ARGS) $(SERVE_ARGS)
 	status=0; $(PY) -m serving.client demo --run digits --count $(DEMO_COUNT) || status=$$?; \
 	$(PY) -m serving stop; exit $$status
 
-bench-hostile: $(VENV_SERVE)
+bench-hostile: $(VENV_SERVE) ## the costliest request each limit admits, CPU ms on one core
 	$(PY) bench/bench_hostile.py --docs docs/benchmarks.md --json $(or $(REPORTS),reports)/hostile.json
-
-help-serve:
-	@sed -n '2,10p' mk/serve.mk | sed 's/^# //'

@@ -34,15 +34,15 @@ WS_GPU_FLAG      = $(if $(filter cuda,$(WS_VARIANT)),$(if $(filter podman,$(ENGI
 # Rootless podman maps your uid to root in the container unless told to keep it.
 WS_USERNS        = $(if $(and $(filter podman,$(ENGINE)),$(filter-out 0,$(shell id -u))),--userns keep-id)
 
-.PHONY: workstation workstation-build workstation-stop workstation-smoke help-workstation
-workstation-build:
+.PHONY: workstation workstation-build workstation-stop workstation-smoke
+workstation-build: ## [VARIANT=cpu|cuda] build the visionpipe-workstation image only
 	@case "$(WS_VARIANT)" in cpu|cuda) ;; *) echo "error: VARIANT=$(WS_VARIANT): use VARIANT=cpu or VARIANT=cuda" >&2; exit 2;; esac
 	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker) -f deploy/docker/workstation/Dockerfile \
 	  --build-arg VARIANT=$(WS_VARIANT) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL_$(WS_VARIANT)) \
 	  --build-arg WS_UID=$(WS_UID) --build-arg WS_GID=$(WS_GID) $(DOCKER_BUILD_ARGS) -t $(WS_IMAGE):$(WS_VARIANT) .
 
 # Read-only root: everything writable is a volume (workspace, runs, data, artifacts, home) or /tmp.
-workstation: workstation-build
+workstation: workstation-build ## [VARIANT=cpu|cuda] Jupyter Lab on 127.0.0.1:8888 + SSH on :2222 in a container
 	@if [ "$(WS_VARIANT)" = cuda ] && [ -z "$(WS_GPU)" ]; then echo "warning: VARIANT=cuda but nvidia-smi sees no GPU: no GPU flag passed" >&2; fi
 	@mkdir -p "$(WS_RUNS)" "$(WS_DATA)" "$(WS_ARTIFACTS)"
 	@$(ENGINE) rm -f $(WS_NAME) >/dev/null 2>&1 || true
@@ -61,14 +61,11 @@ workstation: workstation-build
 	@echo "  in: http://$(WS_BIND):$(WS_JUPYTER_PORT)/lab (token above)$(if $(WS_SSH_KEYS),; ssh -p $(WS_SSH_PORT) dev@$(WS_BIND))"
 	@echo "  stop: make workstation-stop   logs: $(ENGINE) logs $(WS_NAME)"
 
-workstation-stop:
+workstation-stop: ## stop and remove the container (its volumes stay)
 	$(ENGINE) stop -t 20 $(WS_NAME) >/dev/null && $(ENGINE) rm $(WS_NAME)
 
-workstation-smoke:
+workstation-smoke: ## podman: build, run read-only, check token/keys/volumes
 	deploy/smoke/workstation_smoke.sh
-
-help-workstation:
-	@sed -n '2,6p' mk/workstation.mk | sed 's/^# //'
 
 # Inside the workstation image, `make` uses the image's venv (VENV=/opt/venv), which holds the serve
 # and test extras and is read-only: these stamps never trigger a pip install there. After a change to
