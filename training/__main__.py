@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                            formatter_class=HelpFormatter)
     add_train_arguments(train)
 
-    ev = sub.add_parser("evaluate", help="score a checkpoint on a dataset's test split",
+    ev = sub.add_parser("evaluate", help="score a checkpoint on a dataset's test split; confusion matrix and "
+                                         "misclassified images as PNG (and in the run's TensorBoard)",
                         formatter_class=HelpFormatter)
     ev.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
     ev.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
@@ -33,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON line (last line)")
 
-    vis = sub.add_parser("visualize", help="first-layer filters and feature maps as PNG")
+    vis = sub.add_parser("visualize", help="first-layer filters and feature maps as labelled PNG figures",
+                         formatter_class=HelpFormatter)
     vis.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
-    vis.add_argument("--image", default=None, help="an image file to show feature maps for")
+    vis.add_argument("--image", default=None, help="an image file to show feature maps for, e.g. "
+                                                    "samples/digits/7.png (make demo writes it)")
     vis.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/visualize/")
 
     args = parser.parse_args(argv)
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(metrics))
             else:
                 print(metrics_table(metrics))
+            # where the pictures went, on stderr: stdout stays the table (or the one JSON line)
+            print(f"wrote {', '.join(metrics['files'].values())}", file=sys.stderr)
         else:
             from training.visualize import visualize
             for path in visualize(args.checkpoint, args.image, args.out_dir):

@@ -35,9 +35,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     scheduler, scaler: torch.amp.GradScaler, device: torch.device, *,
                     precision: str = "fp32", label_smoothing: float = 0.0, accum_steps: int = 1,
                     clip_grad_norm: float = 0.0, channels_last: bool = False,
-                    progress: str | None = None) -> EpochStats:
+                    progress: str | None = None, on_step=None) -> EpochStats:
     """One pass over ``loader`` (a DataLoader, or ``training.tensordata.TensorBatches`` whose batches
-    are on ``device`` already); steps ``scheduler`` after every optimizer step."""
+    are on ``device`` already); steps ``scheduler`` after every optimizer step, then calls
+    ``on_step(loss)`` with the last batch's loss (a detached tensor: reading it waits for the device,
+    so the callback decides how often)."""
     model.train()
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     total_loss = torch.zeros((), device=device)
@@ -64,6 +66,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
+            if on_step is not None:
+                on_step(loss.detach())
         n = targets.numel()
         seen += n
         total_loss += loss.detach().float() * n
