@@ -11,8 +11,8 @@ throughput-vs-p99 curve.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Callable, Generator
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class SLO:
     max_errors: int = 0
     min_achieved: float = 0.98  # achieved / offered
 
-    def violations(self, point: "Point") -> list[str]:
+    def violations(self, point: Point) -> list[str]:
         """What a point breaks, in words; empty when it passes."""
         out = []
         if point.p99_ms > self.p99_ms:
@@ -32,7 +32,7 @@ class SLO:
             out.append(f"achieved {point.achieved_rps:.0f} < {self.min_achieved:.0%} of {point.offered_rps:.0f} req/s")
         return out
 
-    def passes(self, point: "Point") -> bool:
+    def passes(self, point: Point) -> bool:
         return not self.violations(point)
 
 

@@ -68,8 +68,8 @@ def gate_report(totals: Totals, thresholds: Thresholds, **extra) -> dict:
 def format_summary(report: dict) -> str:
     t, th = report["totals"], report["thresholds"]
     lines = [
-        f"requests {t['requests']}  failures {t['failures']} ({report['error_rate']:.2%})  "
-        f"{t['rps']:.1f} req/s",
+        (f"requests {t['requests']}  failures {t['failures']} ({report['error_rate']:.2%})  "
+         f"{t['rps']:.1f} req/s"),
         f"latency p50 {t['p50_ms']:.0f} ms  p95 {t['p95_ms']:.0f} ms  p99 {t['p99_ms']:.0f} ms",
         f"gates: p95 <= {th['p95_ms']:.0f} ms, p99 <= {th['p99_ms']:.0f} ms, "
         f"errors <= {th['max_error_rate']:.2%}: " + ("PASS" if report["passed"] else "FAIL"),

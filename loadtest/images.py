@@ -20,6 +20,7 @@ from PIL import Image
 from training.contract import Contract
 from training.images import encode_png
 
+
 @dataclass(frozen=True)
 class ImagePool:
     """Encoded images ready to post, with their labels (None for synthesised images)."""

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         srv.kill()
         srv.wait()
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    table = "\n".join(["| generator | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |", "|---|---|---|---|---|---|---|",
+    table = "\n".join(["| generator | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |",
+                       "|---|---|---|---|---|---|---|",
                        *(f"| {n} | {r:.0f} | " + " | ".join(fmt(v) for v in vals) + " |" for n, r, *vals in rows)])
     section = ("### The generator against a server that stalls 200 ms once a second (`make capacity-demo`)\n\n"
                f"`python -m loadtest.stall_demo --rate {a.rate:g} --duration {a.duration:g}` "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Self
 
 _REPLY = b'{"ok": true}'
 _RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
@@ -69,7 +70,7 @@ class StallServer:
         self._loop.run_until_complete(server.wait_closed())
         self._loop.close()
 
-    def __enter__(self) -> "StallServer":
+    def __enter__(self) -> Self:
         self._thread = threading.Thread(target=self._run, name="stall-server", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):

@@ -6,8 +6,8 @@ virtualenv made with Debian's ``/usr/bin/python3.11`` (``TRITON_VENV``): the bac
 embeds the system ``libpython3.11``, and a stub mixing that with another 3.11.x build fails
 (shared/notes/serving-peers.md). The wheel is installed there without its dependencies, plus numpy<2:
 the backend's pybind11 reads numpy 1.x arrays only (with numpy 2 the stub dies in
-``deserialize_bytes_tensor`` on the first BYTES request). The model is ``loadtest/triton/model.py`` in the Python backend -- the
-project's ``InferenceCore`` per request, dynamic batching across requests -- which reaches the
+``deserialize_bytes_tensor`` on the first BYTES request). The model is ``loadtest/triton/model.py`` in the
+Python backend -- the project's ``InferenceCore`` per request, dynamic batching across requests -- which reaches the
 project's code and virtualenv through a .pth file in the Triton venv. Requests carry the PNG bytes with Triton's
 binary tensor extension (what ``tritonclient`` sends); answers are JSON.
 """
@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from serving.server import free_port, http
 
@@ -74,8 +75,8 @@ def write_repository(root: Path, model: str, artifact_dir: Path, variant: str | 
         f'  {{ name: "INDEX" data_type: TYPE_INT64 dims: [{topk}] }},',
         f'  {{ name: "PROBABILITY" data_type: TYPE_FP32 dims: [{topk}] }}',
         "]",
-        f"dynamic_batching {{ preferred_batch_size: [{cfg.preferred_batch}] "
-        f"max_queue_delay_microseconds: {cfg.queue_delay_us} }}",
+        (f"dynamic_batching {{ preferred_batch_size: [{cfg.preferred_batch}] "
+         f"max_queue_delay_microseconds: {cfg.queue_delay_us} }}"),
         f"instance_group [{{ count: {cfg.instances} kind: KIND_CPU }}]",
         *(f'parameters: {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items()),
         ""])
@@ -119,7 +120,7 @@ class TritonServer:
     def infer_url(self) -> str:
         return f"{self.url}/v2/models/{self.model}/infer"
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         server_dir, libs = triton_paths(self.venv)
         backends = self.workdir / "backends"
         shutil.copytree(server_dir / "backends", backends)
@@ -141,7 +142,7 @@ class TritonServer:
                f"--backend-directory={backends}", f"--http-port={self.port}", "--allow-grpc=false",
                "--allow-metrics=false", f"--http-thread-count={self.cfg.http_threads}",
                "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0"]
-        self.log = open(self.workdir / "tritonserver.log", "wb")
+        self.log = open(self.workdir / "tritonserver.log", "wb")  # noqa: SIM115 -- the server's lifetime; stop() closes it
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -178,7 +179,7 @@ class TritonServer:
         if getattr(self, "log", None):
             self.log.close()
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

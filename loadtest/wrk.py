@@ -71,9 +71,9 @@ def wrk_binary() -> str:
 def run_wrk(url: str, images: list[Path], connections: int, duration_s: float, script: Path) -> dict:
     """One wrk run; returns its JSON summary plus the CPU seconds wrk used."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([wrk_binary(), "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "--timeout", "10s",
-                           "-s", str(script), url, "--", *map(str, images)],
-                          capture_output=True, text=True, timeout=duration_s + 60)
+    proc = subprocess.run([wrk_binary(), "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+                           "--timeout", "10s", "-s", str(script), url, "--", *map(str, images)],
+                          capture_output=True, text=True, timeout=duration_s + 60, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if proc.returncode != 0 or line is None:

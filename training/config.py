@@ -78,11 +78,11 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.run and "/" not in self.run, f"--run must be a plain name (it becomes the served "
-                                               f"model name), got {self.run!r}"),
+            (self.run and "/" not in self.run, (f"--run must be a plain name (it becomes the served "
+                                                f"model name), got {self.run!r}")),
             (self.model not in MODELS or not MODELS[self.model].pretrained or self.pretrained_weights,
-             f"--model {self.model} fine-tunes pretrained weights: pass --pretrained-weights FILE (a "
-             f"torchvision state_dict saved with torch.save); nothing is downloaded from a hub"),
+             (f"--model {self.model} fine-tunes pretrained weights: pass --pretrained-weights FILE (a "
+              f"torchvision state_dict saved with torch.save); nothing is downloaded from a hub")),
         ]
         for ok, message in checks:
             if not ok:

@@ -64,7 +64,7 @@ class Contract:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Contract":
+    def from_dict(cls, data: dict) -> Contract:
         return cls(
             height=int(data["height"]),
             width=int(data["width"]),

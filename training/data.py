@@ -13,9 +13,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = int(round(n * val_fraction))
+    n_val = round(n * val_fraction)
     return perm[n_val:], perm[:n_val]
 
 
@@ -306,7 +306,7 @@ def _load_imagefolder(data_dir=None, download=True, image_size=None):
     try:
         probe = datasets.ImageFolder(str(train_root), is_valid_file=images.is_image_file)
     except (FileNotFoundError, RuntimeError) as e:
-        raise DataNotFoundError(f"imagefolder: no class folders with images under {train_root} ({e})")
+        raise DataNotFoundError(f"imagefolder: no class folders with images under {train_root} ({e})") from e
     size = image_size or 224
     contract = Contract(size, size, 3, IMAGENET_MEAN, IMAGENET_STD, tuple(probe.classes))
     # Files are read as serving reads a request (EXIF orientation, 16-bit and alpha handling, JPEG
@@ -318,7 +318,8 @@ def _load_imagefolder(data_dir=None, download=True, image_size=None):
         targets = np.asarray(probe.targets)
         rng = np.random.default_rng(0)
         test_idx = sorted(i for c in np.unique(targets)
-                          for i in rng.permutation(np.flatnonzero(targets == c))[: max(1, int(0.2 * (targets == c).sum()))])
+                          for i in rng.permutation(np.flatnonzero(targets == c))
+                          [: max(1, int(0.2 * (targets == c).sum()))])
         train_idx = sorted(set(range(len(targets))) - set(test_idx))
         return (lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, **files), train_idx),
                 lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, **files), test_idx), contract)

@@ -86,9 +86,7 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
             raise UnsupportedImage(f"32-bit integer image with values {a.min()}..{a.max()}; "
                                    f"send 8- or 16-bit")
         img = Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L")  # 16-bit -> 8-bit
-    elif mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    elif mode == "PA":
+    elif (mode == "P" and "transparency" in img.info) or mode == "PA":
         img = img.convert("RGBA")
     elif mode not in ALPHA_MODES and mode not in PLAIN_MODES:
         raise UnsupportedImage(f"image mode {mode!r} is not supported; send 8-bit or 16-bit "

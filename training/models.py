@@ -6,8 +6,8 @@ so a checkpoint that stores ``arch`` and those arguments can rebuild its model a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from training.augment import augment_batch
-from training.files import atomic_write_bytes
 from training.contract import Contract, Normalize
 from training.data import DATASETS, DEFAULT_DATA_ROOT, _split_indices, to_contract
+from training.files import atomic_write_bytes
 from training.images import is_image_file
 
 CACHE_FORMAT = 2  # bump when the decoded pixels would differ (2: training.images' conversion)
@@ -44,10 +44,10 @@ class TensorSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device: torch.device) -> "TensorSet":
+    def to(self, device: torch.device) -> TensorSet:
         return TensorSet(self.images.to(device), self.labels.to(device))
 
-    def subset(self, index) -> "TensorSet":
+    def subset(self, index) -> TensorSet:
         index = torch.as_tensor(index, dtype=torch.long)
         return TensorSet(self.images[index], self.labels[index])
 
@@ -102,7 +102,8 @@ def dataset_tensors(ds: Dataset, contract: Contract, cache_dir: Path) -> TensorS
     if isinstance(ds, Subset):
         return dataset_tensors(ds.dataset, contract, cache_dir).subset(list(ds.indices))
     if isinstance(ds, datasets.MNIST):                       # (N, 28, 28) uint8 tensor
-        return _checked(TensorSet(ds.data.unsqueeze(1).contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)), contract)
+        return _checked(TensorSet(ds.data.unsqueeze(1).contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)),
+                        contract)
     if isinstance(ds, datasets.CIFAR10):                     # (N, 32, 32, 3) uint8 numpy
         images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
         return _checked(TensorSet(images, torch.as_tensor(ds.targets, dtype=torch.long)), contract)

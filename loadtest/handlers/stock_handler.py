@@ -60,5 +60,5 @@ class StockImageClassifier(BaseHandler):
         ps = F.softmax(data, dim=1)
         probs, classes = torch.topk(ps, min(self.topk, ps.shape[1]), dim=1)
         names = self.contract.class_names
-        return [json.dumps({names[c]: p for c, p in zip(cs.tolist(), pr.tolist())})
-                for pr, cs in zip(probs, classes)]
+        return [json.dumps({names[c]: p for c, p in zip(cs.tolist(), pr.tolist(), strict=True)})
+                for pr, cs in zip(probs, classes, strict=True)]
