@@ -346,14 +346,33 @@ def curl_examples(server: Server, models: list[str]) -> str:
         key = server.workdir / KEY_FILE
         lines.append(f"TOKEN=$(python3 -c 'import json;print(json.load(open(\"{key}\"))[\"inference\"][\"key\"])')")
         auth = ' -H "Authorization: Bearer $TOKEN"'
-    for m in models:
+    # Files that exist: make demo / make export write samples/<RUN>/<label>.png (held-out images) and
+    # samples/photos/ (export.samples). The base64 bodies are streamed through a pipe (--data-binary @-):
+    # a photo's base64 in one shell argument passes the kernel's 128 KiB limit ("Argument list too long").
+    photo = Path("samples/photos/china.jpg")
+    python = os.path.relpath(sys.executable) if Path(sys.executable).is_relative_to(Path.cwd()) \
+        else sys.executable
+    for i, m in enumerate(models):
+        pngs = sorted(Path("samples", m).glob("*.png"))
+        if not pngs:
+            lines.append(f"# no samples/{m}/ to post: make export RUN={m} writes one held-out image per class")
+            continue
+        a, b = pngs[0], pngs[min(1, len(pngs) - 1)]
+        lines.append(f"curl{auth} {base}/predictions/{m} -T {a}")
+        if i:  # the other forms once, for the first model
+            continue
         lines += [
-            f"curl{auth} -X POST {base}/predictions/{m} -T image.png",
-            f"curl{auth} {base}/predictions/{m} -F file0=@a.png -F file1=@b.jpg   # several images",
-            f"curl{auth} {base}/predictions/{m} -H 'X-TopK: 3' -H 'Content-Type: application/json' "
-            f"-d '{{\"instances\": [{{\"b64\": \"'$(base64 -w0 image.png)'\"}}]}}'",
-            f"curl{auth} {base}/v2/models/{m}/infer -H 'Content-Type: application/json' -d '{{\"inputs\": "
-            f"[{{\"name\": \"images\", \"shape\": [1], \"datatype\": \"BYTES\", \"data\": [\"'$(base64 -w0 image.png)'\"]}}]}}'",
+            f"curl{auth} {base}/predictions/{m} -F file0=@{a} -F file1=@{b}   # several images, one request",
+            *([f"curl{auth} {base}/predictions/{m} -T {photo} -H 'X-Min-Confidence: 0.9'   "
+                f"# a photo, not what it learned: \"abstain\": [true]"]
+              if photo.is_file() else []),
+            f"{{ printf '{{\"instances\": [{{\"b64\": \"'; base64 -w0 {photo if photo.is_file() else a}; "
+            f"printf '\"}}]}}'; }} | curl{auth} {base}/predictions/{m} -H 'X-TopK: 3' "
+            f"-H 'Content-Type: application/json' --data-binary @-",
+            f"{{ printf '{{\"inputs\": [{{\"name\": \"images\", \"shape\": [1], \"datatype\": \"BYTES\", "
+            f"\"data\": [\"'; base64 -w0 {a}; printf '\"]}}]}}'; }} | curl{auth} {base}/v2/models/{m}/infer "
+            f"-H 'Content-Type: application/json' --data-binary @-",
+            f"{python} -m serving.client predict --run {m} {a} {b}",
         ]
     if server.management_url is None:  # the oip runtime: no management API; OIP metadata and gRPC instead
         lines += [f"curl{auth} {base}/v2/models/{models[0]}          # Open Inference Protocol model metadata",
