@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from export.core import ExportConfig, GateError, export_run
+from export.ood import METHODS as OOD_METHODS
 from export.registry import REGISTRY
 from export.runtime import IntegrityError
 from training.cli import HelpFormatter, from_args
@@ -59,6 +60,14 @@ def parse_args(argv: list[str] | None = None) -> ExportConfig:
                       help="7-bit ORT INT8 weights (on: full range saturates on AVX2 without VNNI)")
     int8.add_argument("--ort-activation", choices=("uint8", "int8"), default=d.ort_activation,
                       help="ONNX Runtime INT8 activation type")
+    det = p.add_argument_group("out-of-distribution detector (export/ood.py)")
+    det.add_argument("--ood-method", choices=(*OOD_METHODS, "none"), default=d.ood_method,
+                     help="the score every answer's ood flag is set from (none: no detector, no flag)")
+    det.add_argument("--ood-acceptance", type=float, default=d.ood_acceptance,
+                     help="share of the validation split the threshold accepts as in distribution")
+    det.add_argument("--ood-fit-size", type=int, default=d.ood_fit_size,
+                     help="training images (a seeded subset) the detector is fitted on (0: all)")
+    det.add_argument("--ood-knn-k", type=int, default=d.ood_knn_k, help="the neighbour knn measures to")
     misc = p.add_argument_group("latency and defaults")
     misc.add_argument("--latency-threads", type=_csv(int), default=d.latency_threads,
                       help="comma-separated thread counts to time every variant at")

@@ -15,6 +15,11 @@ Steps, top to bottom:
    published or served, and one warning line is logged (``strict`` makes it a ``GateError``);
 6. latency per published variant (1 and 2 threads), the CPU default chosen by measurement;
 7. publish: each file copied into ``artifacts/<RUN>/`` atomically, the manifest last.
+
+Before step 3 the out-of-distribution detector (``export.ood``) is fitted on eager fp32's penultimate
+features of the training split (a seeded subset, the validation share excluded), its threshold set on
+the validation split at ``ood_acceptance``, and saved as ``ood.npz``; every variant is built with the
+features as a second output, and its scores are measured against eager's like its logits are.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from export import registry
+from export import ood, registry
 from export.calibrate import ECE_BINS, calibration_report
 from export.data import Pixels, load_pixels
 from export.measure import accuracy, eager_predict, latency, parity, predict_all
+from training.contract import WithPreprocessing
 from export.registry import REGISTRY, VARIANTS, BuildContext  # noqa: F401
 from export.runtime import (MANIFEST_FORMAT, MANIFEST_NAME, REFERENCE_NAME, Reference, load_variant,
                             read_manifest, reference_check, save_reference, sha256_file, verify_file)
@@ -68,6 +74,10 @@ class ExportConfig:
     latency_rounds: int = 20             # 0 skips latency (smoke tests)
     cpu_default: str | None = None       # None: the fastest variant that passed its gates
     strict: bool = False                 # an INT8 variant rejected by its gate fails the export
+    ood_method: str = ood.DEFAULT_METHOD  # the out-of-distribution score (export.ood.METHODS) or "none"
+    ood_acceptance: float = ood.DEFAULT_ACCEPTANCE  # validation images the ood threshold accepts
+    ood_fit_size: int = 5000             # training images the detector is fitted on (0: all)
+    ood_knn_k: int = ood.DEFAULT_KNN_K   # the neighbour the knn method measures to
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +94,14 @@ class ExportConfig:
             raise ValueError(f"latency threads must be >= 1, got {self.latency_threads}")
         if self.ort_activation not in ("uint8", "int8"):
             raise ValueError(f"ort activation type must be uint8 or int8, got {self.ort_activation!r}")
+        if self.ood_method not in (*ood.METHODS, "none"):
+            raise ValueError(f"--ood-method must be one of {', '.join(ood.METHODS)} or none, got {self.ood_method!r}")
+        if not 0.5 <= self.ood_acceptance < 1.0:
+            raise ValueError(f"--ood-acceptance is the share of in-distribution images accepted, from 0.5 "
+                             f"to below 1, got {self.ood_acceptance}")
+        if self.ood_fit_size < 0 or self.ood_knn_k < 1:
+            raise ValueError(f"--ood-fit-size must be >= 0 and --ood-knn-k >= 1, got {self.ood_fit_size}, "
+                             f"{self.ood_knn_k}")
 
     @property
     def checkpoint_path(self) -> Path:
@@ -102,9 +120,12 @@ class Source:
     heldout: Pixels
     calibration: Pixels | None
     validation: Pixels | None                      # the checkpoint's val split (temperature fitting)
+    ood_fit: Pixels | None = None                  # training images the ood detector is fitted on
     check_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     ref_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     reference: dict = field(default_factory=dict)  # the manifest's "reference" entry
+    ood: dict = field(default_factory=dict)        # the manifest's "ood" entry ({} without a detector)
+    detector: ood.Detector | None = None
 
 
 def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
@@ -126,12 +147,14 @@ def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{cfg.run}.staging-"))
     try:
-        src.reference = write_reference(src, eager_logits, staging)
-        ctx = BuildContext(src.model, src.contract, src.calibration.images if src.calibration else None,
+        eager_scores = fit_ood(cfg, src, calibration["temperature"], staging, log)
+        src.reference = write_reference(src, eager_logits, staging, eager_scores)
+        model = src.model if src.detector is None else ood.with_features(src.model)  # (logits, features)
+        ctx = BuildContext(model, src.contract, src.calibration.images if src.calibration else None,
                            staging, cfg)
         entries, rejected = {}, {}
         for name in (n for n in REGISTRY if n in cfg.variants):  # registry order: fp32 graphs first
-            entry, failure = build_and_gate(name, ctx, src, eager_logits, eager_acc, cfg, log)
+            entry, failure = build_and_gate(name, ctx, src, eager_logits, eager_scores, eager_acc, cfg, log)
             if failure is None:
                 entries[name] = entry
             else:
@@ -180,8 +203,9 @@ def fit_calibration(src: Source, eager, eager_logits: np.ndarray, log) -> dict:
     return report
 
 
-def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np.ndarray, eager_acc: float,
-                   cfg: ExportConfig, log) -> tuple[dict, str | None]:
+def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np.ndarray,
+                   eager_scores: np.ndarray | None, eager_acc: float, cfg: ExportConfig, log
+                   ) -> tuple[dict, str | None]:
     """Build ``name`` with each of its recipes in turn until one passes its gate.
 
     Returns (manifest entry with the measurements and the recipe chosen or all tried, None) when it
@@ -198,14 +222,17 @@ def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np
                  "recipe": recipe, "latency": {}}
         # measured through the server's loader: sha256 check, then the real runtime
         atomic_write_json(ctx.staging / MANIFEST_NAME, make_manifest(cfg, src, {name: entry}, eager_acc))
-        logits = predict_all(load_variant(ctx.staging, name), src.heldout.images)
+        logits, scores = infer_all(load_variant(ctx.staging, name), src.heldout.images)
         entry["parity"] = parity(eager_logits[src.check_idx], logits[src.check_idx])
         entry["accuracy"] = accuracy(logits, src.heldout.labels)
+        if scores is not None:
+            entry["ood"] = ood_parity(src.detector, eager_scores, scores)
         # the check every serving worker repeats on its own machine (export.runtime.reference_check)
         reference = Reference(src.heldout.images[src.ref_idx], src.heldout.labels[src.ref_idx],
-                              eager_logits[src.ref_idx])
-        entry["reference_check"], ref_failure = reference_check(logits[src.ref_idx], reference,
-                                                                variant.precision, export_gates(cfg))
+                              eager_logits[src.ref_idx], None if eager_scores is None else eager_scores[src.ref_idx])
+        entry["reference_check"], ref_failure = reference_check(
+            logits[src.ref_idx], reference, variant.precision, export_gates(cfg, src),
+            None if scores is None else scores[src.ref_idx], src.detector and src.detector.threshold)
         log(f"{cfg.run}: {name:17s} accuracy {entry['accuracy']:.4f}  "
             f"top-1 agreement {entry['parity']['top1_agreement']:.4f}  "
             f"max |diff| {entry['parity']['max_abs_diff']:.2e}  {entry['bytes']:,} bytes")
@@ -218,6 +245,80 @@ def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np
     path.unlink(missing_ok=True)
     entry["recipes_tried"] = tried
     return entry, failure
+
+
+def infer_all(runner, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+    """``runner.infer`` over all images in batches: (N, K) logits, (N,) ood scores or None."""
+    parts = [runner.infer(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    scores = None if parts[0][1] is None else np.concatenate([s for _, s in parts])
+    return np.concatenate([lg for lg, _ in parts]), scores
+
+
+def ood_parity(detector: ood.Detector, eager_scores: np.ndarray, scores: np.ndarray) -> dict:
+    """A variant's ood scores on the held-out images against eager fp32's."""
+    diff = np.abs(scores - eager_scores)
+    return {"samples": int(len(scores)), "max_score_diff": float(diff.max()),
+            "max_score_diff_of_threshold": float(diff.max() / max(abs(detector.threshold), 1e-12)),
+            "flag_agreement": float((detector.flags(scores) == detector.flags(eager_scores)).mean()),
+            "heldout_ood_share": float(detector.flags(scores).mean())}
+
+
+def fit_ood(cfg: ExportConfig, src: Source, temperature: float, staging: Path, log) -> np.ndarray | None:
+    """Fit the out-of-distribution detector on eager fp32 features of the training images, set its
+    threshold on the validation split, save ``ood.npz`` in ``staging``; fills ``src.detector`` and
+    ``src.ood`` (the manifest entry) and returns eager fp32's scores on the held-out images (None
+    with ``ood_method`` none).
+
+    Without a validation split (val_fraction 0) the threshold is set on a seeded fifth of the
+    training images held back from the fit, never on the test split.
+    """
+    if cfg.ood_method == "none":
+        return None
+    eager = WithPreprocessing(ood.with_features(src.model), src.contract).eval()
+
+    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts = []
+        with torch.inference_mode():
+            for i in range(0, len(images), 256):
+                logits, features = eager(torch.from_numpy(images[i:i + 256]))
+                parts.append((logits.float().numpy(), features.float().numpy()))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    fit = src.ood_fit
+    if src.validation is not None and len(src.validation):
+        threshold_px, threshold_on = src.validation, {"dataset": src.ckpt["dataset"], "split": "val"}
+    else:
+        order = np.random.default_rng(cfg.seed).permutation(len(fit))
+        held = np.sort(order[:max(1, len(fit) // 5)])
+        kept = np.sort(order[len(held):])
+        threshold_px = Pixels(fit.images[held], fit.labels[held])
+        fit = Pixels(fit.images[kept], fit.labels[kept])
+        threshold_on = {"dataset": src.ckpt["dataset"], "split": "train (held back from the fit: no val split)"}
+    _, features = outputs(fit.images)
+    detector = ood.fit_detector(cfg.ood_method, features, fit.labels, src.contract.num_classes, temperature,
+                                cfg.ood_knn_k)
+    threshold_scores = detector.score(*outputs(threshold_px.images))
+    detector = detector.with_threshold(ood.threshold_at(threshold_scores, cfg.ood_acceptance))
+    heldout_scores = detector.score(*outputs(src.heldout.images))
+    path = staging / ood.OOD_NAME
+    ood.save_detector(path, detector)
+    src.detector = detector
+    src.ood = {
+        "file": path.name, "sha256": sha256_file(path), "method": detector.method,
+        "threshold": detector.threshold, "acceptance": cfg.ood_acceptance, "features": int(features.shape[1]),
+        **({"k": detector.k} if detector.method == "knn" else {}),
+        "fitted_on": {"dataset": src.ckpt["dataset"], "split": "train", "samples": len(fit), "seed": cfg.seed},
+        "threshold_on": {**threshold_on, "samples": len(threshold_px),
+                         "accepted": float(1.0 - detector.flags(threshold_scores).mean())},
+        # the share of in-distribution images flagged (test split, eager fp32): the drift alert's baseline
+        "heldout": {"dataset": src.ckpt["dataset"], "split": "test", "samples": len(src.heldout),
+                    "ood_share": float(detector.flags(heldout_scores).mean())},
+    }
+    log(f"{cfg.run}: out-of-distribution detector {detector.method} on {src.ood['features']} features of "
+        f"{len(fit)} training images; threshold {detector.threshold:.4g} accepts "
+        f"{src.ood['threshold_on']['accepted']:.3f} of {len(threshold_px)} {threshold_on['split']} images, "
+        f"flags {src.ood['heldout']['ood_share']:.3f} of {len(src.heldout)} test images")
+    return heldout_scores
 
 
 def _recipe_text(recipe: dict) -> str:
@@ -240,6 +341,9 @@ def load_source(cfg: ExportConfig) -> Source:
     val_fraction = train_cfg.get("val_fraction", 0.0)
     validation = load_pixels(split="val", limit=cfg.val_size, val_fraction=val_fraction,
                              split_seed=train_cfg.get("seed", 0), **kw) if val_fraction else None
+    # the training split without its validation share: the detector's threshold is set on that share
+    ood_fit = None if cfg.ood_method == "none" else load_pixels(
+        split="train", limit=cfg.ood_fit_size, val_fraction=val_fraction, split_seed=train_cfg.get("seed", 0), **kw)
     if needs_calibration and not cfg.calib_size:
         raise ValueError("INT8 variants need calibration images: --calib-size must be > 0")
     rng = np.random.default_rng(cfg.seed)
@@ -247,15 +351,18 @@ def load_source(cfg: ExportConfig) -> Source:
     check_idx = np.sort(rng.permutation(len(heldout))[:n_check])
     # the reference batch: a seeded subset of the parity check images (fp32 variants already match there)
     ref_idx = np.sort(rng.permutation(check_idx)[:max(1, min(cfg.reference_size, len(check_idx)))])
-    return Source(model, contract, ckpt, path, sha256_file(path), heldout, calibration, validation, check_idx,
-                  ref_idx)
+    return Source(model, contract, ckpt, path, sha256_file(path), heldout, calibration, validation, ood_fit,
+                  check_idx, ref_idx)
 
 
-def write_reference(src: Source, eager_logits: np.ndarray, staging: Path) -> dict:
-    """Save the reference batch (images as served, labels, eager fp32 logits); returns its manifest entry."""
+def write_reference(src: Source, eager_logits: np.ndarray, staging: Path,
+                    eager_scores: np.ndarray | None = None) -> dict:
+    """Save the reference batch (images as served, labels, eager fp32 logits and ood scores); returns
+    its manifest entry."""
     path = staging / REFERENCE_NAME
     idx = src.ref_idx
-    save_reference(path, Reference(src.heldout.images[idx], src.heldout.labels[idx], eager_logits[idx]))
+    save_reference(path, Reference(src.heldout.images[idx], src.heldout.labels[idx], eager_logits[idx],
+                                   None if eager_scores is None else eager_scores[idx]))
     return {"file": path.name, "sha256": sha256_file(path), "samples": int(len(idx)),
             "accuracy": accuracy(eager_logits[idx], src.heldout.labels[idx])}
 
@@ -327,9 +434,15 @@ def choose_cpu_default(cfg: ExportConfig, entries: dict[str, dict]) -> str:
     return "onnx-fp32" if "onnx-fp32" in entries else next(iter(entries))
 
 
-def export_gates(cfg: ExportConfig) -> dict:
-    """The gates export applies, recorded in the manifest; every serving worker re-applies them."""
-    return {"fp32_top1_agreement": 1.0, "fp32_atol": cfg.atol, "int8_max_drop_points": cfg.max_int8_drop}
+def export_gates(cfg: ExportConfig, src: "Source | None" = None) -> dict:
+    """The gates export applies, recorded in the manifest; every serving worker re-applies them.
+    With a detector, on its scores too: fp32 within ``export.ood.FP32_SCORE_RTOL`` of the threshold;
+    INT8 changing the flag of at most as many points of images as it may lose accuracy points."""
+    gates = {"fp32_top1_agreement": 1.0, "fp32_atol": cfg.atol, "int8_max_drop_points": cfg.max_int8_drop}
+    if src is not None and src.detector is not None:
+        gates.update(ood_fp32_atol=ood.FP32_SCORE_RTOL * abs(src.detector.threshold),
+                     ood_int8_max_flag_change_points=cfg.max_int8_drop)
+    return gates
 
 
 def make_manifest(cfg: ExportConfig, src: Source, entries: dict, eager_acc: float) -> dict:
@@ -352,7 +465,8 @@ def make_manifest(cfg: ExportConfig, src: Source, entries: dict, eager_acc: floa
                     "check_samples": int(len(src.check_idx))},
         "baseline": {"variant": "eager-fp32", "accuracy": eager_acc},
         "reference": src.reference,
-        "gates": export_gates(cfg),
+        **({"ood": src.ood} if src.ood else {}),
+        "gates": export_gates(cfg, src),
         "default_variant": {"cpu": None, "cuda": None},
         "variants": entries,
     }
@@ -360,13 +474,13 @@ def make_manifest(cfg: ExportConfig, src: Source, entries: dict, eager_acc: floa
 
 def publish(staging: Path, out: Path, manifest: dict) -> None:
     """Copy each variant into ``out`` atomically, then the manifest, then verify what landed."""
-    files = [*manifest["variants"].values(), manifest["reference"]]
+    files = [*manifest["variants"].values(), manifest["reference"], *([manifest["ood"]] if "ood" in manifest else [])]
     for e in files:
         data = (staging / e["file"]).read_bytes()
         atomic_write_bytes(out / e["file"], lambda f, d=data: f.write(d))
     atomic_write_json(out / MANIFEST_NAME, manifest)
     published = read_manifest(out)
-    for e in [*published["variants"].values(), published["reference"]]:
+    for e in [*published["variants"].values(), published["reference"], *([published["ood"]] if "ood" in published else [])]:
         verify_file(out / e["file"], e["sha256"])
 
 

@@ -4,7 +4,10 @@ parity checks, the tests and the server all use.
 Every variant file is checked against the sha256 recorded in ``manifest.json`` before it is loaded, so
 a server can never run bytes that differ from what export verified. Exported graphs take uint8 NCHW
 pixels and normalise inside the graph; a ``Runner`` maps ``(N, C, H, W) uint8`` to ``(N, K) float32``
-logits whatever the runtime.
+logits whatever the runtime, and (``Runner.infer``) to the out-of-distribution score of each image:
+the graph's second output, its penultimate features, through the detector export fitted
+(``export.ood``; ``ood.npz``, hash-checked like the variants). A variant exported before the detector
+existed has one output and no detector: its scores are None.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from export import registry
+from export.ood import Detector, load_detector
 from training.contract import Contract
 
 MANIFEST_NAME = "manifest.json"
@@ -74,16 +78,19 @@ def read_manifest(artifact_dir: str | os.PathLike) -> dict:
 
 
 class Runner:
-    """One loaded variant: ``runner(pixels)`` with ``pixels`` (N, C, H, W) uint8 -> (N, K) float32 logits."""
+    """One loaded variant: ``runner(pixels)`` with ``pixels`` (N, C, H, W) uint8 -> (N, K) float32 logits;
+    ``runner.infer(pixels)`` -> (logits, out-of-distribution scores (N,) or None)."""
 
     def __init__(self, variant: str, runtime: str, precision: str, device: str, contract: Contract,
-                 manifest: dict, predict) -> None:
+                 manifest: dict, predict, detector: Detector | None = None) -> None:
         self.variant, self.runtime, self.precision, self.device = variant, runtime, precision, device
         self.contract, self.manifest = contract, manifest
-        self._predict = predict
+        self._predict = predict  # (N, C, H, W) uint8 -> (logits, features or None)
+        self.detector = detector
         self.reference_check: dict | None = None  # set by load_checked_variant
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+    def outputs(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, K) float32 logits and (N, D) float32 features (None for a graph exported without them)."""
         c = self.contract
         if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
             raise ValueError(f"{self.variant} takes a uint8 numpy array, got "
@@ -92,6 +99,18 @@ class Runner:
             raise ValueError(f"{self.variant} takes (N, {c.channels}, {c.height}, {c.width}) pixels "
                              f"(NCHW), got {pixels.shape}")
         return self._predict(np.ascontiguousarray(pixels))
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self.outputs(pixels)[0]
+
+    def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, K) logits and (N,) out-of-distribution scores: the one place a score is computed
+        (export's measurements, the reference check and the server all call this). Scores are None
+        without a detector."""
+        logits, features = self.outputs(pixels)
+        if self.detector is None:
+            return logits, None
+        return logits, self.detector.score(logits, features)
 
     def __repr__(self) -> str:
         return (f"Runner({self.manifest.get('name')!r} {self.variant} on {self.device}, "
@@ -139,7 +158,19 @@ def load_variant(artifact_dir: str | os.PathLike, variant: str | None = None, de
     if entry["runtime"] not in LOADERS:
         raise ValueError(f"variant {variant}: unknown runtime {entry['runtime']!r} in the manifest")
     predict, device = LOADERS[entry["runtime"]](path, device, threads)
-    return Runner(variant, entry["runtime"], entry["precision"], device, contract, manifest, predict)
+    return Runner(variant, entry["runtime"], entry["precision"], device, contract, manifest, predict,
+                  load_ood(artifact_dir, manifest))
+
+
+def load_ood(artifact_dir: str | os.PathLike, manifest: dict) -> Detector | None:
+    """The run's out-of-distribution detector, sha256-checked; None when the manifest has none
+    (exported before the detector existed: such a model serves without the ``ood`` flag)."""
+    entry = manifest.get("ood")
+    if not entry:
+        return None
+    path = Path(artifact_dir) / entry["file"]
+    verify_file(path, entry["sha256"])
+    return load_detector(path)
 
 
 def _load_onnx(path: Path, device: str, threads: int | None):
@@ -159,8 +190,10 @@ def _load_onnx(path: Path, device: str, threads: int | None):
     session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     input_name = session.get_inputs()[0].name
 
-    def predict(pixels: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: pixels})[0].astype(np.float32, copy=False)
+    def predict(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = session.run(None, {input_name: pixels})  # [logits] or [logits, features]
+        return (out[0].astype(np.float32, copy=False),
+                out[1].astype(np.float32, copy=False) if len(out) > 1 else None)
 
     return predict, ("cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu")
 
@@ -174,10 +207,12 @@ def _load_torchscript(path: Path, device: str, threads: int | None):
         warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated.*")
         model = torch.jit.load(str(path), map_location=device).eval()
 
-    def predict(pixels: np.ndarray) -> np.ndarray:
+    def predict(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.inference_mode():
-            out = model(torch.from_numpy(pixels).to(device))
-        return out.float().cpu().numpy()
+            out = model(torch.from_numpy(pixels).to(device))  # logits, or (logits, features)
+        if isinstance(out, torch.Tensor):
+            return out.float().cpu().numpy(), None
+        return out[0].float().cpu().numpy(), out[1].float().cpu().numpy()
 
     return predict, device
 
@@ -190,17 +225,20 @@ REFERENCE_NAME = "reference.npz"
 class Reference:
     """Held-out images as served, their labels and eager fp32's logits, saved at export.
 
-    ``images`` (N, C, H, W) uint8, ``labels`` (N,) int64, ``logits`` (N, K) float32.
+    ``images`` (N, C, H, W) uint8, ``labels`` (N,) int64, ``logits`` (N, K) float32, ``ood_scores``
+    (N,) float64: eager fp32's out-of-distribution scores (None: exported without a detector).
     """
 
     images: np.ndarray
     labels: np.ndarray
     logits: np.ndarray
+    ood_scores: np.ndarray | None = None
 
 
 def save_reference(path: str | os.PathLike, ref: Reference) -> None:
+    extra = {} if ref.ood_scores is None else {"ood_scores": ref.ood_scores.astype(np.float64)}
     with open(path, "wb") as f:
-        np.savez(f, images=ref.images, labels=ref.labels, logits=ref.logits.astype(np.float32))
+        np.savez(f, images=ref.images, labels=ref.labels, logits=ref.logits.astype(np.float32), **extra)
 
 
 def load_reference(artifact_dir: str | os.PathLike, manifest: dict) -> Reference:
@@ -212,15 +250,21 @@ def load_reference(artifact_dir: str | os.PathLike, manifest: dict) -> Reference
     path = Path(artifact_dir) / entry["file"]
     verify_file(path, entry["sha256"])
     with np.load(path, allow_pickle=False) as z:
-        return Reference(z["images"], z["labels"].astype(np.int64), z["logits"])
+        return Reference(z["images"], z["labels"].astype(np.int64), z["logits"],
+                         z["ood_scores"] if "ood_scores" in z.files else None)
 
 
-def reference_check(logits: np.ndarray, ref: Reference, precision: str, gates: dict) -> tuple[dict, str | None]:
-    """A variant's logits on the reference batch against the export's gates.
+def reference_check(logits: np.ndarray, ref: Reference, precision: str, gates: dict,
+                    scores: np.ndarray | None = None, threshold: float | None = None) -> tuple[dict, str | None]:
+    """A variant's logits (and out-of-distribution scores) on the reference batch against the
+    export's gates.
 
     fp32: the same top-1 as eager fp32 on every image and logits within ``fp32_atol``; INT8: accuracy
-    at most ``int8_max_drop_points`` below eager fp32's on the batch. Returns (the numbers, why it
-    fails or None).
+    at most ``int8_max_drop_points`` below eager fp32's on the batch. With a detector (``scores``
+    and its ``threshold``): fp32 scores within ``ood_fp32_atol`` of eager's; INT8 flags differing
+    from eager's on at most ``ood_int8_max_flag_change_points`` of the images (the same budget as
+    its accuracy: INT8 moves scores by a few % of the threshold, see export.ood.FP32_SCORE_RTOL).
+    Returns (the numbers, why it fails or None).
     """
     top1, ref_top1 = logits.argmax(axis=1), ref.logits.argmax(axis=1)
     numbers = {"samples": int(len(ref.labels)),
@@ -229,6 +273,19 @@ def reference_check(logits: np.ndarray, ref: Reference, precision: str, gates: d
                "accuracy": float((top1 == ref.labels).mean()),
                "reference_accuracy": float((ref_top1 == ref.labels).mean())}
     numbers["drop_points"] = (numbers["reference_accuracy"] - numbers["accuracy"]) * 100.0
+    if scores is not None and ref.ood_scores is not None and "ood_fp32_atol" in gates:
+        numbers["ood_max_score_diff"] = float(np.abs(scores.astype(np.float64) - ref.ood_scores).max())
+        numbers["ood_flag_change_points"] = float(((scores > threshold) != (ref.ood_scores > threshold)).mean()
+                                                  * 100.0)
+        if precision == "fp32" and numbers["ood_max_score_diff"] > gates["ood_fp32_atol"]:
+            return numbers, (f"out-of-distribution score differs from eager fp32's by up to "
+                             f"{numbers['ood_max_score_diff']:.3g} (allowed {gates['ood_fp32_atol']:.3g}) on "
+                             f"{numbers['samples']} reference images")
+        allowed = gates["ood_int8_max_flag_change_points"]
+        if precision != "fp32" and numbers["ood_flag_change_points"] > allowed + 1e-9:
+            return numbers, (f"out-of-distribution flag differs from eager fp32's on "
+                             f"{numbers['ood_flag_change_points']:.2f} % of {numbers['samples']} reference "
+                             f"images (allowed {allowed:g} points)")
     if precision == "fp32":
         if numbers["top1_agreement"] < gates["fp32_top1_agreement"] or numbers["max_abs_diff"] > gates["fp32_atol"]:
             return numbers, (f"top-1 agreement {numbers['top1_agreement']:.4f} (need "
@@ -266,7 +323,9 @@ def load_checked_variant(artifact_dir: str | os.PathLike, variant: str | None = 
                        key=lambda v: manifest["variants"][v]["precision"] == "fp32")
     failures = []
     while True:
-        numbers, why = reference_check(runner(ref.images), ref, runner.precision, manifest["gates"])
+        logits, scores = runner.infer(ref.images)
+        numbers, why = reference_check(logits, ref, runner.precision, manifest["gates"], scores,
+                                       runner.detector and runner.detector.threshold)
         if why is None:
             runner.reference_check = numbers
             return runner
