@@ -41,17 +41,22 @@ $(VENV)/bin/python:
 	  echo "error: $(PYTHON_SYS) -m venv failed; Debian/Ubuntu: apt-get install -y python3-venv" >&2; exit 2; }
 	$(PY) -m pip install -q --upgrade pip
 
-$(VENV)/.stamp-%: pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q -e ".[$(subst +,$(comma),$*)]"
+# One venv for every target, installed from the lock: every extra at the versions CI tested, each
+# file checked against its sha256 (--require-hashes). The lock is complete, so pip resolves nothing
+# (--no-deps); then the project itself, editable. `make lock` refreshes the lock from pyproject.toml.
+LOCK := requirements.lock
+# (A pattern rule, so that mk/workstation.mk can replace it inside the image without a warning.)
+$(VENV)/.stamp-%: $(LOCK) pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-comma := ,
-VENV_BASE   := $(VENV)/.stamp-test
-VENV_EXPORT := $(VENV)/.stamp-export+test
-VENV_SERVE  := $(VENV)/.stamp-serve+test
-VENV_ALL    := $(VENV)/.stamp-serve+loadtest+deploy+test
+VENV_BASE   := $(VENV)/.stamp-lock
+VENV_EXPORT := $(VENV_BASE)
+VENV_SERVE  := $(VENV_BASE)
+VENV_ALL    := $(VENV_BASE)
 
-.PHONY: help venv train evaluate bench-train demo test clean
+.PHONY: help venv lock train evaluate bench-train demo test clean
 # Every target documents itself with a `## text` after its prerequisites (in this file and mk/*.mk);
 # help prints those, in file order. A target without one is internal.
 help: ## this list
@@ -60,6 +65,15 @@ help: ## this list
 	  printf "  make %-18s %s\n", substr($$0, 1, index($$0, ":") - 1), substr($$0, RLENGTH + 1) }' $(MAKEFILE_LIST)
 
 venv: $(VENV_ALL) ## .venv/ with every extra: ~6.6 GB (torch's CUDA wheels), ~7 min with a warm pip cache
+
+# Resolves pyproject.toml (every extra) into $(LOCK) with uv (dev extra), one universal lock with
+# markers for other platforms; CI checks it on Linux x86_64, CPython 3.11 (tests/test_lock.py).
+# Pins already in the lock are kept unless they no longer fit: `make lock UPGRADE=1` moves all
+# of them to the newest releases.
+UPGRADE ?=
+lock: $(VENV_BASE) ## refresh requirements.lock from pyproject.toml [UPGRADE=1: newest releases]
+	$(VENV)/bin/uv pip compile pyproject.toml --all-extras --universal --generate-hashes \
+	  --custom-compile-command "make lock" --quiet $(if $(UPGRADE),--upgrade) -o $(LOCK)
 
 # ---- training ----------------------------------------------------------------------------------
 train: $(VENV_BASE) ## [RUN= MODEL= DATASET= EPOCHS= DATA_DIR= RESUME=1 ARGS=...] no RUN: the served runs ($(SERVED_RUNS))

@@ -18,7 +18,7 @@ MANAGEMENT     ?= http://127.0.0.1:8081
 SHAPE          ?=
 REPORTS        ?= reports
 LOADTEST_ARGS  ?=
-VENV_LOADTEST  := $(VENV)/.stamp-serve+loadtest+test
+VENV_LOADTEST  := $(VENV_BASE)
 
 .PHONY: loadtest bench-serve soak fault
 

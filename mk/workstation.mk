@@ -67,9 +67,9 @@ workstation-stop: ## stop and remove the container (its volumes stay)
 workstation-smoke: ## podman: build, run read-only, check token/keys/volumes
 	deploy/smoke/workstation_smoke.sh
 
-# Inside the workstation image, `make` uses the image's venv (VENV=/opt/venv), which holds the serve
-# and test extras and is read-only: these stamps never trigger a pip install there. After a change to
+# Inside the workstation image, `make` uses the image's venv (VENV=/opt/venv), installed from the lock
+# and read-only: the venv stamp never triggers a pip install there. After a change to
 # pyproject.toml, rebuild the image (make workstation).
 ifeq ($(VISIONPIPE_WORKSTATION),1)
-$(VENV)/.stamp-test $(VENV)/.stamp-export+test $(VENV)/.stamp-serve+test $(VENV)/.stamp-workstation: ;
+$(VENV_BASE): ;
 endif
