@@ -32,7 +32,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     srv = subprocess.Popen([sys.executable, "-m", "loadtest.stall_server", "--stall", "0.2", "--period", "1.0"],
                            stdout=subprocess.PIPE, text=True)
-    rows = []
+    assert srv.stdout is not None  # stdout=PIPE
+    # generator, req/s, p50, p90, p99, p99.9, max (ms); wrk reports no p99.9 or max
+    rows: list[tuple[str, float, float, float, float, float | None, float | None]] = []
     try:
         url = srv.stdout.readline().strip()
         target = Target.post(url, [b"x" * 256])

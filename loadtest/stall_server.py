@@ -78,6 +78,7 @@ class StallServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        assert self._loop is not None and self._thread is not None  # set by __enter__
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
 

@@ -120,7 +120,7 @@ class TritonServer:
     def infer_url(self) -> str:
         return f"{self.url}/v2/models/{self.model}/infer"
 
-    def start(self) -> TritonServer:
+    def start(self) -> Self:
         server_dir, libs = triton_paths(self.venv)
         backends = self.workdir / "backends"
         shutil.copytree(server_dir / "backends", backends)

@@ -103,7 +103,8 @@ def build_transform(contract: Contract, augment: str = "none") -> v2.Compose:
 class DatasetSpec:
     name: str
     default_augment: str
-    load: Callable[..., tuple[Callable[[Callable], Dataset], Callable[[Callable], Dataset], Contract]]
+    # load(...) -> (make_train, make_test, contract); each make_* takes a transform (or None: raw images)
+    load: Callable[..., tuple[Callable[[Callable | None], Dataset], Callable[[Callable | None], Dataset], Contract]]
     description: str
 
 
@@ -276,7 +277,7 @@ def _digits_arrays(train: bool) -> tuple[np.ndarray, np.ndarray]:
         small = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)
         big = np.zeros((len(small), 28, 28), dtype=np.uint8)
         for k, im in enumerate(small):
-            big[k, 4:24, 4:24] = np.asarray(Image.fromarray(im, "L").resize((20, 20), Image.BICUBIC))
+            big[k, 4:24, 4:24] = np.asarray(Image.fromarray(im, "L").resize((20, 20), Image.Resampling.BICUBIC))
         # A fixed, stratified 80/20 split: the "held-out split" every digits number refers to.
         x_tr, x_te, y_tr, y_te = train_test_split(big, bunch.target, test_size=0.2,
                                                   stratify=bunch.target, random_state=0)

@@ -18,7 +18,8 @@ def cpu_name(cpuinfo: str | None = None) -> str:
         text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
         return platform.processor() or platform.machine()
-    model, flags = None, set()
+    model: str | None = None
+    flags: set[str] = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name" and model is None:
