@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
-CONSTRAINTS = REPO / "deploy/docker/constraints.txt"
+LOCK = REPO / "requirements.lock"
 # What the runtime (the oip extra), the archiver and the open-loop generator import, by the
 # distribution that provides it. Only those that fail to import here are installed from the wheels.
 NEEDED = (("uvicorn", "uvicorn"), ("h11", "h11"), ("click", "click"), ("httptools", "httptools"),
@@ -67,14 +67,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def pinned_versions(constraints: Path = CONSTRAINTS) -> dict[str, str]:
-    """``name -> version`` from the image's constraints file: the one place versions are pinned."""
-    out = {}
-    for line in constraints.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = line.split("==", 1)
-            out[name.strip().lower()] = version.strip()
+def pinned_versions(lock: Path = LOCK) -> dict[str, str]:
+    """``name -> version`` from the project's lock (``make lock``): the one place versions are pinned.
+    Its requirement lines start in column 0 (``name==version [; marker] \\``); hashes are indented."""
+    out: dict[str, str] = {}
+    for line in lock.read_text().splitlines():
+        if line[:1].isalnum() and "==" in line:
+            name, version = line.split(";", 1)[0].split("==", 1)
+            out.setdefault(name.strip().lower(), version.strip(" \\"))
     return out
 
 
@@ -102,7 +102,7 @@ def download_wheels(dest: Path, pythons: tuple[str, ...] = WHEEL_PYTHONS) -> int
     versions = pinned_versions()
     missing = [d for _, d in NEEDED if d not in versions]
     if missing:
-        raise SystemExit(f"error: no pinned version for {missing} in {CONSTRAINTS}; add NAME==VERSION lines")
+        raise SystemExit(f"error: no pinned version for {missing} in {LOCK}; add them to pyproject.toml, then make lock")
     dest.mkdir(parents=True, exist_ok=True)
     specs = [f"{d}=={versions[d]}" for _, d in NEEDED]
     for py in pythons:
@@ -337,7 +337,7 @@ def check_answers(rt: Runtime, run: str, images: list[bytes], labels: list[int |
             devices.add(doc.get("device"))
             first = doc["predictions"][0]
             correct += label is not None and int((first[0] if isinstance(first, list) else first)["index"]) == label
-    v2_body = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+    v2_body = json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
                                       "data": [base64.b64encode(images[0]).decode()]}]}).encode()
     v2_status, v2 = http("POST", f"{rt.http}/v2/models/{run}/infer", v2_body, {"Content-Type": "application/json"})
     v2_doc = json.loads(v2) if v2_status == 200 else {}
