@@ -6,16 +6,18 @@ Capacity = the highest offered rate (Poisson arrivals, ``loadtest.openloop``) wh
 intended send time is within the SLO, with 0 errors and >= 98 % of the offered rate answered
 (``loadtest.capacity``). Systems, on the same held-out images and the same exported model:
 
-  * **ours**: the project's handler at the recommended setting (``serving.archive`` defaults);
+  * **ours**: the project's handler at the recommended setting (``serving.archive`` defaults), on
+    TorchServe;
+  * **oip**: the same archive on the Java-free runtime (``serving.oip``);
   * **stock**: the stock-style TorchServe image handler (``loadtest/handlers/stock_handler.py``, eager,
     OMP_NUM_THREADS=1) at its best setting: each batch/delay/worker setting is screened closed loop
     and the best one is searched;
   * **triton**: NVIDIA Triton (``loadtest.triton_peer``: Python backend running the same decode and
     model, dynamic batching), each configuration screened and the best one searched; its answers are
     checked against ours image by image;
-  * the bounds: **N**, TorchServe's ceiling with a no-op handler at our setting (wrk, closed loop: a
+  * the bounds: **N**, each runtime's ceiling with a no-op handler at our setting (wrk, closed loop: a
     ceiling is a throughput), **C**, our handler's work in-process with the same workers and threads
-    (``bench_serving_core.core_requests_per_s``), and the additive bound 1/(1/C + 1/N).
+    (``bench_serving_core.core_requests_per_s``), and the additive bound 1/(1/C + 1/N) per runtime.
 
 Writes reports/capacity.json, reports/capacity.png, reports/capacity.md and the ``capacity`` section
 of docs/benchmarks.md. The load generator shares the cores with the servers: its CPU use and how
@@ -182,6 +184,17 @@ def start_ours(cfg: Config, images: list[bytes], work: Path, stack: ExitStack) -
     return Running(Target.post(f"{ts.url}/predictions/{cfg.run}", images), ts.server.pid, ts, setting), acfg
 
 
+def start_oip(cfg: Config, images: list[bytes], work: Path, stack: ExitStack) -> Running:
+    """The same archive as ``ours``, on the oip runtime."""
+    acfg = ArchiveConfig(run=cfg.run, artifacts_dir=str(cfg.artifacts_dir), model_store=str(work / "ours"))
+    if not acfg.mar_path.is_file():
+        build_archive(acfg, log=lambda _m: None)
+    srv = stack.enter_context(PrivateServer(work / "ours", [cfg.run], workdir=work / f"oip-{time.monotonic_ns()}",
+                                            runtime="oip"))
+    setting = f"b{acfg.batch_size}/d{acfg.max_batch_delay_ms}/w{acfg.max_workers}, {acfg.threads} thread"
+    return Running(Target.post(f"{srv.url}/predictions/{cfg.run}", images), srv.server.pid, srv, setting)
+
+
 def start_stock(cfg: Config, s: Setting, images: list[bytes], work: Path, stack: ExitStack) -> Running:
     store = work / f"stock-{s.label().replace('/', '-')}"
     if not (store / "stock.mar").is_file():
@@ -218,23 +231,24 @@ def top1_answers(running: Running, kind: str, images: list[bytes]) -> list[int |
     return out
 
 
-def profile_at(cfg: Config, ours: Running, rate: float) -> list:
+def profile_at(cfg: Config, ours: Running, rate: float, name: str = "ours") -> list:
     """py-spy on one of our workers while the open loop runs at ``rate``: self time by frame."""
-    folded = cfg.reports / "capacity_ours_pyspy.txt"
+    folded = cfg.reports / f"capacity_{name}_pyspy.txt"
     prof = _start_profile(ours.server.worker_pids(cfg.run), folded, argparse.Namespace(profile_s=cfg.profile_s))
     run_open_loop(ours.target, rate, cfg.profile_s + 1, 0.5)
     prof.wait(timeout=cfg.profile_s + 30)
     return profile_summary(folded) if folded.is_file() else []
 
 
-def noop_ceiling(cfg: Config, acfg: ArchiveConfig, work: Path) -> float:
-    """N: TorchServe's own ceiling at our setting, wrk, closed loop (a ceiling is a throughput)."""
+def noop_ceiling(cfg: Config, acfg: ArchiveConfig, work: Path, runtime: str = "torchserve") -> float:
+    """N: a runtime's own ceiling at our setting, wrk, closed loop (a ceiling is a throughput)."""
     store = work / "noop"
-    baseline_archive(NOOP_HANDLER, "noop", store, batch_size=acfg.batch_size,
-                     max_batch_delay_ms=acfg.max_batch_delay_ms, workers=acfg.max_workers)
+    if not (store / "noop.mar").is_file():
+        baseline_archive(NOOP_HANDLER, "noop", store, batch_size=acfg.batch_size,
+                         max_batch_delay_ms=acfg.max_batch_delay_ms, workers=acfg.max_workers)
     pngs, _ = write_images(cfg.run, None, work / "pngs", cfg.artifacts_dir, cfg.runs_dir)
     script = write_wrk_script(work / "post.lua")
-    with PrivateServer(store, ["noop"], workdir=store / "ts") as ts:
+    with PrivateServer(store, ["noop"], workdir=store / f"{runtime}-{time.monotonic_ns()}", runtime=runtime) as ts:
         url = f"{ts.url}/predictions/noop"
         run_wrk(url, pngs, 16, 2, script)
         w = run_wrk(url, pngs, 16, max(cfg.duration_s, 6), script)
@@ -244,11 +258,15 @@ def noop_ceiling(cfg: Config, acfg: ArchiveConfig, work: Path) -> float:
 def measure_all(cfg: Config, images: list[bytes], variant: str, work: Path) -> dict:
     """Screens (each setting alone), then the three systems at their best settings side by side, searched
     in lockstep; then the bounds."""
-    screens: dict[str, dict[str, float]] = {"ours": {}, "stock": {}, "triton": {}}
+    screens: dict[str, dict[str, float]] = {"ours": {}, "oip": {}, "stock": {}, "triton": {}}
     with ExitStack() as st:
         ours, acfg = start_ours(cfg, images, work, st)
         screens["ours"][ours.setting] = screen(ours.target, cfg)
         print(f"  ours {ours.setting}: closed loop {screens['ours'][ours.setting]:.0f} req/s", flush=True)
+    with ExitStack() as st:
+        oip = start_oip(cfg, images, work, st)
+        screens["oip"][oip.setting] = screen(oip.target, cfg)
+        print(f"  oip {oip.setting}: closed loop {screens['oip'][oip.setting]:.0f} req/s", flush=True)
     for s in cfg.stock_settings:
         with ExitStack() as st:
             r = start_stock(cfg, s, images, work, st)
@@ -263,30 +281,33 @@ def measure_all(cfg: Config, images: list[bytes], variant: str, work: Path) -> d
     best_stock = max(cfg.stock_settings, key=lambda s: screens["stock"][s.label()])
     best_triton = max(cfg.triton_configs, key=lambda t: screens["triton"][t.label()])
     with ExitStack() as st:
-        running = {"ours": start_ours(cfg, images, work, st)[0],
+        running = {"ours": start_ours(cfg, images, work, st)[0], "oip": start_oip(cfg, images, work, st),
                    "triton": start_triton(cfg, best_triton, images, work, variant, st),
                    "stock": start_stock(cfg, best_stock, images, work, st)}
-        answers = {k: top1_answers(running[k], k, images) for k in ("ours", "triton")}
+        answers = {k: top1_answers(running[k], k, images) for k in ("ours", "oip", "triton")}
         for r in running.values():
             warm(r.target, cfg)
-        closed = {"ours": next(iter(screens["ours"].values())), "stock": screens["stock"][best_stock.label()],
-                  "triton": screens["triton"][best_triton.label()]}
+        closed = {"ours": next(iter(screens["ours"].values())), "oip": next(iter(screens["oip"].values())),
+                  "stock": screens["stock"][best_stock.label()], "triton": screens["triton"][best_triton.label()]}
         print(f"  searching in lockstep: {', '.join(f'{k} {v.setting}' for k, v in running.items())}", flush=True)
         searches = search_lockstep(
             {k: ((lambda rate, k=k: open_point(running[k].target, rate, cfg, running[k].pid, k)), 0.7 * closed[k])
              for k in running}, cfg.slo, max_points=cfg.max_points)
         results = [result(k, running[k].setting, searches[k], closed[k], screens[k], cfg.slo) for k in running]
-        profile = (profile_at(cfg, running["ours"], results[0].capacity_rps)
-                   if cfg.profile_s > 0 and results[0].capacity_rps > 0 else [])
+        profiles = {r.system: profile_at(cfg, running[r.system], r.capacity_rps, r.system)
+                    for r in results[:2] if cfg.profile_s > 0 and r.capacity_rps > 0}
     noop = noop_ceiling(cfg, acfg, work)
-    print(f"  no-op ceiling N: {noop:.0f} req/s", flush=True)
+    noop_oip = noop_ceiling(cfg, acfg, work, "oip")
+    print(f"  no-op ceiling N: TorchServe {noop:.0f} req/s, oip {noop_oip:.0f} req/s", flush=True)
     core = core_requests_per_s(cfg.artifacts_dir / cfg.run, variant, images, workers=acfg.max_workers,
                                threads=acfg.threads, batch=acfg.batch_size, seconds=max(cfg.duration_s, 6))
     print(f"  in-process core C: {core:.0f} req/s", flush=True)
     agree = [a == b for a, b in zip(answers["ours"], answers["triton"])]
-    return {"systems": results, "profile": profile, "acfg": acfg, "noop": noop, "core": core,
+    agree_oip = [a == b for a, b in zip(answers["ours"], answers["oip"])]
+    return {"systems": results, "profiles": profiles, "acfg": acfg, "noop": noop, "noop_oip": noop_oip, "core": core,
             "answer_check": {"images": len(agree), "top1_agreement": sum(agree) / max(1, len(agree)),
-                             "ours_failed": answers["ours"].count(None),
+                             "oip_top1_agreement": sum(agree_oip) / max(1, len(agree_oip)),
+                             "ours_failed": answers["ours"].count(None), "oip_failed": answers["oip"].count(None),
                              "triton_failed": answers["triton"].count(None)}}
 
 
@@ -319,7 +340,7 @@ def plot(systems: list[SystemResult], slo: SLO, out: Path) -> None:
 
 
 def render(doc: dict) -> str:
-    m, b, t = doc["machine"], doc["bounds"], doc["targets"]
+    m, b, t, o = doc["machine"], doc["bounds"], doc["targets"], doc["targets_oip"]
     rows = ["| system | setting | capacity req/s | p50 ms | p99 ms | errors | achieved req/s | closed-loop req/s "
             "(16 conn.) | server CPU | generator CPU | send lag p99 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in doc["systems"]:
@@ -339,7 +360,7 @@ def render(doc: dict) -> str:
         f"Command: `{doc['command']}` at commit {doc['commit']}, started {doc['started']}, took "
         f"{doc['elapsed_s'] / 60:.1f} min. Machine: {m.get('CPU(s)', '?')} cores, {m.get('Model name', '?')} "
         f"({', '.join(m['isa'])}); load average {doc['load_before']:.1f} before, {doc['load_after']:.1f} after "
-        f"(the generator and the servers themselves count in it){contended}; settings were screened one at a time, then the three systems searched side by side in lockstep (one rate of each per round), compare the ratios. Model "
+        f"(the generator and the servers themselves count in it){contended}; settings were screened one at a time, then the four systems searched side by side in lockstep (one rate of each per round), compare the ratios. Model "
         f"`{doc['run']}` (variant `{doc['variant']}`), {doc['images']}.",
         "",
         f"Capacity = the highest offered rate (Poisson arrivals) with p99 from the intended send time <= "
@@ -352,11 +373,13 @@ def render(doc: dict) -> str:
         *rows,
         "",
         f"Bounds at our setting: in-process core C = {b['core_rps']:.0f} req/s (our handler's `handle` without "
-        f"TorchServe, {b['core_setting']}); TorchServe no-op ceiling N = {b['noop_rps']:.0f} req/s (wrk, closed "
-        f"loop, 16 connections); additive bound 1/(1/C + 1/N) = **{doc['additive_bound_rps']:.0f} req/s**.",
+        f"a server, {b['core_setting']}); no-op ceiling N (wrk, closed loop, 16 connections): TorchServe "
+        f"{b['noop_rps']:.0f} req/s, oip {b['noop_oip_rps']:.0f} req/s; additive bound 1/(1/C + 1/N): TorchServe "
+        f"**{doc['additive_bound_rps']:.0f} req/s**, oip **{doc['additive_bound_oip_rps']:.0f} req/s**.",
         f"Settings screened closed loop before the search: {screens}." if screens else "",
-        f"Triton's answers vs ours on {doc['answer_check']['images']} held-out images: top-1 agreement "
-        f"**{doc['answer_check']['top1_agreement']:.3f}**.",
+        f"Answers vs ours on TorchServe, {doc['answer_check']['images']} held-out images, top-1 agreement: "
+        f"Triton **{doc['answer_check']['top1_agreement']:.3f}**, oip "
+        f"**{doc['answer_check']['oip_top1_agreement']:.3f}**.",
         "",
         "Targets (ratios of capacities in this run):",
         "",
@@ -364,12 +387,16 @@ def render(doc: dict) -> str:
         f"- ours / additive bound >= 0.85: {x(t['vs_bound'])} {ok(t['vs_bound_ok'])}",
         f"- ours / stock at its best setting >= 3.0: {x(t['vs_stock'])} {ok(t['vs_stock_ok'])}",
         f"- ours p99 at capacity <= {doc['slo']['p99_ms']:g} ms: {t['p99_ms']:.1f} ms {ok(t['p99_ok'])}",
+        f"- oip / Triton >= 1.0 (moonshot 1.5): {x(o['vs_triton'])} {ok(o['vs_triton_ok'])}",
+        f"- oip / stock at its best setting >= 3.0: {x(o['vs_stock'])} {ok(o['vs_stock_ok'])}",
+        f"- oip p99 at capacity <= {doc['slo']['p99_ms']:g} ms: {o['p99_ms']:.1f} ms {ok(o['p99_ok'])}",
+        f"- oip / its additive bound: {x(o['vs_bound'])}; oip / ours on TorchServe: {x(doc['oip_vs_ours'])}",
         "",
         "![capacity curves](capacity.png)",
     ]
-    if doc.get("profile"):
-        lines += ["", f"py-spy, one of our workers at the capacity rate ({doc['profile_s']:g} s, self time by frame):",
-                  "", "| frame | share |", "|---|---|", *[f"| `{f}` | {s:.0%} |" for f, s in doc["profile"]]]
+    for system, profile in doc.get("profiles", {}).items():
+        lines += ["", f"py-spy, one {system} worker at its capacity rate ({doc['profile_s']:g} s, self time by frame):",
+                  "", "| frame | share |", "|---|---|", *[f"| `{f}` | {s:.0%} |" for f, s in profile]]
     return "\n".join(x for x in lines if x is not None)
 
 
@@ -431,21 +458,24 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp:
         m = measure_all(cfg, images, variant, Path(tmp))
     acfg, systems = m["acfg"], m["systems"]
-    ours, triton, stock = (next(s for s in systems if s.system == k) for k in ("ours", "triton", "stock"))
-    bound = additive_bound(m["core"], m["noop"])
+    ours, oip, triton, stock = (next(s for s in systems if s.system == k) for k in ("ours", "oip", "triton", "stock"))
+    bound, bound_oip = additive_bound(m["core"], m["noop"]), additive_bound(m["core"], m["noop_oip"])
     doc = {
         "command": command, "commit": commit, "started": started, "elapsed_s": time.monotonic() - t0,
         "machine": cpu_model(), "load_before": load_before, "load_after": os.getloadavg()[0],
         "run": cfg.run, "variant": variant, "images": pool.source, "slo": asdict(cfg.slo),
         "duration_s": cfg.duration_s, "warmup_s": cfg.warmup_s, "warm_s": cfg.warm_s,
         "systems": [asdict(s) for s in systems],
-        "bounds": {"core_rps": m["core"], "noop_rps": m["noop"],
+        "bounds": {"core_rps": m["core"], "noop_rps": m["noop"], "noop_oip_rps": m["noop_oip"],
                    "core_setting": f"{acfg.max_workers} processes x {acfg.threads} thread, batch {acfg.batch_size}"},
-        "additive_bound_rps": bound,
+        "additive_bound_rps": bound, "additive_bound_oip_rps": bound_oip,
         "answer_check": m["answer_check"],
-        "profile": m["profile"], "profile_s": cfg.profile_s,
+        "profiles": m["profiles"], "profile_s": cfg.profile_s,
+        "oip_vs_ours": oip.capacity_rps / ours.capacity_rps if ours.capacity_rps else None,
     }
     doc["targets"] = targets(ours.capacity_rps, triton.capacity_rps, stock.capacity_rps, bound, ours.p99_ms, cfg.slo)
+    doc["targets_oip"] = targets(oip.capacity_rps, triton.capacity_rps, stock.capacity_rps, bound_oip, oip.p99_ms,
+                                 cfg.slo)
     plot(systems, cfg.slo, cfg.reports / "capacity.png")
     section = render(doc)
     publish_report(cfg.reports, "capacity", doc, section, cfg.docs, "capacity")

@@ -1,4 +1,4 @@
-"""Private TorchServe instances for benchmarks, fault runs and the locust smoke test.
+"""Private servers (TorchServe, or the oip runtime) for benchmarks, fault runs and the locust smoke test.
 
 Starting, readiness and stopping are ``serving.server``'s (the same code ``make serve`` runs, with the
 shipped ``serving/config.properties``); this module only moves every port a server opens — HTTP,
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.server import Server, free_port, http, start_server, stop_server, wait_ready
+from serving.server import Server, free_port, http, start_server, stop_server, wait_ready, worker_pids
 
 HANDLERS = Path(__file__).resolve().parent / "handlers"
 NOOP_HANDLER, STOCK_HANDLER = HANDLERS / "noop_handler.py", HANDLERS / "stock_handler.py"
@@ -50,12 +50,13 @@ def private_overrides() -> dict[str, str]:
 
 @dataclass
 class PrivateServer:
-    """One TorchServe serving ``models`` from ``model_store`` on free ports; a context manager."""
+    """One server of ``runtime`` serving ``models`` from ``model_store`` on free ports; a context manager."""
 
     model_store: Path
     models: list[str]
     workdir: Path | None = None
     ready_timeout_s: float = 240.0
+    runtime: str = "torchserve"
 
     def __post_init__(self) -> None:
         self._own_workdir = self.workdir is None
@@ -75,7 +76,8 @@ class PrivateServer:
     def start(self) -> "PrivateServer":
         """Start and block until every model answered a real prediction; records ``ready_s``."""
         t0 = time.monotonic()
-        self.server = start_server(self.model_store, self.models, self.workdir, overrides=self.overrides)
+        self.server = start_server(self.model_store, self.models, self.workdir, overrides=self.overrides,
+                                   runtime=self.runtime)
         try:
             wait_ready(self.server, self.models, timeout=self.ready_timeout_s)
         except BaseException:
@@ -94,6 +96,8 @@ class PrivateServer:
         return json.loads(body)[0]
 
     def worker_pids(self, model: str) -> list[int]:
+        if self.runtime == "oip":
+            return [pid for _, pid, _ in worker_pids(self.server, model)]
         return [int(w["pid"]) for w in self.describe(model).get("workers", [])
                 if w.get("pid") and w.get("status") == "READY"]
 

@@ -73,9 +73,10 @@ def serve_artifacts(tmp_path_factory, digits_checkpoint, cifar_checkpoint) -> tu
                        "cifarnet": export_tiny(cifar_checkpoint, artifacts, ("torchscript-fp32",))}
 
 
-@pytest.fixture(scope="session")
-def served(tmp_path_factory, serve_artifacts):
-    """The running server: yields a dict with its URLs, model names, manifests and work dir."""
+@pytest.fixture(scope="session", params=["torchserve", "oip"])
+def served(request, tmp_path_factory, serve_artifacts):
+    """The running server of each runtime in turn (the tests that use it run against both): yields a
+    dict with its runtime, URLs, model names, manifests, work dir and ``serving.server.Server``."""
     import json
     import shutil
     import subprocess
@@ -83,9 +84,10 @@ def served(tmp_path_factory, serve_artifacts):
 
     from served import LIMITS, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, TINYQ_QUEUE
     from serving.archive import ArchiveConfig, build_archive
-    from serving.server import free_port, read_properties, stop_server
+    from serving.server import Server, free_port, read_properties, running_pid, stop_server
 
-    root = tmp_path_factory.mktemp("serve")
+    runtime = request.param
+    root = tmp_path_factory.mktemp(f"serve-{runtime}")
     artifacts, manifests = serve_artifacts
     store, work = root / "model_store", root / "work"
     build_archive(ArchiveConfig(run="cifarnet", artifacts_dir=str(artifacts), model_store=str(store),
@@ -113,13 +115,17 @@ def served(tmp_path_factory, serve_artifacts):
             cmd = [sys.executable, "-m", "serving", "serve", "--config", str(config),
                    "--artifacts-dir", str(artifacts), "--model-store", str(store), "--workdir", str(work),
                    "--batch-size", "4", "--max-batch-delay", "200", *limit_flags,
-                   "--timeout", "300", "--token"]  # token auth on, as a production server has it
+                   "--timeout", "300", "--token",  # token auth on, as a production server has it
+                   "--runtime", runtime]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
             if proc.returncode == 0 or "already in use" not in proc.stderr or attempt == 1:
                 break
         assert proc.returncode == 0, f"serve failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         keys = json.loads((work / "key_file.json").read_text())
-        yield {"url": props["inference_address"], "management": props["management_address"],
+        server = Server.from_config(work, running_pid(work), props, runtime=runtime)
+        yield {"runtime": runtime, "server": server, "grpc": server.grpc_address, "store": store,
+               "url": props["inference_address"],
+               "management": props["management_address"] if runtime == "torchserve" else None,
                "metrics": props["metrics_address"], "manifests": manifests, "work": work,
                "artifacts": artifacts, "serve_output": proc.stdout,
                "token": keys["inference"]["key"], "management_token": keys["management"]["key"]}

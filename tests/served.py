@@ -1,10 +1,11 @@
-"""The session's real TorchServe: its limits, and helpers to talk to it (fixtures in conftest.py).
+"""The session's real servers: their limits, and helpers to talk to them (fixtures in conftest.py).
 
-One server per test session: the tiny digits and cifarnet runs are exported through ``export``'s
-Python API, cifarnet is archived with its TorchScript variant, a copy of digits is archived as
+One server per runtime (TorchServe, then the oip runtime: the ``served`` fixture is parametrised, so
+every test that uses it runs against both). The tiny digits and cifarnet runs are exported through
+``export``'s Python API, cifarnet is archived with its TorchScript variant, a copy of digits is archived as
 ``tinyq`` (one worker, batch 1, a job queue of 2: the back-pressure tests fill it), and
 ``python -m serving serve`` (what ``make serve`` runs) archives digits itself (exported, not yet
-archived), starts TorchServe on free ports from a config rendered into tmp_path, with token
+archived), starts the runtime on free ports from a config rendered into tmp_path, with token
 authorization on, and returns after each model's warm-up. The server is always stopped (its whole
 process group), also when a test fails.
 """
@@ -61,6 +62,10 @@ def post(served, model: str, body: bytes, content_type: str = "application/octet
     return status, doc, hdrs
 
 
+def auth_header(served) -> dict[str, str]:
+    return {"Authorization": f"Bearer {served['token']}"}
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -73,17 +78,13 @@ def assert_serves(served) -> None:
 
 def workers(served, model: str) -> list[tuple]:
     """(id, pid, start time) of each of the model's workers: a restarted worker changes them."""
-    from serving.server import http
+    from serving.server import worker_pids
 
-    status, raw = http("GET", f"{served['management']}/models/{model}",
-                       headers={"Authorization": f"Bearer {served['management_token']}"})
-    assert status == 200, raw
-    return sorted((w["id"], w.get("pid"), w["startTime"]) for w in json.loads(raw)[0]["workers"])
+    return worker_pids(served["server"], model, served["management_token"])
 
 
 def worker_deaths(served) -> list[str]:
-    """TorchServe's log lines that report a worker dying or being restarted."""
-    path = served["work"] / "logs" / "ts_log.log"
-    text = path.read_text(errors="replace") if path.is_file() else ""
-    marks = ("Worker disconnected", "died", "Auto recovery", "Retry worker")
-    return [line for line in text.splitlines() if any(m in line for m in marks)]
+    """The server's log lines that report a worker dying or being restarted."""
+    from serving.server import worker_deaths as deaths
+
+    return deaths(served["server"])

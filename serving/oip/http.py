@@ -344,11 +344,16 @@ class App:
         ctype = headers.get("content-type", "")
         chosen, binary = None, False
         if route == "v2":
-            try:
-                doc = v2.parse_binary_request(body, headers[v2.HEADER_LENGTH]) if v2.HEADER_LENGTH in headers \
-                    else json.loads(body)
-            except ValueError:  # not JSON: the handler says so, in its own words
-                doc = None
+            if v2.HEADER_LENGTH in headers:  # the binary tensor extension; its errors are ours to answer
+                try:
+                    doc = v2.parse_binary_request(body, headers[v2.HEADER_LENGTH])
+                except InputError as e:
+                    return self._v2_reply(error_reply(e.code, e.type, e.message), None, False)
+            else:
+                try:
+                    doc = json.loads(body)
+                except (ValueError, RecursionError):  # not JSON: the handler says so, in its own words
+                    doc = None
             chosen, binary = v2.requested_outputs(doc)
             params = [("body", doc if doc is not None else body, "application/json")]
         else:

@@ -58,6 +58,8 @@ class WorkerMetrics:
 
     def __init__(self) -> None:
         self._m = _build()
+        for status in (200, 400, 500):  # every status class exported from the start, 0 until it happens
+            self.record(f"Requests{status // 100}XX", 0, "Host")
 
     def record(self, name: str, value: float, *labels: str) -> None:
         metric = self._m.get(name)

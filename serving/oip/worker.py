@@ -62,7 +62,7 @@ def gpu_for(device: str, slot: int) -> int | None:
     return slot % torch.cuda.device_count()
 
 
-def load_models(specs: list[ModelSpec], gpu_id: int | None, metrics) -> dict:
+def load_models(specs: list[ModelSpec], gpu_id: int | None, metrics, slot: int) -> dict:
     from serving.oip.batching import LoadedModel, load_service
 
     loaded = {}
@@ -70,7 +70,9 @@ def load_models(specs: list[ModelSpec], gpu_id: int | None, metrics) -> dict:
         t0 = time.perf_counter()
         service = load_service(spec, gpu_id, metrics.cache(spec.name))
         loaded[spec.name] = LoadedModel(spec, service, metrics)
-        metrics.worker_loaded(f"W-{os.getpid()}-{spec.name}_{spec.version}", (time.perf_counter() - t0) * 1e3)
+        # TorchServe's worker name, W-<n>-<model>_<version>: n is the slot, which a restarted worker keeps,
+        # so the restart alert sees the series change (deploy/observability.py, VisionpipeWorkerRestarted)
+        metrics.worker_loaded(f"W-{slot}-{spec.name}_{spec.version}", (time.perf_counter() - t0) * 1e3)
         logger.info("worker %d: %s loaded in %.0f ms", os.getpid(), spec.name, (time.perf_counter() - t0) * 1e3)
     return loaded
 
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     rt = Runtime(token=cfg.get("token"), metrics=metrics, metrics_port=metrics_sock.getsockname()[1],
                  http_limits=HttpLimits(**cfg["http_limits"]), version=project_version())
     try:
-        loaded = load_models([ModelSpec.from_json(s) for s in cfg["models"]], gpu_for(cfg["device"], a.slot), metrics)
+        loaded = load_models([ModelSpec.from_json(s) for s in cfg["models"]], gpu_for(cfg["device"], a.slot), metrics,
+                             a.slot)
     except Exception as e:  # noqa: BLE001 -- one line for the supervisor's log; the traceback above it
         logger.exception("worker %d: loading failed", os.getpid())
         print(f"LOAD FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
