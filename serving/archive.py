@@ -48,6 +48,8 @@ class ArchiveConfig:
         limits: per-request limits the handler enforces.
         min_confidence: answers whose (calibrated) top probability is below it say ``"abstain":
             true``; 0 = never. A request's ``min_confidence`` option overrides it.
+        ood_abstain: an image the out-of-distribution detector flags is answered ``"abstain": true``
+            as well (False: only its ``ood`` flag says so).
     """
 
     run: str
@@ -65,6 +67,7 @@ class ArchiveConfig:
     threads: int = 1
     limits: Limits = Limits()
     min_confidence: float = 0.0
+    ood_abstain: bool = True
 
     def __post_init__(self) -> None:
         for key in ("variant_cpu", "variant_cuda"):
@@ -121,7 +124,8 @@ def model_config(cfg: ArchiveConfig, cpu: str, cuda: str | None) -> dict:
         "responseTimeout": cfg.response_timeout_s,
         "jobQueueSize": cfg.job_queue_size,
         "handler": {"variant_cpu": cpu, "variant_cuda": cuda, "threads": cfg.threads,
-                    "min_confidence": cfg.min_confidence, **dataclasses.asdict(cfg.limits)},
+                    "min_confidence": cfg.min_confidence, "ood_abstain": cfg.ood_abstain,
+                    **dataclasses.asdict(cfg.limits)},
     }
 
 
@@ -133,7 +137,10 @@ def build_archive(cfg: ArchiveConfig, log=print) -> Path:
         raise ValueError(f"{cfg.artifact_dir / MANIFEST_NAME} has no reference batch (exported before it "
                          f"existed); re-run `make export RUN={cfg.run}`")
     files = []
-    for entry in [*(manifest["variants"][v] for v in packed_variants(manifest, cpu, cuda)), manifest["reference"]]:
+    # the variants, the reference batch and the out-of-distribution detector (absent from exports made
+    # before it existed: such an archive serves without the ood flag)
+    for entry in [*(manifest["variants"][v] for v in packed_variants(manifest, cpu, cuda)), manifest["reference"],
+                  *([manifest["ood"]] if "ood" in manifest else [])]:
         verify_file(cfg.artifact_dir / entry["file"], entry["sha256"])
         files.append(cfg.artifact_dir / entry["file"])
     store = Path(cfg.model_store)

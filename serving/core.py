@@ -298,7 +298,8 @@ class InferenceCore:
 
     Args:
         runner: an ``export.runtime.Runner`` (or anything with ``contract``, ``variant``, ``device``
-            and ``__call__((N, C, H, W) uint8) -> (N, K) logits``).
+            and ``__call__((N, C, H, W) uint8) -> (N, K) logits``; with ``infer`` and ``detector``
+            it also gives out-of-distribution scores).
         limits: request limits.
         min_confidence: the model's default abstain threshold (a request may give its own).
     """
@@ -306,6 +307,9 @@ class InferenceCore:
     def __init__(self, runner, limits: Limits = Limits(), min_confidence: float = 0.0) -> None:
         self.runner, self.limits, self.min_confidence = runner, limits, min_confidence
         self.contract: Contract = runner.contract
+        # the detector export fitted (export.ood); None for a model exported before it existed: its
+        # answers carry no ood flag
+        self.detector = getattr(runner, "detector", None)
         # probabilities are softmax(logits / T); manifests exported before calibration existed: T = 1
         calibration = (getattr(runner, "manifest", None) or {}).get("calibration") or {}
         self.temperature = float(calibration.get("temperature", 1.0))
@@ -375,11 +379,26 @@ class InferenceCore:
 
     def infer(self, pixels: np.ndarray, times: StageTimes | None = None) -> np.ndarray:
         """(N, C, H, W) uint8 -> (N, K) float32 logits."""
+        return self.predict(pixels, times)[0]
+
+    def predict(self, pixels: np.ndarray, times: StageTimes | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, C, H, W) uint8 -> (N, K) float32 logits and (N,) out-of-distribution scores (None
+        without a detector). The score is the runner's (``export.runtime.Runner.infer``): the same
+        code export measured it with."""
         t0 = time.perf_counter()
-        logits = self.runner(pixels)
+        if self.detector is None:
+            logits, scores = self.runner(pixels), None
+        else:
+            logits, scores = self.runner.infer(pixels)
         if times is not None:
             times.inference_ms += (time.perf_counter() - t0) * 1e3
-        return logits
+        return logits, scores
+
+    def ood_flags(self, scores: np.ndarray | None) -> list[bool] | None:
+        """Per image: is it out of distribution (score above the detector's threshold)? None
+        without a detector."""
+        return None if scores is None else [bool(f) for f in self.detector.flags(scores)]
 
     def classify(self, items: Sequence[bytes | np.ndarray], topk: int | None = None,
                  invert: str = "auto") -> list[list[dict]]:

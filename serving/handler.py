@@ -41,6 +41,8 @@ class HandlerConfig:
         limits: per-request limits.
         min_confidence: answers whose top probability is below it say ``"abstain": true`` (0: never);
             a request's ``min_confidence`` option overrides it.
+        ood_abstain: an image the detector flags out of distribution is also answered
+            ``"abstain": true`` (false: the ``ood`` flag alone says it).
     """
 
     variant_cpu: str | None = None
@@ -48,12 +50,13 @@ class HandlerConfig:
     threads: int | None = 1
     limits: Limits = Limits()
     min_confidence: float = 0.0
+    ood_abstain: bool = True
 
     @classmethod
     def from_yaml(cls, model_yaml_config: dict | None) -> "HandlerConfig":
         section = dict((model_yaml_config or {}).get("handler") or {})
         limit_keys = set(Limits.__dataclass_fields__)
-        known = {"variant_cpu", "variant_cuda", "threads", "min_confidence", *limit_keys}
+        known = {"variant_cpu", "variant_cuda", "threads", "min_confidence", "ood_abstain", *limit_keys}
         unknown = sorted(set(section) - known)
         if unknown:
             raise ValueError(f"model-config.yaml handler: unknown keys {unknown}; known: {sorted(known)}")
@@ -63,8 +66,11 @@ class HandlerConfig:
         limits = Limits(**{k: int(section[k]) for k in limit_keys if section.get(k) is not None})
         threads = section.get("threads", 1)
         min_confidence = check_min_confidence(float(section.get("min_confidence") or 0.0))
+        ood_abstain = section.get("ood_abstain", True)
+        if not isinstance(ood_abstain, bool):
+            raise ValueError(f"model-config.yaml handler.ood_abstain must be true or false, got {ood_abstain!r}")
         return cls(section.get("variant_cpu"), section.get("variant_cuda"),
-                   None if threads is None else int(threads), limits, min_confidence)
+                   None if threads is None else int(threads), limits, min_confidence, ood_abstain)
 
 
 def pick_device(gpu_id) -> str:
@@ -98,13 +104,22 @@ class ClassifierHandler(BaseHandler):
         except IntegrityError as e:  # fail the worker loudly, naming the archive and the fix
             raise IntegrityError(f"archive of model {context.model_name!r} is corrupt: {e} -- rebuild it: "
                                  f"make archive RUN={context.model_name}") from e
-        self.setup(runner, self.config.limits, context.model_name, context.metrics, self.config.min_confidence)
+        self.setup(runner, self.config.limits, context.model_name, context.metrics, self.config.min_confidence,
+                   self.config.ood_abstain)
+        ood_entry = runner.manifest.get("ood")
+        if ood_entry:
+            emit.ood_baseline(ood_entry["heldout"]["ood_share"])
+        else:
+            logger.warning("%r was exported without an out-of-distribution detector: its answers carry no "
+                           "ood flag (re-export and re-archive it for one)", context.model_name)
         logger.info("loaded %r: %s on %s, %s threads, limits %s, reference check %s", self.info.name,
                     runner.variant, runner.device, self.config.threads, self.config.limits, runner.reference_check)
 
-    def setup(self, runner, limits: Limits, model_name: str, metrics, min_confidence: float = 0.0) -> None:
+    def setup(self, runner, limits: Limits, model_name: str, metrics, min_confidence: float = 0.0,
+              ood_abstain: bool = True) -> None:
         """Wire a loaded runner in (``initialize`` does this; unit tests pass a fake runner)."""
         self.core = InferenceCore(runner, limits, min_confidence)
+        self.ood_abstain = ood_abstain
         self.info = ModelInfo(name=model_name, version=str(runner.manifest.get("version", "")),
                               variant=runner.variant, device=runner.device)
         self._init_metrics(metrics)
@@ -202,21 +217,28 @@ class ClassifierHandler(BaseHandler):
         Returns how many were answered 200."""
         order = sorted(parsed)
         try:
-            logits = self.core.infer(np.concatenate([parsed[i][1] for i in order]), times)
+            logits, scores = self.core.predict(np.concatenate([parsed[i][1] for i in order]), times)
         except Exception as err:  # noqa: BLE001 -- the runtime failed: this batch fails, not the worker
             self._log_unexpected("model call", err)
             for i in order:
                 responses[i] = self._internal_error(context, i, "the model failed on this batch", err)
             return 0
+        flags = self.core.ood_flags(scores)  # None: no detector
         offset = 0
         for i in order:
             req, pixels, k = parsed[i]
-            rows = logits[offset:offset + len(pixels)]
+            rows = slice(offset, offset + len(pixels))
             offset += len(pixels)
-            best = top_k(rows, k, self.core.contract.class_names, self.core.temperature)
+            best = top_k(logits[rows], k, self.core.contract.class_names, self.core.temperature)
             threshold = self.core.min_confidence if req.min_confidence is None else req.min_confidence
-            body = format_response(req, self.info, best, abstains(best, threshold))
+            abstain = abstains(best, threshold)
+            ood = None if flags is None else flags[rows]
+            if ood is not None and self.ood_abstain:
+                abstain = [a or o for a, o in zip(abstain, ood)]
+            body = format_response(req, self.info, best, abstain, ood, None if scores is None else scores[rows])
             responses[i] = self._reply(context, i, 200, body)
+        self.emit.answered_images(offset, None if flags is None else sum(flags),
+                                  context.get_request_id(0) if context is not None else None)
         return len(order)
 
     @staticmethod

@@ -303,38 +303,47 @@ def _parse_v2(doc: dict, contract: Contract, limits: Limits, opts: dict[str, Any
 # --------------------------------------------------------------------------------------------------
 # The v2 output tensors, declared once: format_response fills them and the Open Inference Protocol
 # runtime's model metadata lists them. Each: (name, datatype, shape with -1 for any size; the first
-# dimension is the image, a second one the top-k rank).
+# dimension is the image, a second one the top-k rank). ``ood`` (the image does not look like the
+# training data) and ``ood_score`` (the detector's score; the flag is score > the threshold export
+# set, export/ood.py) are left out of the answers of a model exported before the detector existed.
 V2_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
     ("label", "BYTES", (-1, -1)),
     ("index", "INT64", (-1, -1)),
     ("probability", "FP32", (-1, -1)),
     ("abstain", "BOOL", (-1,)),
+    ("ood", "BOOL", (-1,)),
+    ("ood_score", "FP32", (-1,)),
 )
 
 
 def format_response(request: Request, info: ModelInfo, topk_lists: list[list[dict]],
-                    abstain: list[bool] | None = None) -> dict:
-    """Top-k per image (and per image whether the answer abstains) -> the response document for the
-    request's protocol."""
+                    abstain: list[bool] | None = None, ood: list[bool] | None = None,
+                    ood_score: list[float] | None = None) -> dict:
+    """Top-k per image (and per image whether the answer abstains, whether the image is out of
+    distribution and its score) -> the response document for the request's protocol. ``ood`` and
+    ``ood_score`` None (a model without a detector): the answer has neither."""
     abstain = [False] * len(topk_lists) if abstain is None else abstain
+    per_image = {"abstain": list(abstain)}
+    if ood is not None:
+        per_image.update(ood=list(ood), ood_score=[round(float(s), 6) for s in ood_score])
     if request.protocol == PROTOCOL_V2:
         n, k = len(topk_lists), len(topk_lists[0]) if topk_lists else 0
         per_rank = {"label": [c["label"] for row in topk_lists for c in row],
                     "index": [c["index"] for row in topk_lists for c in row],
                     "probability": [c["probability"] for row in topk_lists for c in row]}
-        per_image = {"abstain": list(abstain)}
         outputs = []
         for name, dtype, shape in V2_OUTPUTS:
-            data = per_rank[name] if len(shape) == 2 else per_image[name]
-            outputs.append({"name": name, "datatype": dtype, "shape": [n, k] if len(shape) == 2 else [n],
-                            "data": data})
+            if len(shape) == 2:
+                outputs.append({"name": name, "datatype": dtype, "shape": [n, k], "data": per_rank[name]})
+            elif name in per_image:
+                outputs.append({"name": name, "datatype": dtype, "shape": [n], "data": per_image[name]})
         out = {"model_name": info.name, "model_version": info.version,
                "parameters": {"variant": info.variant, "device": info.device}, "outputs": outputs}
         if request.id is not None:
             out["id"] = request.id
         return out
     return {"model": info.name, "version": info.version, "variant": info.variant, "device": info.device,
-            "predictions": topk_lists, "abstain": list(abstain)}
+            "predictions": topk_lists, **per_image}
 
 
 def error_response(err: InputError) -> dict:
