@@ -16,6 +16,13 @@ under 50 ms in the handler. Alerts are the multi-window, multi-burn-rate ones of
 14.4, 1 h and 5 m windows) or 5 % in 6 h (6, 6 h and 30 m); ticket when 10 % burns in 3 d (1, 3 d and
 6 h). The short window makes an alert stop soon after the burn stops. "p99 over 50 ms" is the same
 statement as "more than 1 % of requests slower than 50 ms", which the 0.05 s bucket counts exactly.
+
+Input drift: each answer says whether its image looks like the training data (export/ood.py). Export
+measures the share its detector flags on held-out in-distribution images (~5 % by construction);
+every worker publishes it (``OodBaselineShare``). ``VisionpipeOodDrift`` fires when the share of
+answered images flagged exceeds ``OOD_DRIFT_FACTOR`` times that baseline over both a long and a short
+window (the SLO alerts' two-window shape: the long one for significance, the short one to stop soon
+after the drift does) on at least ``OOD_MIN_IMAGES`` images in the long window.
 """
 
 from __future__ import annotations
@@ -89,10 +96,34 @@ def record_name(sli: str, window: str) -> str:
     return f"visionpipe:{sli}_bad:ratio_rate{window}"
 
 
+# Drift: the out-of-distribution share of answered images against what export measured on held-out
+# in-distribution images. A factor of 3 over a ~5 % baseline is 15 %: with 100 images in the long
+# window that is 4.6 binomial standard deviations above the baseline (sd 2.2 %), so chance alone does
+# not page; a real shift of inputs (a new camera, a new client sending other things) does.
+OOD_DRIFT_FACTOR = 3.0
+OOD_MIN_IMAGES = 100
+OOD_WINDOWS = ("1h", "5m")  # long, short
+OOD_FOR = "10m"
+# A baseline of 0 (a detector that flagged no held-out image) would make any flagged image a drift.
+OOD_BASELINE_FLOOR = 0.01
+
+
+def ood_share(window: str, sel: str = SEL, by: str = "ModelName") -> str:
+    """Share of the images answered 200 that the detector flagged, per model (models without a
+    detector count as Ood="unscored" and are left out)."""
+    return (f'sum by ({by}) (rate(AnsweredImages{{{sel},Ood="true"}}[{window}]))\n/\n'
+            f'sum by ({by}) (rate(AnsweredImages{{{sel},Ood=~"true|false"}}[{window}]))')
+
+
+def ood_record(window: str) -> str:
+    return f"visionpipe:ood:ratio_rate{window}"
+
+
 def rule_groups() -> list[dict]:
     """The rule groups: SLI recording rules per window, then the alerts."""
     records = [{"record": record_name(sli, w), "expr": expr.replace("[W]", f"[{w}]")}
                for sli, (_budget, expr, _by, _what) in SLIS.items() for w in WINDOWS]
+    records += [{"record": ood_record(w), "expr": ood_share(w)} for w in OOD_WINDOWS]
     alerts = []
     for sli, (budget, _expr, by, what) in SLIS.items():
         for a in BURN_ALERTS:
@@ -110,6 +141,23 @@ def rule_groups() -> list[dict]:
                                     f"{what}; budget {budget:.1%}. See docs/metrics.md."),
                 },
             })
+    long, short = OOD_WINDOWS
+    limit = f"({OOD_DRIFT_FACTOR:g} * clamp_min(max by (ModelName) (OodBaselineShare{{{SEL}}}), {OOD_BASELINE_FLOOR:g}))"
+    alerts.append({
+        "alert": "VisionpipeOodDrift",
+        "expr": (f"{ood_record(long)} > on (ModelName) {limit}\nand on (ModelName)\n"
+                 f"{ood_record(short)} > on (ModelName) {limit}\nand on (ModelName)\n"
+                 f'sum by (ModelName) (increase(AnsweredImages{{{SEL},Ood=~"true|false"}}[{long}])) >= {OOD_MIN_IMAGES}'),
+        "for": OOD_FOR,
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": "inputs drifted for {{ $labels.ModelName }}: more answers out of distribution than export measured",
+            "description": (f"{{{{ $value | humanizePercentage }}}} of the images answered in the last {long} were "
+                            f"flagged out of distribution, over {OOD_DRIFT_FACTOR:g}x the share export measured on "
+                            f"held-out data (OodBaselineShare), in the last {short} too. Look at what clients "
+                            f"send (a new source, camera or preprocessing); see docs/metrics.md."),
+        },
+    })
     alerts.append({
         "alert": "VisionpipeWorkerRestarted",
         # TorchServe sets WorkerLoadTime once per worker load and keeps the worker's name on a restart,
@@ -188,6 +236,11 @@ PANELS: tuple[Panel, ...] = (
         Target(_share_5xx(f"[{RI}]"), "5xx share", (0.0, 1.0)),),
         f"5xx per inference request. SLO: at most {1 - AVAILABILITY_SLO_TARGET:.1%} (4xx are the client's).",
         threshold=round(1 - AVAILABILITY_SLO_TARGET, 6)),
+    Panel("Out-of-distribution share of answered images", "percentunit", (
+        Target(ood_share(RI, M).replace("\n", " "), "{{ModelName}} flagged", (0.0, 1.0)),
+        Target(f"max by (ModelName) (OodBaselineShare{{{M}}})", "{{ModelName}} export baseline", (0.0, 1.0))),
+        f"Images the detector flagged (export/ood.py) per image answered 200, and the share export measured "
+        f"on held-out in-distribution images. VisionpipeOodDrift fires above {OOD_DRIFT_FACTOR:g}x the baseline."),
     Panel("Rejected inputs by reason", "reqps", (
         Target(f"sum by (ModelName, Reason) (rate(RejectedInputs{{{M}}}[{RI}]))", "{{ModelName}} {{Reason}}"),),
         "Requests the handler answered 4xx, by the error body's type."),
@@ -374,7 +427,8 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
     words = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr))
     keywords = {"sum", "avg", "max", "min", "count", "rate", "increase", "changes", "histogram_quantile",
-                "label_replace", "vector", "and", "or", "unless", "bool", "offset", "e6", "humanizePercentage"}
+                "label_replace", "vector", "and", "or", "unless", "bool", "offset", "e6", "humanizePercentage",
+                "clamp_min"}
     return {w for w in words if w not in keywords and not re.fullmatch(r"e\d+", w)}
 
 

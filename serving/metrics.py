@@ -125,6 +125,12 @@ METRICS: tuple[Metric, ...] = (
            "requests the handler refused, by reason (the error body's type: not_an_image, ...)", "handler"),
     Metric("WorkerStarts", "counter", "count", _MODEL,
            "worker processes that began loading the model (initial workers and every restart)", "handler"),
+    Metric("AnsweredImages", "counter", "count", _MODEL + ("Ood",),
+           "images answered 200, by the out-of-distribution flag (Ood true / false; unscored: a model "
+           "exported before the detector existed); both flags are counted from the first batch", "handler"),
+    Metric("OodBaselineShare", "gauge", "ratio", _MODEL,
+           "share of held-out in-distribution images (test split) the model's detector flags, measured at "
+           "export (manifest ood.heldout): the drift alert's baseline; set at each worker start", "handler"),
     Metric("VariantFallbacks", "counter", "count", _MODEL + ("Variant",),
            "workers whose variant failed the reference check at load (export.runtime.reference_check) and "
            "fell back to the next packed variant, by the variant that failed", "handler"),
@@ -185,6 +191,19 @@ class HandlerMetrics:
 
     def rejected(self, reason: str, request_id: str | None = None) -> None:
         self._emit("RejectedInputs", 1, request_id, reason)
+
+    def ood_baseline(self, share: float) -> None:
+        self._emit("OodBaselineShare", share, None)
+
+    def answered_images(self, answered: int, ood: int | None, request_id: str | None = None) -> None:
+        """Images answered 200 in a batch, ``ood`` of them flagged (None: the model has no detector).
+        Both flags are emitted, 0 included, so the share has a numerator and a denominator series
+        from the first batch on (an absent series reads as "no data", not 0)."""
+        if ood is None:
+            self._emit("AnsweredImages", answered, request_id, "unscored")
+            return
+        self._emit("AnsweredImages", ood, request_id, "true")
+        self._emit("AnsweredImages", answered - ood, request_id, "false")
 
     def batch(self, n_requests: int, answered_200: int, started: float, times: "StageTimes",
               request_id: str | None = None) -> None:
