@@ -7,6 +7,10 @@ raw bytes, a multipart file upload, and a base64 JSON batch of several images â€
 malformed requests (default 2 %) that must be refused with a 4xx: a 4xx counts as success, anything
 else as a failure. At quit time the SLO gates (``loadtest.gates``) decide the exit code.
 
+With token authorization on (``make serve TOKEN=1``) every request carries the key TorchServe wrote to
+``--key-file`` (default: make serve's ``logs/serve/key_file.json``). No server, or a server that
+refuses the key, ends the run before it starts with one line naming the fix.
+
 Add ``loadtest/shapes.py`` to ``-f`` for a step-load shape instead of a constant user count.
 """
 
@@ -42,6 +46,8 @@ def _add_options(parser) -> None:
     group.add_argument("--management-url", default=None, env_var="LOADTEST_MANAGEMENT_URL",
                        help="TorchServe's management API, asked which models it serves "
                             "(default: the --host on port 8081)")
+    group.add_argument("--key-file", default="logs/serve/key_file.json", env_var="LOADTEST_KEY_FILE",
+                       help="TorchServe's key_file.json: its keys are sent when the server has token auth on")
     group.add_argument("--malformed-share", type=float, default=0.02, env_var="LOADTEST_MALFORMED_SHARE",
                        help="fraction of requests that are malformed and must be answered 4xx")
     group.add_argument("--batch-images", type=int, default=4, env_var="LOADTEST_BATCH_IMAGES",
@@ -61,17 +67,34 @@ def _option(environment, name: str, default):
     return getattr(opts, name, default) if opts is not None else default
 
 
-def served_runs(management_url: str) -> list[str]:
+def _auth(environment, kind: str) -> dict[str, str]:
+    """The Authorization header for ``kind`` ("inference" or "management") from --key-file, or none
+    (no file: the server runs without token auth, as make serve does unless TOKEN=1)."""
+    from serving.server import read_key
+
+    key = read_key(_option(environment, "key_file", "") or "/nonexistent", kind)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def served_runs(management_url: str, headers: dict | None = None) -> list[str]:
     """The models a TorchServe serves, from its management API (following its pagination)."""
     from serving.server import http
 
     runs, token = [], ""
     while True:
-        status, body = http("GET", f"{management_url}/models?limit=100"
-                            + (f"&next_page_token={token}" if token else ""), timeout=10)
+        try:
+            status, body = http("GET", f"{management_url}/models?limit=100"
+                                + (f"&next_page_token={token}" if token else ""), headers=headers, timeout=10)
+        except OSError as e:  # urllib's URLError is one
+            raise SystemExit(f"error: no server answers at {management_url} ({getattr(e, 'reason', e)}); "
+                             f"start one with make serve (or name another with HOST= and MANAGEMENT=)") from None
+        if status == 401 or b"InvalidKeyException" in body:  # TorchServe answers a bad key with 400
+            raise SystemExit(f"error: {management_url} wants a token (make serve TOKEN=1) and the key file "
+                             f"has none it accepts; point --key-file (LOADTEST_KEY_FILE) at the "
+                             f"key_file.json that server wrote")
         if status != 200:
-            raise RuntimeError(f"GET {management_url}/models answered HTTP {status}: {body[:200]!r}; "
-                               f"name the runs with --runs (LOADTEST_RUNS=)")
+            raise SystemExit(f"error: GET {management_url}/models answered HTTP {status}: {body[:200]!r}; "
+                             f"name the runs with --runs (LOADTEST_RUNS=)")
         doc = json.loads(body)
         runs += [m["modelName"] for m in doc.get("models", [])]
         token = doc.get("nextPageToken")
@@ -94,13 +117,18 @@ def _load_images(environment, **_kw) -> None:
     data_dir = _option(environment, "data_dir", None)
     runs = [r for r in str(_option(environment, "runs", "")).split(",") if r.strip()]
     if not runs:
-        runs = served_runs(_management_url(environment))
+        runs = served_runs(_management_url(environment), _auth(environment, "management"))
         print(f"[loadtest] the server serves: {', '.join(runs) or 'nothing'}", file=sys.stderr, flush=True)
     if not runs:
-        raise SystemExit("the server serves no model; start one with make serve")
+        raise SystemExit("error: the server serves no model; start one with make serve")
     for run in runs:
         POOLS[run] = load_pool(run, data_dir, artifacts_dir=_option(environment, "artifacts_dir", "artifacts"))
         print(f"[loadtest] {run}: {POOLS[run].source}", file=sys.stderr, flush=True)
+    # gevent's loop caches "now" while this blocking start-up runs (imports, decoding test images:
+    # seconds on a busy machine); locust then arms --run-time from that stale clock and the run ended
+    # that many seconds early (a 5 s run sent nothing). Refresh it.
+    import gevent
+    gevent.get_hub().loop.update_now()
 
 
 class ServedUser(FastHttpUser):
@@ -113,6 +141,7 @@ class ServedUser(FastHttpUser):
         self.rng = random.Random()
         self.malformed_share = float(_option(self.environment, "malformed_share", 0.02))
         self.batch_images = int(_option(self.environment, "batch_images", 4))
+        self.auth = _auth(self.environment, "inference")
 
     def _image(self) -> bytes:
         return self.pool.images[self.rng.randrange(len(self.pool))]
@@ -136,7 +165,7 @@ class ServedUser(FastHttpUser):
                        expect=self.batch_images)
 
     def _post(self, name: str, body: bytes, ctype: str, expect: int) -> None:
-        with self.client.post(f"/predictions/{self.served_run}", data=body, headers={"Content-Type": ctype},
+        with self.client.post(f"/predictions/{self.served_run}", data=body, headers={"Content-Type": ctype, **self.auth},
                               name=name, catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
@@ -151,12 +180,22 @@ class ServedUser(FastHttpUser):
 
     def _post_malformed(self) -> None:
         kind, body, ctype = malformed_request(self.rng, self._image())
-        with self.client.post(f"/predictions/{self.served_run}", data=body, headers={"Content-Type": ctype},
+        with self.client.post(f"/predictions/{self.served_run}", data=body, headers={"Content-Type": ctype, **self.auth},
                               name=f"{self.served_run} malformed", catch_response=True) as resp:
             if 400 <= resp.status_code < 500:
                 resp.success()
             else:
                 resp.failure(f"malformed ({kind}) answered HTTP {resp.status_code}, expected 4xx")
+
+
+def dominant_failure(errors) -> tuple[str, int]:
+    """The failure message seen most often over every request name (raw, multipart, b64 fail alike
+    when the cause is the server's), whitespace collapsed and cut to one line; ("", 0) with none."""
+    counts: dict[str, int] = {}
+    for e in errors:
+        message = " ".join(str(e.error).split())[:200]
+        counts[message] = counts.get(message, 0) + e.occurrences
+    return max(counts.items(), key=lambda kv: kv[1]) if counts else ("", 0)
 
 
 @events.quitting.add_listener
@@ -180,6 +219,12 @@ def _apply_gates(environment, **_kw) -> None:
                          failures_by_message={f"{e.name}: {e.error}": e.occurrences
                                               for e in environment.stats.errors.values()})
     print("\n" + format_summary(report), file=sys.stderr, flush=True)
+    reason, count = dominant_failure(environment.stats.errors.values())
+    if count:  # the one reason to read first when the error gate broke
+        print(f"  most failures: {count} of {total.num_failures} ({count / total.num_failures:.0%}): {reason}"
+              + ("  (the server wants a token: make serve TOKEN=1 writes logs/serve/key_file.json, read by "
+                 "default; --key-file names another)" if "InvalidKeyException" in reason or "HTTP 401" in reason
+                 else ""), file=sys.stderr, flush=True)
     gate_file = _option(environment, "gate_file", None)
     if gate_file:
         from training.files import atomic_write_json

@@ -76,17 +76,17 @@ def post(url: str, model: str, body: bytes, content_type: str, token: str | None
     except ValueError:
         doc = {"message": raw[:200].decode(errors="replace")}
     if status != 200:
-        raise ClientError(f"{target} answered HTTP {status}: {doc.get('message', doc)}{_hint(url, status, token)}")
+        raise ClientError(f"{target} answered HTTP {status}: {doc.get('message', doc)}{_hint(url, status, doc, token)}")
     return doc
 
 
-def _hint(url: str, status: int, token: str | None) -> str:
+def _hint(url: str, status: int, doc: dict, token: str | None) -> str:
     """What to do about an error answer, for the two a user meets first."""
     if status == 404:
         served = served_models(url)
         return (f"; this server serves: {', '.join(served)} (--run NAME)" if served
                 else "; list what is served: curl http://127.0.0.1:8081/models")
-    if status == 401:
+    if status == 401 or doc.get("type") == "InvalidKeyException":  # TorchServe: 400 for a bad key
         return ("; the server wants a token (make serve TOKEN=1): --key-file names its key_file.json"
                 if not token else "; the token in --key-file is not this server's (restarted?)")
     return ""
