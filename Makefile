@@ -107,10 +107,11 @@ bench-train: $(VENV_BASE) ## trainer vs step ceiling, Fashion-MNIST time to accu
 # --min-steps 0: the demo keeps its 150 optimizer steps (the default floor of 1000 would take ~7x as long).
 # A server already running would keep answering with the old model while the demo replaced its files:
 # the demo refuses first, before its minute of work (serving.client idle).
-DEMO_TRAIN_ARGS := --run $(DEMO_RUN) --model mnist_cnn --dataset digits --epochs 15 --min-steps 0
+# The run's name is not among the arguments: make bench-train repeats this training under its own names.
+DEMO_TRAIN_ARGS := --model mnist_cnn --dataset digits --epochs 15 --min-steps 0
 demo: $(VENV_SERVE) ## offline: train digits -> evaluate -> export -> samples/digits/ -> archive -> serve -> predict -> stop
 	@$(PY) -m serving.client idle
-	$(PY) -m training train $(DEMO_TRAIN_ARGS)
+	$(PY) -m training train --run $(DEMO_RUN) $(DEMO_TRAIN_ARGS)
 	$(PY) -m training evaluate --checkpoint runs/$(DEMO_RUN)/best.pt --dataset digits
 	$(PY) -m export --run $(DEMO_RUN)
 	$(PY) -m export.samples --run $(DEMO_RUN)

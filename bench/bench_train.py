@@ -1,7 +1,7 @@
 """Training benchmarks on this machine's CPU, through the real CLI (``python -m training train``).
 
     python bench/bench_train.py fashion [--model bn_cnn --epochs 6 ...] [--docs docs/benchmarks.md]
-    python bench/bench_train.py demo --demo-args "<the Makefile's DEMO_TRAIN_ARGS>" [--repeats 3]
+    python bench/bench_train.py demo --demo-args "<the Makefile's DEMO_TRAIN_ARGS, without --run>" [--repeats 3]
     python bench/bench_train.py steps [--models mnist_cnn,bn_cnn] [--batch-size 128] [--device cuda ...]
     python bench/bench_train.py ratio [--rounds 7 --steps 15]
     python bench/bench_train.py subsample [--images 4000]
@@ -51,11 +51,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 from loadtest.docs import update_section  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
+from training.machine import cpu_name  # noqa: E402
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-# The issue's targets.
+# What the trainer is held to, so that a regression reads MISSED in the report: Fashion-MNIST to 93 %
+# test accuracy (where small CNNs level off, ~93-94 %) within 3 minutes of CPU training, a wait a
+# tutorial reader accepts; make demo's digits to 97 % held-out accuracy within a minute, so that the
+# demo stays a demo.
 FASHION_TARGET_ACC, FASHION_BUDGET_S = 0.93, 180.0
 DEMO_TARGET_ACC, DEMO_BUDGET_S = 0.97, 60.0
 
@@ -71,8 +75,6 @@ class TrainResult:
 def machine_line(load_before: float, device: str = "cpu") -> str:
     import torch
     gpu = "no GPU used" if device == "cpu" else device_line(device)
-    from training.machine import cpu_name
-
     return (f"{cpu_name()}, torch {torch.__version__} (intra-op threads "
             f"{torch.get_num_threads()}), {gpu}; 1-min load average {load_before:.2f} before the "
             f"runs, {os.getloadavg()[0]:.2f} after")
@@ -174,7 +176,7 @@ def plot_curve(res: TrainResult, out: Path) -> None:
     ax.plot([r[1] for r in rows], [r[2] for r in rows], marker="o", label="test accuracy")
     ax.axhline(FASHION_TARGET_ACC, color="gray", linestyle="--", linewidth=1, label=f"{FASHION_TARGET_ACC:.0%} target")
     ax.axvline(FASHION_BUDGET_S, color="gray", linestyle=":", linewidth=1, label=f"{FASHION_BUDGET_S:.0f} s budget")
-    ax.set_xlabel("training seconds (2-core CPU)")
+    ax.set_xlabel(f"training seconds ({cpu_name()})", fontsize=7)
     ax.set_ylabel("Fashion-MNIST test accuracy")
     ax.set_title(f"{res.args[res.args.index('--model') + 1]} on Fashion-MNIST", fontsize=9)
     ax.grid(alpha=0.3)
@@ -460,8 +462,99 @@ def steps_section(rates, a, machine: str) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+# ---- one function per subcommand, each returning its report; one writer ---------------------------
+@dataclass(frozen=True)
+class Report:
+    key: str        # the section of the --docs file (<!-- key --> markers)
+    section: str    # markdown, printed and written into that section
+    numbers: dict   # merged into the --json report (empty: nothing to merge)
+
+
+def fashion(a: argparse.Namespace, runs_dir: Path, load_before: float) -> Report:
+    data_dir = ensure_fashion(a.data_dir)
+    args = ["--model", a.model, "--dataset", "fashion-mnist", "--data-dir", str(data_dir),
+            "--epochs", str(a.epochs), "--val-fraction", "0", *shlex.split(a.train_args)]
+    res = run_training(args, runs_dir, "fashion", reuse=a.reuse)
+    plot_name = None
+    if a.docs:
+        plot_name = "bench_train_fashion.png"
+        plot_curve(res, a.docs.parent / plot_name)
+    rows = curve(res.history)
+    return Report("bench-train-fashion", fashion_section(res, plot_name, machine_line(load_before)), {
+        "fashion_seconds_to_93": time_to(rows, FASHION_TARGET_ACC),
+        "fashion_best_accuracy": max(r[2] for r in rows),
+        "fashion_best_accuracy_within_180s": max((r[2] for r in rows if r[1] <= FASHION_BUDGET_S), default=None),
+        "fashion_trainer_images_per_s": statistics.median(r[3] for r in rows),
+        "fashion_command": "python -m training train " + shlex.join(args)})
+
+
+def demo(a: argparse.Namespace, runs_dir: Path, load_before: float) -> Report:
+    demo_args = shlex.split(a.demo_args)
+    if "--run" in demo_args:
+        raise SystemExit("error: --demo-args names --run; leave it out: the bench names its own runs "
+                         "(demo0, demo1, ...)")
+    results = [run_training(demo_args, runs_dir, f"demo{i}", reuse=a.reuse) for i in range(a.repeats)]
+    return Report("bench-train-demo", demo_section(results, machine_line(load_before)), {
+        "demo_train_seconds": statistics.median(r.best_metrics["train_seconds"] for r in results),
+        "demo_test_accuracy": statistics.median(r.best_metrics["test_accuracy"] for r in results)})
+
+
+def steps(a: argparse.Namespace, runs_dir: Path, load_before: float) -> Report:
+    rates = step_rates(a.models.split(","), a.batch_size, a.rounds, device=a.device,
+                       channels=a.channels, size=a.size)
+    key = "bench-train-steps" + ("" if a.device == "cpu" else "-" + a.device.replace(":", ""))
+    return Report(key, steps_section(rates, a, machine_line(load_before, a.device)), {})
+
+
+def ratio(a: argparse.Namespace, runs_dir: Path, load_before: float) -> Report:
+    res = trainer_vs_ceiling(ensure_fashion(a.data_dir), model_name=a.model, batch_size=a.batch_size,
+                             rounds=a.rounds, steps=a.steps, loader_workers=a.loader_workers)
+    r = res.rates
+    return Report("bench-train-ratio", ratio_section(res, machine_line(load_before)), {
+        "trainer_images_per_s": res.median("tensor"),
+        "step_ceiling_images_per_s": res.median("ceiling"),
+        "trainer_images_per_cpu_s": res.median("tensor_cpu"),
+        "step_ceiling_images_per_cpu_s": res.median("ceiling_cpu"),
+        "trainer_to_ceiling": statistics.median(res.ratios),
+        "trainer_to_ceiling_wall": statistics.median(t / c for t, c in zip(r["tensor"], r["ceiling"], strict=True)),
+        "loader_images_per_s": res.median("loader"),
+        "loader_images_per_cpu_s": res.median("loader_cpu"),
+        "loader_to_ceiling": statistics.median(lo / c for lo, c in zip(r["loader_cpu"], r["ceiling_cpu"], strict=True)),
+        "ratio_config": res.config})
+
+
+def subsample(a: argparse.Namespace, runs_dir: Path, load_before: float) -> Report:
+    data_dir = write_subsample(ensure_fashion(a.data_dir), runs_dir / "fashion-subsample", a.images)
+    base = ["--model", a.model, "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--val-fraction", "0",
+            *shlex.split(a.train_args)]
+    results = {label: run_training([*base, "--epochs", str(e), *extra], runs_dir, f"sub{i}", reuse=a.reuse)
+               for i, (label, e, extra) in enumerate([("4 epochs", 4, []), ("30 epochs", 30, []),
+                                                      ("4 epochs, no step floor", 4, ["--min-steps", "0"])])}
+    return Report("bench-train-subsample", subsample_section(results, a.images, machine_line(load_before)), {
+        f"subsample_{k.replace(' ', '_').replace(',', '')}_best_accuracy": max(h["val_accuracy"] for h in r.history)
+        for k, r in results.items()})
+
+
+SUBCOMMANDS = {"fashion": fashion, "demo": demo, "steps": steps, "ratio": ratio, "subsample": subsample}
+
+
+def write_report(report: Report, what: str, docs: Path | None, json_path: Path | None,
+                 load_before: float) -> None:
+    """Print the section; write it into ``docs`` and merge the numbers (with when and under what
+    load they were measured) into ``json_path``, when given."""
+    print(report.section)
+    if docs:
+        update_section(docs, report.key, report.section)
+        print(f"wrote {docs} ({report.key})", file=sys.stderr)
+    if json_path and report.numbers:
+        update_json(json_path, {**report.numbers,
+                                f"{what}_measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                f"{what}_load_average": [load_before, os.getloadavg()[0]]})
+        print(f"wrote {json_path}", file=sys.stderr)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
     f = sub.add_parser("fashion", help="Fashion-MNIST time to accuracy")
     f.add_argument("--model", default="bn_cnn")
@@ -469,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--train-args", default="--precision bf16 --channels-last",
                    help="further `python -m training train` options")
     d = sub.add_parser("demo", help="make demo's training step")
-    d.add_argument("--demo-args", required=True, help="the Makefile's DEMO_TRAIN_ARGS")
+    d.add_argument("--demo-args", required=True, help="the Makefile's DEMO_TRAIN_ARGS (no --run)")
     d.add_argument("--repeats", type=int, default=3)
     st = sub.add_parser("steps", help="compute ceiling: images/s per optimizer step, no data loading")
     st.add_argument("--models", default="mnist_cnn,bn_cnn")
@@ -490,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--images", type=int, default=4000)
     sm.add_argument("--model", default="mnist_cnn")
     sm.add_argument("--train-args", default="--precision bf16 --channels-last")
+    assert set(sub.choices) == set(SUBCOMMANDS)
     for s in (f, d, st, ra, sm):
         s.add_argument("--docs", type=Path, default=None, help="write the section into this markdown file")
         s.add_argument("--json", type=Path, default=None, help="merge the numbers into this JSON report")
@@ -497,75 +591,19 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--reuse", action="store_true", help="read finished runs in --runs-dir instead of training")
     for s in (f, ra, sm):
         s.add_argument("--data-dir", type=Path, default=FASHION_DIR)
-    a = p.parse_args(argv)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
     load_before = os.getloadavg()[0]
     runs_dir = a.runs_dir or Path(tempfile.mkdtemp(prefix="bench-train-"))
-    numbers: dict = {}
-    if a.what == "fashion":
-        data_dir = ensure_fashion(a.data_dir)
-        args = ["--model", a.model, "--dataset", "fashion-mnist", "--data-dir", str(data_dir),
-                "--epochs", str(a.epochs), "--val-fraction", "0", *shlex.split(a.train_args)]
-        res = run_training(args, runs_dir, "fashion", reuse=a.reuse)
-        plot_name = None
-        if a.docs:
-            plot_name = "bench_train_fashion.png"
-            plot_curve(res, a.docs.parent / plot_name)
-        section, key = fashion_section(res, plot_name, machine_line(load_before)), "bench-train-fashion"
-        rows = curve(res.history)
-        numbers = {"fashion_seconds_to_93": time_to(rows, FASHION_TARGET_ACC),
-                   "fashion_best_accuracy": max(r[2] for r in rows),
-                   "fashion_best_accuracy_within_180s": max((r[2] for r in rows if r[1] <= FASHION_BUDGET_S), default=None),
-                   "fashion_trainer_images_per_s": statistics.median(r[3] for r in rows),
-                   "fashion_command": "python -m training train " + shlex.join(args)}
-    elif a.what == "steps":
-        rates = step_rates(a.models.split(","), a.batch_size, a.rounds, device=a.device,
-                           channels=a.channels, size=a.size)
-        key = "bench-train-steps" + ("" if a.device == "cpu" else "-" + a.device.replace(":", ""))
-        section = steps_section(rates, a, machine_line(load_before, a.device))
-    elif a.what == "ratio":
-        res = trainer_vs_ceiling(ensure_fashion(a.data_dir), model_name=a.model, batch_size=a.batch_size,
-                                 rounds=a.rounds, steps=a.steps, loader_workers=a.loader_workers)
-        section, key = ratio_section(res, machine_line(load_before)), "bench-train-ratio"
-        numbers = {"trainer_images_per_s": res.median("tensor"),
-                   "step_ceiling_images_per_s": res.median("ceiling"),
-                   "trainer_images_per_cpu_s": res.median("tensor_cpu"),
-                   "step_ceiling_images_per_cpu_s": res.median("ceiling_cpu"),
-                   "trainer_to_ceiling": statistics.median(res.ratios),
-                   "trainer_to_ceiling_wall": statistics.median(t / c for t, c in zip(res.rates["tensor"], res.rates["ceiling"])),
-                   "loader_images_per_s": res.median("loader"),
-                   "loader_images_per_cpu_s": res.median("loader_cpu"),
-                   "loader_to_ceiling": statistics.median(l / c for l, c in zip(res.rates["loader_cpu"], res.rates["ceiling_cpu"])),
-                   "ratio_config": res.config}
-    elif a.what == "subsample":
-        data_dir = write_subsample(ensure_fashion(a.data_dir), runs_dir / "fashion-subsample", a.images)
-        base = ["--model", a.model, "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--val-fraction", "0",
-                *shlex.split(a.train_args)]
-        results = {label: run_training([*base, "--epochs", str(e), *extra], runs_dir, f"sub{i}", reuse=a.reuse)
-                   for i, (label, e, extra) in enumerate([("4 epochs", 4, []), ("30 epochs", 30, []),
-                                                          ("4 epochs, no step floor", 4, ["--min-steps", "0"])])}
-        section, key = subsample_section(results, a.images, machine_line(load_before)), "bench-train-subsample"
-        numbers = {f"subsample_{k.replace(' ', '_').replace(',', '')}_best_accuracy": max(h["val_accuracy"] for h in r.history)
-                   for k, r in results.items()}
-    else:
-        demo_args = shlex.split(a.demo_args)
-        if "--run" in demo_args:  # the bench names its own runs
-            i = demo_args.index("--run")
-            del demo_args[i:i + 2]
-        results = [run_training(demo_args, runs_dir, f"demo{i}", reuse=a.reuse) for i in range(a.repeats)]
-        section, key = demo_section(results, machine_line(load_before)), "bench-train-demo"
-        numbers = {"demo_train_seconds": statistics.median(r.best_metrics["train_seconds"] for r in results),
-                   "demo_test_accuracy": statistics.median(r.best_metrics["test_accuracy"] for r in results)}
-    print(section)
-    if a.docs:
-        update_section(a.docs, key, section)
-        print(f"wrote {a.docs} ({key})", file=sys.stderr)
-    if a.json and numbers:
-        update_json(a.json, {**numbers, f"{a.what}_measured": time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-                             f"{a.what}_load_average": [load_before, os.getloadavg()[0]]})
-        print(f"wrote {a.json}", file=sys.stderr)
-    if a.runs_dir is None:
-        shutil.rmtree(runs_dir, ignore_errors=True)
+    try:
+        report = SUBCOMMANDS[a.what](a, runs_dir, load_before)
+    finally:
+        if a.runs_dir is None:
+            shutil.rmtree(runs_dir, ignore_errors=True)
+    write_report(report, a.what, a.docs, a.json, load_before)
     return 0
 
 

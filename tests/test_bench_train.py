@@ -92,3 +92,24 @@ def test_json_report_merges(tmp_path):
     bench.update_json(path, {"b": 3})
     import json
     assert json.loads(path.read_text()) == {"a": 1, "b": 3}
+
+
+def test_demo_refuses_a_run_name_instead_of_dropping_it(tmp_path):
+    with pytest.raises(SystemExit, match="--demo-args names --run; leave it out"):
+        bench.main(["demo", "--demo-args", "--run digits --epochs 1", "--runs-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # refused before any training
+
+
+def test_one_writer_for_every_subcommand(tmp_path, capsys):
+    assert set(bench.SUBCOMMANDS) == {"fashion", "demo", "steps", "ratio", "subsample"}
+    docs, report = tmp_path / "bench.md", tmp_path / "r.json"
+    bench.write_report(bench.Report("k", "## section", {"x": 1}), "demo", docs, report, 0.5)
+    assert "<!-- k:begin -->\n## section\n<!-- k:end -->" in docs.read_text()
+    import json
+    doc = json.loads(report.read_text())
+    assert doc["x"] == 1 and doc["demo_load_average"][0] == 0.5 and "demo_measured" in doc
+    assert bench.main(["steps", "--models", "lenet", "--batch-size", "4", "--rounds", "1", "--channels", "3",
+                       "--size", "32", "--docs", str(docs)]) == 0
+    text = docs.read_text()
+    assert "<!-- bench-train-steps:begin -->" in text and "<!-- k:begin -->" in text  # sections side by side
+    assert bench.cpu_name() in capsys.readouterr().out  # the report names the machine it ran on
