@@ -56,7 +56,7 @@ VENV_EXPORT := $(VENV_BASE)
 VENV_SERVE  := $(VENV_BASE)
 VENV_ALL    := $(VENV_BASE)
 
-.PHONY: help venv lock train evaluate bench-train demo test clean
+.PHONY: help venv lock lint train evaluate bench-train demo test clean
 # Every target documents itself with a `## text` after its prerequisites (in this file and mk/*.mk);
 # help prints those, in file order. A target without one is internal.
 help: ## this list
@@ -122,8 +122,13 @@ demo: $(VENV_SERVE) ## offline: train digits -> evaluate -> export -> samples/di
 -include mk/*.mk
 
 # ---- tests -------------------------------------------------------------------------------------
+# ruff (lint) and mypy on training/ export/ serving/ loadtest/, their rules in pyproject.toml.
+lint: $(VENV_BASE) ## ruff and mypy, as configured in pyproject.toml (a step of make test)
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/mypy
+
 PYTEST_ARGS ?=
-test: $(VENV_ALL) ## the test suite [PYTEST_ARGS=...]
+test: $(VENV_ALL) lint ## the test suite [PYTEST_ARGS=...]
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean: ## remove runs/ artifacts/ samples/ reports/ logs/ model_store/*.mar
