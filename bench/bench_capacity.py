@@ -401,8 +401,11 @@ def render(doc: dict) -> str:
 
 
 def targets(ours: float, triton: float, stock: float, bound: float, p99_ms: float, slo: SLO) -> dict:
-    """The issue's ratios of capacities; a ratio is None when the peer had no capacity at all (then
-    any capacity of ours beats it)."""
+    """Capacity ratios the server is held to: at least Triton's on the same model (a purpose-built
+    server is the bar), 85 % of the additive bound 1/(1/C + 1/N) (the inference core's own rate and the
+    runtime's no-op ceiling added up: the rest is the cost of putting them together) and 3x the stock
+    handler's. A ratio is None when the peer had no capacity at all (then any capacity of
+    ours beats it)."""
     ratio = lambda a, b: a / b if b > 0 else None  # noqa: E731
     t = {"vs_triton": ratio(ours, triton), "vs_bound": ratio(ours, bound), "vs_stock": ratio(ours, stock),
          "p99_ms": p99_ms}
