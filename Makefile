@@ -122,10 +122,10 @@ demo: $(VENV_SERVE) ## offline: train digits -> evaluate -> export -> samples/di
 -include mk/*.mk
 
 # ---- tests -------------------------------------------------------------------------------------
-# ruff (lint) and mypy on training/ export/ serving/ loadtest/, their rules in pyproject.toml.
+# ruff (lint) and mypy on training/ export/ serving/ loadtest/, their rules in pyproject.toml; both
+# run, so that one pass shows every finding.
 lint: $(VENV_BASE) ## ruff and mypy, as configured in pyproject.toml (a step of make test)
-	$(VENV)/bin/ruff check
-	$(VENV)/bin/mypy
+	@rc=0; $(VENV)/bin/ruff check || rc=1; $(VENV)/bin/mypy || rc=1; exit $$rc
 
 PYTEST_ARGS ?=
 test: $(VENV_ALL) lint ## the test suite [PYTEST_ARGS=...]
