@@ -95,7 +95,7 @@ def test_kserve_v2_infer(served):
                           path="/v2/models/digits/infer")
     assert status == 200, out
     assert out["id"] == "req-1" and out["model_name"] == "digits"
-    assert [o["name"] for o in out["outputs"]] == ["label", "index", "probability", "abstain"]
+    assert [o["name"] for o in out["outputs"]] == ["label", "index", "probability", "abstain", "ood", "ood_score"]
     assert out["outputs"][0]["shape"] == [2, 5]
     doc = {"inputs": [{"name": "pixels", "shape": [2, 1, 28, 28], "datatype": "UINT8",
                        "data": images.reshape(-1).tolist()}], "parameters": {"topk": 1}}
