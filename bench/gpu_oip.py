@@ -37,11 +37,11 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.lock"
@@ -118,7 +118,7 @@ def download_wheels(dest: Path, pythons: tuple[str, ...] = WHEEL_PYTHONS) -> int
     print(f"{dest}: {len(list(dest.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB "
           f"(the GPU machine takes {CARRY_LIMIT_MB} MiB of carried files in all)")
     if total > (CARRY_LIMIT_MB - 16) * 2**20:
-        print(f"warning: leaves under 16 MiB for the checkpoint and archive", file=sys.stderr)
+        print("warning: leaves under 16 MiB for the checkpoint and archive", file=sys.stderr)
     return 0
 
 
@@ -137,42 +137,53 @@ def import_failures(env: dict) -> dict[str, str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _usable_wheels(wheels: Path) -> set[str]:
+    """NEEDED distributions with a wheel in ``wheels`` at the pinned version that this Python can install."""
+    versions, py = pinned_versions(), f"cp{sys.version_info.major}{sys.version_info.minor}"
+    return {d for _, d in NEEDED
+            if any("py3-none" in w.name or "py2.py3-none" in w.name or "abi3" in w.name or f"-{py}-" in w.name
+                   for w in wheels.glob(f"{d.replace('-', '_')}-{versions[d]}-*.whl"))}
+
+
+def _pip_install(dists: list[str], wheels: Path, site: Path) -> None:
+    versions = pinned_versions()
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+           "--no-cache-dir", "--upgrade", "--target", str(site), "--find-links", str(wheels),
+           *[f"{d}=={versions[d]}" for d in dists]]
+    log(f"installing {len(dists)} wheels into {site}: {', '.join(dists)}")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"error: pip install from {wheels} failed: {done.stderr.strip()[-1500:]}")
+
+
 def ensure_dependencies(wheels: Path | None, site: Path, force: bool) -> dict:
-    """Installs, from ``wheels``, each NEEDED distribution that does not import (every one that has a
-    wheel for this Python with ``force``) into ``site``, and puts ``site`` and the repository first on
-    this process's and its children's path. Returns what was found and done."""
+    """Makes every NEEDED module importable, with ``site`` and the repository first on this process's
+    and its children's path. From ``wheels`` it installs into ``site``, first the distributions whose
+    module does not import (all usable ones with ``force``); when something still fails (one that
+    imports but is too old for another: tritonclient's generated code checks grpcio and protobuf), every
+    usable one. Returns what was missing, what was installed, and where modules come from."""
     env_path = [str(site), str(REPO)]
     os.environ["PYTHONPATH"] = os.pathsep.join(env_path)
     sys.path[:0] = [p for p in env_path if p not in sys.path]
     failing = import_failures(dict(os.environ))
-    dists = dict(NEEDED)
-    to_install = sorted({dists[m] for m in failing} | ({d for _, d in NEEDED} if force else set()))
-    # tritonclient's generated gRPC code needs protobuf >= 6.30: an older one there fails only at import.
-    if "tritonclient" in to_install:
-        to_install = sorted(set(to_install) | {"protobuf"})
-    report = {"missing_before": failing, "installed": [], "wheels": str(wheels) if wheels else None}
-    if to_install:
+    report: dict = {"missing_before": failing, "installed": [], "wheels": str(wheels) if wheels else None}
+    if failing or force:
         if wheels is None or not wheels.is_dir():
             raise SystemExit(f"error: {sorted(failing)} do not import and no wheels folder was given "
                              f"(--wheels DIR; make gpu-wheels fills .gpu-wheels/ where pip works)")
-        versions = pinned_versions()
-        have = {d for d in to_install if list(wheels.glob(f"{d.replace('-', '_')}-{versions[d]}-*.whl"))}
-        py = f"cp{sys.version_info.major}{sys.version_info.minor}"
-        if force:  # only what has a wheel usable by this interpreter
-            usable = {d for d in have if any(("py3-none" in w.name or py in w.name)
-                                              for w in wheels.glob(f"{d.replace('-', '_')}-{versions[d]}-*.whl"))}
-            to_install = sorted(usable | {dists[m] for m in failing})
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-               "--no-cache-dir", "--upgrade", "--target", str(site), "--find-links", str(wheels),
-               *[f"{d}=={versions[d]}" for d in to_install]]
-        log(f"installing {len(to_install)} wheels into {site}: {', '.join(to_install)}")
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise SystemExit(f"error: pip install from {wheels} failed: {done.stderr.strip()[-1500:]}")
-        report["installed"] = to_install
-        still = import_failures(dict(os.environ))
-        if still:
-            raise SystemExit(f"error: still not importable after installing the wheels: {still}")
+        usable = _usable_wheels(wheels)
+        dists = dict(NEEDED)
+        plans = [sorted(usable if force else {dists[m] for m in failing}), sorted(usable)]
+        for plan in plans:
+            plan = [d for d in plan if d not in report["installed"]]
+            if plan:
+                _pip_install(plan, wheels, site)
+                report["installed"] += plan
+            failing = import_failures(dict(os.environ))
+            if not failing:
+                break
+        if failing:
+            raise SystemExit(f"error: still not importable after installing the wheels in {wheels}: {failing}")
     import importlib
     importlib.invalidate_caches()
     report["imported_from"] = {m: _origin(m) for m in ("serving", "uvicorn", "ts", "torch")}
@@ -329,7 +340,7 @@ def check_answers(rt: Runtime, run: str, images: list[bytes], labels: list[int |
     from serving.server import http
 
     correct, devices, statuses = 0, set(), {}
-    for image, label in zip(images, labels):
+    for image, label in zip(images, labels, strict=False):
         status, body = http("POST", f"{rt.http}/predictions/{run}", image, {"Content-Type": "image/png"})
         statuses[status] = statuses.get(status, 0) + 1
         if status == 200:
@@ -488,7 +499,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check(a: argparse.Namespace, command: str) -> int:
     t_start = time.monotonic()
     a.out.mkdir(parents=True, exist_ok=True)
-    doc: dict = {"started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
+    doc: dict = {"started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
                  "problems": []}
     work = Path(tempfile.mkdtemp(prefix="gpu-oip-"))
     doc["deps"] = ensure_dependencies(a.wheels if a.wheels.is_dir() else None, work / "site", a.force_wheels)
