@@ -425,7 +425,8 @@ def test_a_killed_worker_fires_the_restart_alert(served, prometheus):
     while not fired and time.monotonic() < deadline:
         time.sleep(1)
         fired = prometheus.query(alert["expr"])
-    assert fired and fired[0][0]["model"] == "digits" and fired[0][1] >= 1, fired
+    # (an oip worker serves every model: its restart shows for each of them)
+    assert any(m["model"] == "digits" and v >= 1 for m, v in fired), fired
     starts = prometheus.query('increase(WorkerStarts{ModelName="digits"}[2m])')
     assert starts and starts[0][1] >= 1, starts
     # leave the session server as it was: every digits worker ready again

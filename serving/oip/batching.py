@@ -163,8 +163,12 @@ class Batcher:
 
     A request waits at most ``max_batch_delay_ms`` for others to join it, up to ``batch_size``; the
     batch is then handled inline (no thread hop: a worker process has one core's worth of work to do,
-    and requests that arrive meanwhile are read as soon as it returns, forming the next batch). Past
-    ``queue_size`` waiting requests a new one is refused at once (``submit`` returns None: 503).
+    and requests that arrive meanwhile are read as soon as it returns, forming the next batch).
+
+    Back-pressure counts a request from the moment its headers arrive (``admit``) until it is answered
+    (``release``): past ``queue_size`` waiting plus one batch in the model, a new request is refused at
+    once, before its body is read. (Counting only requests already in ``pending`` would admit them all:
+    while the loop runs the model, bodies are read a little at a time and reach the queue one by one.)
     """
 
     def __init__(self, model: LoadedModel, queue_size: int, loop: asyncio.AbstractEventLoop | None = None
@@ -177,6 +181,17 @@ class Batcher:
         self.pending: deque[tuple[Inbound, asyncio.Future]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._now = False
+        self.admitted = 0
+
+    def admit(self) -> bool:
+        """Take a place for a request whose body is still to come; False: answer it 503 now."""
+        if self.admitted >= self.queue_size + self.batch_size:
+            return False
+        self.admitted += 1
+        return True
+
+    def release(self) -> None:
+        self.admitted -= 1
 
     def submit(self, request: Inbound) -> asyncio.Future | None:
         if len(self.pending) >= self.queue_size:

@@ -127,8 +127,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except InputError as e:
             await context.abort(STATUS.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), e.message)
         headers = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        reply = await self.app.submit(request.model_name, model, batcher,
-                                      Inbound([("body", doc, "application/json")], headers))
+        if not batcher.admit():
+            reply = self.app.queue_full(request.model_name, batcher)
+        else:
+            try:
+                reply = await self.app.submit(request.model_name, model, batcher,
+                                              Inbound([("body", doc, "application/json")], headers))
+            finally:
+                batcher.release()
         if reply.status != 200:
             try:
                 message = json.loads(reply.body).get("message", "")

@@ -339,6 +339,18 @@ class App:
         model, batcher = self.rt.models.get(name) or (None, None)
         if model is None:
             self._model(name)  # raises the 404
+        if not batcher.admit():
+            # Refused before any work; the body is still read (and dropped): closing a socket with unread
+            # bytes makes the kernel send a reset, and the client would lose this answer.
+            await read_body(receive, self.rt.http_limits.max_request_bytes)
+            return self.queue_full(name, batcher)
+        try:
+            return await self._admitted(name, model, batcher, scope, receive, headers, route)
+        finally:
+            batcher.release()
+
+    async def _admitted(self, name: str, model, batcher, scope, receive, headers: dict[str, str], route: str
+                        ) -> Reply:
         started = time.perf_counter()
         body = await read_body(receive, self.rt.http_limits.max_request_bytes)
         ctype = headers.get("content-type", "")
@@ -369,10 +381,12 @@ class App:
 
     async def submit(self, name: str, model, batcher, request: Inbound) -> Reply:
         fut = batcher.submit(request)
-        if fut is None:
-            return error_reply(503, "queue_full", f"model {clip(name)} has {batcher.queue_size} requests "
-                                                  f"waiting in this worker, its queue limit; retry in a moment")
-        return await fut
+        return self.queue_full(name, batcher) if fut is None else await fut
+
+    @staticmethod
+    def queue_full(name: str, batcher) -> Reply:
+        return error_reply(503, "queue_full", f"model {clip(name)} has {batcher.queue_size} requests waiting "
+                                              f"in this worker, its queue limit; retry in a moment")
 
     @staticmethod
     def _v2_reply(reply: Reply, chosen, binary: bool) -> Reply:

@@ -190,7 +190,9 @@ def render() -> str:
             if s.name.endswith("_created"):
                 continue
             name = decl.name if decl.kind == "counter" else s.name
-            labels = {k: v for k, v in s.labels.items() if k != "pid"}
+            # in the declared order, as TorchServe writes them (the collector sorts them by name)
+            order = [*decl.exported_labels, "le"]
+            labels = {k: s.labels[k] for k in order if k in s.labels}
             lines.append(_sample(name, labels, s.value))
     for name, value in _host_samples().items():
         decl = BY_NAME[name]
