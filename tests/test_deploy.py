@@ -62,7 +62,7 @@ def test_unknown_field_in_the_base_fails_every_overlay(deploy_copy: Path):
           "          imagePullPolicy: IfNotPresent\n          imagePullPolcy: Always\n")
     problems, _ = validate.validate_deploy(deploy_copy, skip=("checkov", "hadolint"))
     flagged = {p.split(":")[0] for p in problems if "'imagePullPolcy' was unexpected" in p}
-    assert flagged == {"k8s/base", "k8s/overlays/cpu", "k8s/overlays/gpu"}, problems
+    assert flagged == {"k8s/base", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/oip"}, problems
 
 
 def test_missing_security_context_is_caught_by_checkov(deploy_copy: Path):
