@@ -38,35 +38,35 @@ SHELL_FENCES = ("bash", "sh", "shell")
 NOT_RUN: list[tuple[str, str]] = [
     (r"make test\b", "the test suite itself"),
     (r"make train( *$| *#| RUN=(mnist|cifarnet|r9) )", "downloads CIFAR-10 / MNIST (network)"),
-    (r"make train RUN=fashion .*DATA_DIR=/usr/share/datasets", "needs Debian's dataset-fashion-mnist "
-                                                               "(apt, network)"),
+    (r"make train RUN=fashion .*DATA_DIR=/usr/share/datasets", ("needs Debian's dataset-fashion-mnist "
+                                                               "(apt, network)")),
     (r"make export *(#|$)", "exports the served runs cifarnet and mnist, trained on downloaded data"),
     (r"make archive RUN=cifarnet", "needs the cifarnet export (CIFAR-10, network)"),
-    (r"make (export RUN=digits|demo-serve)\b", "what make demo already ran (its export, samples, "
-                                               "reliability and serve steps): another minute for nothing new"),
+    (r"make (export RUN=digits|demo-serve)\b", ("what make demo already ran (its export, samples, "
+                                               "reliability and serve steps): another minute for nothing new")),
     (r"python -m export --run digits", "a second export of what make demo exported (about a minute)"),
     (r"make (bench-train|bench-export|bench-serve|bench-hostile|capacity|soak)\b",
      "a benchmark: minutes to tens of minutes of full load (docs/benchmarks.md has its results)"),
     (r"make loadtest USERS=32 DURATION=5m", "a five-minute load test"),
-    (r"(\.venv/bin/)?python (bench/|-m training train --run (digits(-mnistcnn)?|fashion|cifarnet) .*--runs-dir "
-     r"(/tmp|reports/pipeline))", "a benchmark's recipe: trains and exports into /tmp (minutes), some on "
-                                  "downloaded data"),
+    ((r"(\.venv/bin/)?python (bench/|-m training train --run (digits(-mnistcnn)?|fashion|cifarnet) .*--runs-dir "
+     r"(/tmp|reports/pipeline))"), ("a benchmark's recipe: trains and exports into /tmp (minutes), some on "
+                                  "downloaded data")),
     (r"\.venv/bin/python -(c|m export) ", "a benchmark's recipe (exports into /tmp, minutes)"),
     (r"python -m (export|serving archive) --run RUN", "a template (RUN, [--data-dir ...] are placeholders)"),
-    (r"make (docker-build|docker-smoke|workstation-smoke)\b|docker run\b", "builds or runs a container "
-                                                                          "image (docker/podman, ~5 GB)"),
+    (r"make (docker-build|docker-smoke|workstation-smoke)\b|docker run\b", ("builds or runs a container "
+                                                                          "image (docker/podman, ~5 GB)")),
     (r"make k8s-(deploy|smoke)\b", "needs a Kubernetes cluster"),
     (r"make k8s-validate\b", "run by tests/test_deploy.py (the same checks, offline)"),
     (r"apt-get install\b", "installs system packages (root, network)"),
-    (r"curl -X POST -T samples/digits/7.png http://127.0.0.1:8080", "posts to the container started "
-                                                                   "by the docker run above"),
+    (r"curl -X POST -T samples/digits/7.png http://127.0.0.1:8080", ("posts to the container started "
+                                                                   "by the docker run above")),
 ]
 
 
 def fenced_commands(path: Path) -> list[str]:
     """The shell commands of ``path``'s bash/sh/shell fences, in order (comment-only lines dropped)."""
     commands = []
-    for block in re.finditer(r"^```(\w*)\n(.*?)^```", path.read_text(), re.S | re.M):
+    for block in re.finditer(r"^```(\w*)\n(.*?)^```", path.read_text(), re.DOTALL | re.MULTILINE):
         if block.group(1) not in SHELL_FENCES:
             continue
         pending = ""
@@ -80,7 +80,7 @@ def fenced_commands(path: Path) -> list[str]:
         assert not pending, f"{path.name}: unfinished command at the end of a block: {pending!r}"
     joined: list[str] = []  # TOKEN=$(...) belongs to the command that uses it
     for cmd in commands:
-        if joined and re.fullmatch(r"[A-Z_]+=\$\(.*\)", joined[-1], re.S):
+        if joined and re.fullmatch(r"[A-Z_]+=\$\(.*\)", joined[-1], re.DOTALL):
             joined[-1] += "\n" + cmd
         else:
             joined.append(cmd)
@@ -91,7 +91,7 @@ def _complete(text: str) -> bool:
     """Whether ``text`` is a whole command: bash parses it, and it does not end in a pipe or ``\\``."""
     if text.rstrip().endswith(("\\", "|", "&&")):
         return False
-    return subprocess.run(["bash", "-n", "-c", text], capture_output=True).returncode == 0
+    return subprocess.run(["bash", "-n", "-c", text], check=False, capture_output=True).returncode == 0
 
 
 def documented_commands() -> list[tuple[str, str]]:
@@ -161,22 +161,23 @@ def run_plan(root: Path, plan: list[dict]) -> list[dict]:
         t0 = time.monotonic()
         try:
             p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=root, env=env, capture_output=True,
-                               text=True, timeout=timeout)
+                               text=True, timeout=timeout, check=False)
             rc, out = p.returncode, p.stdout + p.stderr
         except subprocess.TimeoutExpired as e:
             rc, out = 124, f"timed out after {timeout} s: {e.output or ''}{e.stderr or ''}"
         # curl exits 0 on an error answer too: a JSON error body (TorchServe's {"code": 4xx/5xx, ...},
         # the handler's and the v2 {"error": ...}) counts as a failure
         error_answer = cmd.lstrip("{ ").startswith(("curl", "printf")) and bool(
-            re.search(r'"code":\s*[45]\d\d|^\{"error"', out, re.M))
-        r = {"doc": doc, "cmd": cmd, "rc": rc or (22 if error_answer else 0), "seconds": round(time.monotonic() - t0, 1),
+            re.search(r'"code":\s*[45]\d\d|^\{"error"', out, re.MULTILINE))
+        r = {"doc": doc, "cmd": cmd, "rc": rc or (22 if error_answer else 0),
+             "seconds": round(time.monotonic() - t0, 1),
              "traceback": "Traceback (most recent call last)" in out, "tail": out[-1500:]}
         results.append(r)
         return r
 
     def running() -> bool:
         return subprocess.run([str(root / ".venv/bin/python"), "-m", "serving.client", "idle"], cwd=root,
-                              env=env, capture_output=True).returncode != 0
+                              env=env, capture_output=True, check=False).returncode != 0
 
     token_server = False
     for step in plan:
@@ -199,7 +200,8 @@ def run_plan(root: Path, plan: list[dict]) -> list[dict]:
 def test_documented_commands_run_offline(tmp_path):
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         pytest.skip("needs unshare and ip (util-linux, iproute2) for a private network namespace")
-    probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, text=True,
+                           check=False)
     if probe.returncode != 0:
         pytest.skip(f"no private network namespace here (unshare -rn: {probe.stderr.strip()})")
     root = _sandbox(tmp_path / "checkout")
@@ -214,7 +216,7 @@ def test_documented_commands_run_offline(tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     out = subprocess.run(["unshare", "-rn", "bash", "-c", "ip link set lo up && exec \"$0\" \"$1\" run \"$2\" \"$3\"",
                           sys.executable, __file__, str(root), str(tmp_path / "plan.json")],
-                         capture_output=True, text=True, timeout=1750)
+                         capture_output=True, text=True, timeout=1750, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = json.loads((tmp_path / "plan.json.results").read_text())
     table = "\n".join(f"{r['rc']:>3} {r['seconds']:6.1f}s  {r['doc']:18s} {' '.join(r['cmd'].split())[:110]}"
@@ -244,7 +246,7 @@ def test_make_help_lists_every_target():
             if line.startswith(".PHONY:"):
                 phony.update(line.split(":", 1)[1].split())
     out = subprocess.run(["make", "-s", "--no-print-directory", "help"], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     listed = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("  make ")}
     documented = {t for path in DOCS for t in re.findall(r"\bmake ([a-z][\w-]*)", path.read_text())} & phony
