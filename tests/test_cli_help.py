@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-CLIS = ["training.__main__", "export.__main__", "serving.__main__", "serving.client", "loadtest.resilience",
-        "loadtest.openloop", "loadtest.stall_server", "loadtest.stall_demo"]
+CLIS = ["training.__main__", "export.__main__", "export.samples", "export.reliability", "serving.__main__",
+        "serving.client", "loadtest.resilience", "loadtest.openloop", "loadtest.stall_server", "loadtest.stall_demo"]
 
 
 class _Captured(Exception):
