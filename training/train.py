@@ -106,8 +106,13 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     """A schedule stepped after every optimizer step, ``total_steps`` long, warm-up included."""
     warmup = warmup_steps(cfg, total_steps)
     if cfg.schedule == "onecycle":
+        if total_steps < 4:  # OneCycleLR divides by each phase's length - 1: a tiny run keeps a constant lr
+            return None
+        # its rising phase must be 2 .. total_steps - 2 steps long for the same reason (1 raised
+        # ZeroDivisionError on a 7-step run)
+        rising = min(max(warmup, 2), total_steps - 2)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=max(warmup / total_steps, 1e-3),
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=rising / total_steps,
             anneal_strategy="cos", cycle_momentum=cfg.optimizer == "sgd")
     if cfg.schedule == "cosine":
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup))
