@@ -42,7 +42,8 @@ def visualize(checkpoint: str | Path, image: str | Path | None, out_dir: str | P
                                     f"samples, e.g. samples/{run}/")
         x = build_transform(contract)(Image.open(image)).unsqueeze(0)  # (1, C, H, W), normalised
         maps: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: maps.__setitem__(n, o.detach()))
+        # clone: an in-place ReLU after the conv (cifarnet's) would otherwise rewrite the stored map
+        hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: maps.__setitem__(n, o.detach().clone()))
                  for n, m in convs]
         with torch.no_grad():
             probs = torch.softmax(model(x), 1)[0]
