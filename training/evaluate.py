@@ -70,7 +70,9 @@ def plot_misclassified(images: list[torch.Tensor], labels: list[int], probs: lis
 
     cols = min(8, max(1, len(images)))
     rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols + 0.4, 1.75 * rows + 0.6), dpi=100, squeeze=False)
+    # at least 7 inches wide: the title must fit also over one image (or none)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(7.0, 1.5 * cols + 0.4), 1.75 * rows + 0.6), dpi=100,
+                             squeeze=False)
     mean = torch.tensor(contract.mean).view(-1, 1, 1)
     std = torch.tensor(contract.std).view(-1, 1, 1)
     names = contract.class_names
