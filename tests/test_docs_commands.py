@@ -38,8 +38,10 @@ SHELL_FENCES = ("bash", "sh", "shell")
 NOT_RUN: list[tuple[str, str]] = [
     (r"make test\b", "the test suite itself"),
     (r"make train( *$| *#| RUN=(mnist|cifarnet|r9) )", "downloads CIFAR-10 / MNIST (network)"),
-    (r"make train RUN=fashion .*DATA_DIR=/usr/share/datasets", ("needs Debian's dataset-fashion-mnist "
-                                                               "(apt, network)")),
+    (r"(make train RUN=fashion|python -m training train --run fashion) .*/usr/share/datasets",
+     "needs Debian's dataset-fashion-mnist (apt, network)"),
+    (r"python -m training train --run digits --model mnist_cnn --dataset digits --epochs 15 --min-steps 0",
+     "make demo's training step (make demo runs it)"),
     (r"make export *(#|$)", "exports the served runs cifarnet and mnist, trained on downloaded data"),
     (r"make archive RUN=cifarnet", "needs the cifarnet export (CIFAR-10, network)"),
     (r"make (export RUN=digits|demo-serve)\b", ("what make demo already ran (its export, samples, "
@@ -63,28 +65,37 @@ NOT_RUN: list[tuple[str, str]] = [
 ]
 
 
-def fenced_commands(path: Path) -> list[str]:
-    """The shell commands of ``path``'s bash/sh/shell fences, in order (comment-only lines dropped)."""
-    commands = []
+def fenced_commands(path: Path) -> list[tuple[str, str | None]]:
+    """The shell commands of ``path``'s bash/sh/shell fences, in order (comment-only lines dropped), each
+    with the ``make serve ...`` command an earlier line of its block starts its server with (None: any
+    server will do): the curl lines under ``make serve RUNTIME=oip`` need that runtime."""
+    commands: list[tuple[str, str | None]] = []
     for block in re.finditer(r"^```(\w*)\n(.*?)^```", path.read_text(), re.DOTALL | re.MULTILINE):
         if block.group(1) not in SHELL_FENCES:
             continue
-        pending = ""
+        pending, server = "", None
         for line in block.group(2).splitlines():
             if not pending and (not line.strip() or line.lstrip().startswith("#")):
                 continue
             pending = f"{pending}\n{line}" if pending else line
             if _complete(pending):
-                commands.append(pending)
+                commands.append((pending, server))
+                if re.match(r"make serve\b(?!.*&&)", pending):
+                    server = _uncommented(pending)
                 pending = ""
         assert not pending, f"{path.name}: unfinished command at the end of a block: {pending!r}"
-    joined: list[str] = []  # TOKEN=$(...) belongs to the command that uses it
-    for cmd in commands:
-        if joined and re.fullmatch(r"[A-Z_]+=\$\(.*\)", joined[-1], re.DOTALL):
-            joined[-1] += "\n" + cmd
+    joined: list[tuple[str, str | None]] = []  # TOKEN=$(...) belongs to the command that uses it
+    for cmd, server in commands:
+        if joined and re.fullmatch(r"[A-Z_]+=\$\(.*\)", joined[-1][0], re.DOTALL):
+            joined[-1] = (joined[-1][0] + "\n" + cmd, server)
         else:
-            joined.append(cmd)
+            joined.append((cmd, server))
     return joined
+
+
+def _uncommented(cmd: str) -> str:
+    """``cmd`` without its trailing ``# comments``, on one line."""
+    return " ".join(" ".join(re.sub(r"\s+#[^'\"]*$", "", line) for line in cmd.splitlines()).split())
 
 
 def _complete(text: str) -> bool:
@@ -94,37 +105,36 @@ def _complete(text: str) -> bool:
     return subprocess.run(["bash", "-n", "-c", text], check=False, capture_output=True).returncode == 0
 
 
-def documented_commands() -> list[tuple[str, str]]:
-    """(document name, command) for every command of README.md and docs/*.md, first occurrence only."""
+def documented_commands() -> list[tuple[str, str, str | None]]:
+    """(document name, command, the server it needs) for every command of README.md and docs/*.md, first
+    occurrence only (the same command documented twice, with other comments, runs once)."""
     seen, out = set(), []
     for path in DOCS:
-        for cmd in fenced_commands(path):
-            # the same command documented twice (with other comments) runs once
-            key = " ".join(re.sub(r"\s+#[^'\"]*$", "", line) for line in cmd.splitlines()).split()
-            key = " ".join(key)
+        for cmd, server in fenced_commands(path):
+            key = _uncommented(cmd)
             if key not in seen:
                 seen.add(key)
-                out.append((str(path.relative_to(REPO)), cmd))
+                out.append((str(path.relative_to(REPO)), cmd, server))
     return out
 
 
 def not_run_reason(cmd: str) -> str | None:
     for pattern, reason in NOT_RUN:
-        if re.match(pattern, cmd.strip()):
+        if re.match(pattern, cmd.strip(), re.DOTALL):
             return reason
     return None
 
 
 def test_extraction_finds_the_documented_commands():
-    cmds = [c for _, c in documented_commands()]
+    cmds = [c for _, c, _ in documented_commands()]
     assert cmds[0].startswith("make demo"), cmds[:2]
     assert any("--data-binary @-" in c and "base64" in c for c in cmds), "the streamed base64 recipe"
     assert all(not c.lstrip().startswith("#") for c in cmds)
 
 
 def test_not_run_list_is_current():
-    cmds = [c for _, c in documented_commands()]
-    unused = [p for p, _ in NOT_RUN if not any(re.match(p, c.strip()) for c in cmds)]
+    cmds = [c for _, c, _ in documented_commands()]
+    unused = [p for p, _ in NOT_RUN if not any(re.match(p, c.strip(), re.DOTALL) for c in cmds)]
     assert not unused, f"NOT_RUN patterns that match no documented command (remove them): {unused}"
 
 
@@ -179,16 +189,23 @@ def run_plan(root: Path, plan: list[dict]) -> list[dict]:
         return subprocess.run([str(root / ".venv/bin/python"), "-m", "serving.client", "idle"], cwd=root,
                               env=env, capture_output=True, check=False).returncode != 0
 
-    token_server = False
+    current = None  # the `make serve ...` command the running server was started with
     for step in plan:
         cmd = step["cmd"]
-        wants_token = "key_file.json" in cmd or "$TOKEN" in cmd
-        if (STARTS_SERVER.match(cmd) or wants_token != token_server) and running():
-            sh("make stop", "(runner)")
-            token_server = False
-        if TALKS_TO_SERVER.search(cmd) and not STARTS_SERVER.match(cmd) and not running():
-            sh("make serve TOKEN=1" if wants_token else "make serve", "(runner)")
-            token_server = wants_token
+        if STARTS_SERVER.match(cmd):
+            if running():
+                sh("make stop", "(runner)")
+            sh(cmd, step["doc"])
+            current = _uncommented(cmd) if running() else None
+            continue
+        if TALKS_TO_SERVER.search(cmd):
+            wants_token = "key_file.json" in cmd or "$TOKEN" in cmd
+            desired = step.get("server") or ("make serve TOKEN=1" if wants_token else "make serve")
+            if not running() or current != desired:
+                if running():
+                    sh("make stop", "(runner)")
+                sh(desired, "(runner)")
+                current = desired
         sh(cmd, step["doc"])
     if running():
         sh("make stop", "(runner)")
@@ -206,12 +223,12 @@ def test_documented_commands_run_offline(tmp_path):
         pytest.skip(f"no private network namespace here (unshare -rn: {probe.stderr.strip()})")
     root = _sandbox(tmp_path / "checkout")
     plan = []
-    for doc, cmd in documented_commands():
+    for doc, cmd, server in documented_commands():
         if not_run_reason(cmd) is None:
             if cmd.strip() == "make demo" or cmd.startswith("make demo "):
                 cmd = cmd.replace("make demo", "make demo DEMO_TRAIN_ARGS='--run digits --model mnist_cnn "
                                                "--dataset digits --epochs 2 --min-steps 0'", 1)
-            plan.append({"doc": doc, "cmd": cmd})
+            plan.append({"doc": doc, "cmd": cmd, "server": server})
     assert plan[0]["cmd"].startswith("make demo")
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     out = subprocess.run(["unshare", "-rn", "bash", "-c", "ip link set lo up && exec \"$0\" \"$1\" run \"$2\" \"$3\"",
