@@ -14,7 +14,7 @@ TOKEN        ?=
 RUNTIME      ?=
 DEMO_COUNT   ?= 8
 
-.PHONY: archive serve stop demo-serve bench-hostile
+.PHONY: archive serve stop demo-serve bench-hostile bench-protocol
 archive: $(VENV_SERVE) ## [RUN=x ARCHIVE_ARGS=...] model_store/<RUN>.mar (no RUN: every exported run)
 ifeq ($(RUN),)
 	@runs=$$(ls artifacts/*/manifest.json 2>/dev/null | cut -d/ -f2 || true); \
@@ -38,3 +38,6 @@ demo-serve: $(VENV_SERVE) ## serve -> post held-out digits, print predicted vs t
 
 bench-hostile: $(VENV_SERVE) ## the costliest request each limit admits, CPU ms on one core
 	$(PY) bench/bench_hostile.py --docs docs/benchmarks.md --json $(or $(REPORTS),reports)/hostile.json
+
+bench-protocol: $(VENV_ALL) ## both runtimes: tritonclient HTTP and gRPC calls, 2,000 pipelined requests, Connection: close
+	$(PY) bench/bench_protocol.py --docs docs/benchmarks.md --reports $(or $(REPORTS),reports)

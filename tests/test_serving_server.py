@@ -31,7 +31,7 @@ def test_serve_cli_archived_and_warmed_up(served):
     out = served["serve_output"]
     assert "digits: wrote" in out  # exported but not archived -> archived by `serve`
     assert "cifarnet: version" in out and "digits: version" in out and "warm-up answered" in out
-    assert 'curl -H "Authorization: Bearer $TOKEN" -X POST' in out and "/predictions/digits -T image.png" in out
+    assert 'curl -H "Authorization: Bearer $TOKEN"' in out and "/predictions/digits" in out
     assert "TOKEN=$(python3 -c" in out and str(served["work"] / "key_file.json") in out
     assert (served["work"] / PID_FILE).is_file()
 

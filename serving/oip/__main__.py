@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> RuntimeConfig:
     p.add_argument("--workdir", default=d.workdir, help="unpacked archives, workers.json, key_file.json")
     p.add_argument("--token", action="store_true", help="require Authorization: Bearer <key> (key_file.json)")
     p.add_argument("--drain", type=int, default=d.drain_s, help="seconds to answer in-flight requests on SIGTERM")
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default=d.loop,
+                   help="the workers' event loop")
     limits = p.add_argument_group("connection limits (serving.oip.http.HttpLimits documents each)")
     for f in dataclasses.fields(HttpLimits):
         limits.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
@@ -44,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> RuntimeConfig:
         p.error(f"--workers must be at least 1, got {a.workers}")
     return RuntimeConfig(model_store=a.model_store, models=tuple(models), http=a.http, grpc=a.grpc,
                          metrics=a.metrics, workers=a.workers, device=a.device, workdir=a.workdir,
-                         token=a.token, drain_s=a.drain,
+                         token=a.token, drain_s=a.drain, loop=a.loop,
                          http_limits=HttpLimits(**{f.name: getattr(a, f.name) for f in dataclasses.fields(HttpLimits)}))
 
 

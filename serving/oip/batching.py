@@ -117,7 +117,8 @@ class LoadedModel:
         ctx = self.service.context
         input_batch, processors = [], []
         for req in batch:
-            model_in, props = {}, {}
+            model_in: dict[str, object] = {}
+            props: dict[str, object] = {}
             for name, value, ctype in req.parameters:
                 model_in[name] = value
                 props[name] = {"content-type": ctype}
@@ -132,11 +133,11 @@ class LoadedModel:
         try:
             answers = self.service._entry_point(input_batch, ctx)
         except MemoryError:
-            logger.error("%s: out of memory", self.spec.name, exc_info=True)
+            logger.exception("%s: out of memory", self.spec.name)
             return [error_reply(507, "out_of_resources", "the worker ran out of memory")] * len(batch)
         except PredictionException as e:
             return [error_reply(e.error_code, "prediction_error", e.message)] * len(batch)
-        except Exception:  # noqa: BLE001 -- a handler bug fails its batch, not the worker (as TorchServe)
+        except Exception:
             logger.warning("%s: invoking the handler failed", self.spec.name, exc_info=True)
             return [error_reply(503, "prediction_failed", "the handler failed on this batch")] * len(batch)
         took_ms = (time.time() - start) * 1e3
@@ -217,7 +218,7 @@ class Batcher:
 
     def _fire(self) -> None:
         self._timer, self._now = None, False
-        batch = []
+        batch: list[tuple[Inbound, asyncio.Future]] = []
         while self.pending and len(batch) < self.batch_size:
             req, fut = self.pending.popleft()
             if not fut.done():  # a client that went away is not worth a model call
@@ -226,7 +227,7 @@ class Batcher:
             started = time.perf_counter()
             self.model.metrics.queued([started - r.enqueued for r, _ in batch])
             replies = self.model.run([r for r, _ in batch])
-            for (_, fut), reply in zip(batch, replies):
+            for (_, fut), reply in zip(batch, replies, strict=True):
                 if not fut.done():
                     fut.set_result(reply)
         self._schedule()

@@ -69,7 +69,7 @@ class BoundedProtocol(HttpToolsProtocol):
 
     limits = HttpLimits()  # set per server by ``protocol_for``
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._header_bytes = 0
         self._read_timer: asyncio.TimerHandle | None = None
@@ -336,9 +336,10 @@ class App:
     async def _infer(self, method: str, name: str, scope, receive, headers: dict[str, str], route: str) -> Reply:
         if method != "POST":
             return error_reply(405, "method_not_allowed", f"{method} {clip(scope['path'])}: use POST")
-        model, batcher = self.rt.models.get(name) or (None, None)
-        if model is None:
+        entry = self.rt.models.get(name)
+        if entry is None:
             self._model(name)  # raises the 404
+        model, batcher = entry
         if not batcher.admit():
             # Refused before any work; the body is still read (and dropped): closing a socket with unread
             # bytes makes the kernel send a reset, and the client would lose this answer.
@@ -355,6 +356,7 @@ class App:
         body = await read_body(receive, self.rt.http_limits.max_request_bytes)
         ctype = headers.get("content-type", "")
         chosen, binary = None, False
+        params: list[tuple[str, object, str]]
         if route == "v2":
             if v2.HEADER_LENGTH in headers:  # the binary tensor extension; its errors are ours to answer
                 try:

@@ -50,7 +50,7 @@ class ModelSpec:
         return {**self.__dict__, "model_dir": str(self.model_dir)}
 
     @classmethod
-    def from_json(cls, doc: dict) -> "ModelSpec":
+    def from_json(cls, doc: dict) -> ModelSpec:
         return cls(**{**doc, "model_dir": Path(doc["model_dir"])})
 
 

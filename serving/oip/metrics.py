@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Final
 
 from serving.metrics import BY_NAME, DEFAULT_BUCKETS, METRICS, Metric
 
@@ -26,7 +28,7 @@ HOSTNAME = socket.gethostname()
 EXPORTED_SOURCES = ("frontend", "handler", "worker")  # dcgm metrics come from NVIDIA's exporter
 HOST_METRICS = ("CPUUtilization", "MemoryUsed", "MemoryAvailable", "MemoryUtilization", "DiskAvailable",
                 "DiskUtilization")  # read at scrape time, not kept
-GAUGE_MODE = "mostrecent"  # a gauge is "the latest value" in TorchServe too
+GAUGE_MODE: Final = "mostrecent"  # a gauge is "the latest value" in TorchServe too
 
 
 def prepare_multiprocess_dir(path: Path) -> None:
@@ -36,10 +38,10 @@ def prepare_multiprocess_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def _build() -> dict[str, object]:
+def _build() -> dict[str, Any]:
     from prometheus_client import Counter, Gauge, Histogram
 
-    made: dict[str, object] = {}
+    made: dict[str, Any] = {}
     for m in METRICS:
         if m.source not in EXPORTED_SOURCES or m.name in HOST_METRICS:
             continue
@@ -58,23 +60,27 @@ class WorkerMetrics:
 
     def __init__(self) -> None:
         self._m = _build()
+        self._bound: dict[tuple, Callable[[float], None]] = {}
         for status in (200, 400, 500):  # every status class exported from the start, 0 until it happens
             self.record(f"Requests{status // 100}XX", 0, "Host")
 
     def record(self, name: str, value: float, *labels: str) -> None:
+        key = (name, labels)
+        update = self._bound.get(key)
+        if update is None:
+            update = self._bound[key] = self._bind(name, labels)
+        update(value)
+
+    def _bind(self, name: str, labels: tuple[str, ...]) -> Callable[[float], None]:
+        """The update function of one series (looked up once: ``labels()`` takes a lock and a dict walk)."""
         metric = self._m.get(name)
         if metric is None:  # not declared: TorchServe would not export it either
-            return
+            return lambda _value: None
         decl = BY_NAME[name]
         if len(labels) < len(decl.exported_labels):  # the host's name, added to every model metric
             labels = (*labels, HOSTNAME)
         bound = metric.labels(*labels)
-        if decl.kind == "counter":
-            bound.inc(value)
-        elif decl.kind == "gauge":
-            bound.set(value)
-        else:
-            bound.observe(value)
+        return getattr(bound, {"counter": "inc", "gauge": "set", "histogram": "observe"}[decl.kind])
 
     # ---- the frontend's metrics ----------------------------------------------------------------
     def response(self, status: int) -> None:
@@ -92,7 +98,7 @@ class WorkerMetrics:
     def worker_loaded(self, worker: str, ms: float) -> None:
         self.record("WorkerLoadTime", round(ms, 1), worker, "Host")
 
-    def cache(self, model_name: str) -> "TsMetricsCache":
+    def cache(self, model_name: str) -> TsMetricsCache:
         return TsMetricsCache(self, model_name)
 
 

@@ -1,7 +1,8 @@
 """The Open Inference Protocol runtime's main process: archives, sockets, workers, drain.
 
-It unpacks the archives once, binds the HTTP and metrics sockets (so a taken port is one clear error,
-before any model loads), starts the worker processes with those sockets, restarts a worker that dies
+It unpacks the archives once, checks the HTTP and gRPC ports are free and binds the metrics socket (so
+a taken port is one clear error, before any model loads), starts the worker processes (each binds the
+HTTP and gRPC ports itself with SO_REUSEPORT: the kernel spreads new connections over them), restarts a worker that dies
 after it was up, gives up when one dies while loading (a broken archive does not heal), and on SIGTERM
 or SIGINT lets every worker drain (in-flight requests answered) before it exits 0. No Java, no
 management API: what is served is what the archives named at start hold.
@@ -9,7 +10,6 @@ management API: what is served is what the archives named at start hold.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -46,7 +46,7 @@ class RuntimeConfig:
         workdir: unpacked archives, worker logs, workers.json, key_file.json, metric files.
         token: require ``Authorization: Bearer <key>`` on inference routes (key in key_file.json).
         drain_s: seconds a worker may take to answer what is in flight after SIGTERM.
-        http_limits: per-connection bounds.
+        loop: the workers' event loop, uvloop (faster) or asyncio.
     """
 
     model_store: str = "model_store"
@@ -59,6 +59,7 @@ class RuntimeConfig:
     workdir: str = "logs/oip"
     token: bool = False
     drain_s: int = 30
+    loop: str = "uvloop"
     http_limits: HttpLimits = field(default_factory=HttpLimits)
 
 
@@ -69,10 +70,13 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def bind(address: str, what: str) -> socket.socket:
+def bind(address: str, what: str, reuse_port: bool = False) -> socket.socket:
+    """A listening socket on ``address``; ``reuse_port``: one of several (one per worker) on the port."""
     host, port = _split(address)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -103,7 +107,7 @@ class Supervisor:
         cfg = self.cfg
         if not cfg.models:
             raise StartError(f"no models to serve: name them (--models) or put archives in {cfg.model_store}/")
-        self.http_sock = bind(cfg.http, "http")
+        check_free(cfg.http, "http")
         self.metrics_sock = bind(cfg.metrics, "metrics")
         check_free(cfg.grpc, "grpc")
         self.specs = open_archives(Path(cfg.model_store), list(cfg.models), self.workdir)
@@ -121,8 +125,9 @@ class Supervisor:
             (self.workdir / KEY_FILE).unlink(missing_ok=True)
         self.settings = self.run_dir / "settings.json"
         atomic_write_json(self.settings, {"models": [s.to_json() for s in self.specs], "grpc": cfg.grpc,
+                                          "http": cfg.http,
                                           "workers": self.n, "device": cfg.device, "token": token,
-                                          "drain_s": cfg.drain_s, "run_dir": str(self.run_dir),
+                                          "drain_s": cfg.drain_s, "run_dir": str(self.run_dir), "loop": cfg.loop,
                                           "http_limits": asdict(cfg.http_limits)})
         self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir),
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -130,9 +135,8 @@ class Supervisor:
     def spawn(self, slot: int) -> None:
         (self.run_dir / f"worker-{slot}.ready").unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "serving.oip.worker", "--config", str(self.settings), "--slot", str(slot),
-               "--http-fd", str(self.http_sock.fileno()), "--metrics-fd", str(self.metrics_sock.fileno())]
-        self.procs[slot] = subprocess.Popen(cmd, env=self.env, pass_fds=(self.http_sock.fileno(),
-                                                                         self.metrics_sock.fileno()))
+               "--metrics-fd", str(self.metrics_sock.fileno())]
+        self.procs[slot] = subprocess.Popen(cmd, env=self.env, pass_fds=(self.metrics_sock.fileno(),))
         self.started[slot] = time.time()
         self.up.discard(slot)
         self.write_workers()
@@ -193,7 +197,6 @@ class Supervisor:
                 proc.wait()
 
     def _drain(self) -> int:
-        self.http_sock.close()
         self.metrics_sock.close()
         self._stop_all()
         logger.info("stopped")

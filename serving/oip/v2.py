@@ -107,7 +107,8 @@ def requested_outputs(doc: Any) -> tuple[dict[str, bool] | None, bool]:
     """({output name: binary?} the request lists, or None for all; binary default for unlisted)."""
     if not isinstance(doc, dict):
         return None, False
-    params = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
+    raw = doc.get("parameters")
+    params = raw if isinstance(raw, dict) else {}
     default_binary = params.get("binary_data_output") is True
     outputs = doc.get("outputs")
     if not isinstance(outputs, list):
@@ -115,7 +116,8 @@ def requested_outputs(doc: Any) -> tuple[dict[str, bool] | None, bool]:
     chosen = {}
     for o in outputs:
         if isinstance(o, dict) and isinstance(o.get("name"), str):
-            p = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
+            raw = o.get("parameters")
+            p = raw if isinstance(raw, dict) else {}
             chosen[o["name"]] = p.get("binary_data", default_binary) is True
     return chosen, default_binary
 
@@ -153,7 +155,8 @@ def server_metadata(version: str) -> dict:
 def model_metadata(name: str, version: str, handler) -> dict:
     """Inputs and outputs from the model's contract (our handler); a stock handler declares none."""
     core = getattr(handler, "core", None)
-    doc = {"name": name, "versions": [version], "platform": "torchserve_handler", "inputs": [], "outputs": []}
+    doc: dict[str, Any] = {"name": name, "versions": [version], "platform": "torchserve_handler", "inputs": [],
+                           "outputs": []}
     if core is None:
         return doc
     c, h, w = core.contract.input_shape
