@@ -17,7 +17,7 @@ For the checkpoint ``<runs-dir>/<run>/best.pt``:
     set accepted at the threshold export ships (set on the validation split);
   * with ``--artifacts``: the exported run's detector through every exported variant (the serving
     path, ``Runner.infer``), and the serving cost: ``InferenceCore.to_pixels`` + ``predict`` per image
-    at batch 1 and 8, with and without the score, rounds alternating (ABAB) on the same machine.
+    at batch 1 and 8, with and without the score, alternating call by call (``--cost-only``: just this).
 Prints markdown; ``--json`` writes the numbers (atomically).
 """
 
@@ -146,10 +146,11 @@ def variants_table(artifact_dir: Path, src, sets: dict[str, np.ndarray]) -> dict
     return out
 
 
-def serving_cost(artifact_dir: Path, pixels: np.ndarray, rounds: int = 15, calls: int = 40) -> dict:
+def serving_cost(artifact_dir: Path, pixels: np.ndarray, calls: int = 3000) -> dict:
     """ms per image through the inference core (PNG decode to the contract, then predict), with the
     detector and with it switched off (the logits alone, as a model exported without one answers),
-    batch 1 and 8, 1 thread, ABAB rounds; medians."""
+    batch 1 and 8, 1 thread. The two alternate call by call (ABAB...) and each is the median of its
+    calls, so that a shared machine's load drifts over both alike."""
     from export.runtime import load_variant, read_manifest
 
     manifest = read_manifest(artifact_dir)
@@ -162,21 +163,40 @@ def serving_cost(artifact_dir: Path, pixels: np.ndarray, rounds: int = 15, calls
         without.detector = None  # logits only: runner(pixels), no score
         for batch in (1, 8):
             times: dict[str, list[float]] = {"with ood": [], "without": []}
-            for core in (with_score, without):  # warm-up
-                core.predict(np.stack([core.to_pixels(b) for b in pngs[:batch]]))
-            for _ in range(rounds):
-                for label, core in (("with ood", with_score), ("without", without)):
+            cores = (("with ood", with_score), ("without", without))
+            n = max(200, calls // batch)
+            for i in range(n + 20):
+                for label, core in (cores if i % 2 else cores[::-1]):
                     t0 = time.perf_counter()
-                    for _ in range(calls):
-                        core.predict(np.stack([core.to_pixels(b) for b in pngs[:batch]]))
-                    times[label].append((time.perf_counter() - t0) / (calls * batch) * 1e3)
+                    core.predict(np.stack([core.to_pixels(b) for b in pngs[:batch]]))
+                    if i >= 20:  # the first calls warm up
+                        times[label].append((time.perf_counter() - t0) / batch * 1e3)
             med = {k: statistics.median(v) for k, v in times.items()}
             out[f"{name} b{batch}"] = {"with_ood_ms": med["with ood"], "without_ms": med["without"],
-                                       "overhead": med["with ood"] / med["without"] - 1.0}
+                                       "overhead": med["with ood"] / med["without"] - 1.0, "calls": n}
     return out
 
 
-def markdown(run: str, table: dict, variants: dict | None, cost: dict | None) -> str:
+def markdown(run: str, table: dict | None, variants: dict | None, cost: dict | None) -> str:
+    lines: list[str] = []
+    if table:
+        lines += methods_markdown(run, table)
+    if variants:
+        sets = [k for k in next(iter(variants.values())) if isinstance(next(iter(variants.values()))[k], dict)]
+        lines += ["", "The shipped detector through each exported variant (the serving path):", "",
+                  "| variant | accuracy | test flagged | " + " | ".join(sets) + " |", "|---|---|---|" + "---|" * len(sets)]
+        for name, row in variants.items():
+            lines.append(f"| {name} | {row['accuracy']:.4f} | {row['test_flagged']:.1%} | " + " | ".join(
+                f"{row[s]['auroc']:.4f} / {row[s]['fpr95']:.1%}" for s in sets) + " |")
+    if cost:
+        lines += ["", "Serving cost per image (PNG -> contract -> predict, 1 thread, calls alternating, medians):", "",
+                  "| variant, batch | with ood (ms) | without (ms) | overhead |", "|---|---|---|---|"]
+        for key, c in cost.items():
+            lines.append(f"| {key} | {c['with_ood_ms']:.4f} | {c['without_ms']:.4f} | {c['overhead']:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def methods_markdown(run: str, table: dict) -> list[str]:
     ind = table["_in_distribution"]
     sets = [k for k in table[ood.METHODS[0]] if k != "test_flagged"]
     lines = [f"**{run}**: test accuracy {ind['accuracy']:.4f}, ECE {ind['ece']:.4f} (T = {ind['temperature']:.3f}); "
@@ -187,18 +207,7 @@ def markdown(run: str, table: dict, variants: dict | None, cost: dict | None) ->
         row = table[method]
         lines.append(f"| {method} | {row['test_flagged']:.1%} | " + " | ".join(
             f"{row[s]['auroc']:.4f} / {row[s]['fpr95']:.1%}" for s in sets) + " |")
-    if variants:
-        lines += ["", "The shipped detector through each exported variant (the serving path):", "",
-                  "| variant | accuracy | test flagged | " + " | ".join(sets) + " |", "|---|---|---|" + "---|" * len(sets)]
-        for name, row in variants.items():
-            lines.append(f"| {name} | {row['accuracy']:.4f} | {row['test_flagged']:.1%} | " + " | ".join(
-                f"{row[s]['auroc']:.4f} / {row[s]['fpr95']:.1%}" for s in sets if s in row) + " |")
-    if cost:
-        lines += ["", "Serving cost per image (PNG -> contract -> predict, 1 thread, ABAB medians):", "",
-                  "| variant, batch | with ood (ms) | without (ms) | overhead |", "|---|---|---|---|"]
-        for key, c in cost.items():
-            lines.append(f"| {key} | {c['with_ood_ms']:.4f} | {c['without_ms']:.4f} | {c['overhead']:+.1%} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fit-size", type=int, default=ExportConfig.ood_fit_size, help="training images to fit on")
     p.add_argument("--eval-size", type=int, default=0, help="test images (0: all)")
     p.add_argument("--knn-k", type=int, default=ood.DEFAULT_KNN_K, help="k of the knn method")
+    p.add_argument("--cost-only", action="store_true", help="with --artifacts: only the serving cost")
     p.add_argument("--json", default=None, help="write the numbers here")
     a = p.parse_args(argv)
     cfg = ExportConfig(run=a.run, runs_dir=a.runs_dir, data_dir=a.data_dir, variants=("onnx-fp32",),
@@ -224,12 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {cfg.checkpoint_path} was trained without a validation split; the threshold needs one",
               file=sys.stderr)
         return 2
+    if a.cost_only and not a.artifacts:
+        print("error: --cost-only measures an export: give --artifacts", file=sys.stderr)
+        return 2
     sets = ood_sets(src.ckpt["dataset"], src.contract)
-    table = compare_methods(src, sets, a.knn_k, ood.DEFAULT_ACCEPTANCE)
-    variants = cost = None
+    table = variants = cost = None
+    if not a.cost_only:
+        table = compare_methods(src, sets, a.knn_k, ood.DEFAULT_ACCEPTANCE)
     if a.artifacts:
         artifact_dir = Path(a.artifacts) / a.run
-        variants = variants_table(artifact_dir, src, sets)
+        variants = None if a.cost_only else variants_table(artifact_dir, src, sets)
         cost = serving_cost(artifact_dir, src.heldout.images)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}\n")
     print(markdown(a.run, table, variants, cost))
