@@ -32,7 +32,7 @@ stop: $(VENV_SERVE) ## stop the server make serve started
 
 # Always stops the server, also when the client fails (its exit status is kept).
 demo-serve: $(VENV_SERVE) ## serve -> post held-out digits, print predicted vs true -> stop
-	$(PY) -m serving serve $(if $(RUNTIME),--runtime $(RUNTIME)) $(ARCHIVE_ARGS) $(SERVE_ARGS)
+	$(PY) -m serving serve --no-examples $(if $(RUNTIME),--runtime $(RUNTIME)) $(ARCHIVE_ARGS) $(SERVE_ARGS)
 	status=0; $(PY) -m serving.client demo --run digits --count $(DEMO_COUNT) || status=$$?; \
 	$(PY) -m serving stop; exit $$status
 

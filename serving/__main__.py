@@ -34,6 +34,7 @@ def _archive_config(a, run: str):
                          max_batch_delay_ms=a.max_batch_delay, min_workers=a.workers, max_workers=a.workers,
                          response_timeout_s=a.response_timeout, threads=a.threads,
                          job_queue_size=a.job_queue_size, min_confidence=a.min_confidence,
+                         ood_abstain=not a.no_ood_abstain,
                          limits=Limits(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Limits)}))
 
 
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arch.add_argument("--min-confidence", type=float, default=ad["min_confidence"],
                       help="answers whose calibrated top probability is below this say \"abstain\": true "
                            "(0: never; a request's min_confidence overrides it)")
+    arch.add_argument("--no-ood-abstain", action="store_true",
+                      help="an image the out-of-distribution detector flags keeps \"abstain\": false "
+                           "(its \"ood\": true still says so)")
     arch.add_argument("--job-queue-size", type=int, default=ad["job_queue_size"],
                       help="requests queued per model before TorchServe answers 503 at once")
     limits = common.add_argument_group("request limits (serving.core.Limits documents each)")
@@ -79,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--workdir", default=DEFAULT_WORKDIR, help="logs, pid file, key file")
     s.add_argument("--token", action="store_true", help="turn token authorization on (as in the container)")
     s.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every warm-up")
+    s.add_argument("--no-examples", action="store_true",
+                   help="do not print curl commands (for a caller that stops the server right after)")
     t = sub.add_parser("stop", help="stop the server `serve` started", formatter_class=HelpFormatter)
     t.add_argument("--workdir", default=DEFAULT_WORKDIR, help="the one `serve` used")
     return p.parse_args(argv)
@@ -117,6 +123,9 @@ def cmd_serve(a) -> int:
         raise
     for m, ans in answers.items():
         print(f"  {m}: version {ans['version']}, {ans['variant']} on {ans['device']}: warm-up answered")
+    if a.no_examples:
+        print(f"{name} is up at {server.local(server.inference_url)}.")
+        return 0
     print(f"\n{name} is up at {server.local(server.inference_url)} (stop it with `make stop`). "
           f"Try:\n{curl_examples(server, models)}")
     return 0
