@@ -8,7 +8,8 @@ intended send time is within the SLO, with 0 errors and >= 98 % of the offered r
 
   * **ours**: the project's handler at the recommended setting (``serving.archive`` defaults), on
     TorchServe;
-  * **oip**: the same archive on the Java-free runtime (``serving.oip``);
+  * **oip**: the same archive on the Java-free runtime (``serving.oip``), its batch delay screened
+    (``--oip-delays``: the runtime batches inline, so the delay TorchServe needs may only add latency);
   * **stock**: the stock-style TorchServe image handler (``loadtest/handlers/stock_handler.py``, eager,
     OMP_NUM_THREADS=1) at its best setting: each batch/delay/worker setting is screened closed loop
     and the best one is searched;
@@ -75,6 +76,7 @@ class Config:
     stock_settings: tuple[Setting, ...]
     triton_configs: tuple[TritonConfig, ...]
     profile_s: float
+    oip_delays: tuple[int, ...] = (5,)
 
 
 @dataclass
@@ -184,13 +186,14 @@ def start_ours(cfg: Config, images: list[bytes], work: Path, stack: ExitStack) -
     return Running(Target.post(f"{ts.url}/predictions/{cfg.run}", images), ts.server.pid, ts, setting), acfg
 
 
-def start_oip(cfg: Config, images: list[bytes], work: Path, stack: ExitStack) -> Running:
-    """The same archive as ``ours``, on the oip runtime."""
-    acfg = ArchiveConfig(run=cfg.run, artifacts_dir=str(cfg.artifacts_dir), model_store=str(work / "ours"))
+def start_oip(cfg: Config, images: list[bytes], work: Path, stack: ExitStack, delay_ms: int) -> Running:
+    """Our archive (``serving.archive`` defaults but the batch delay) on the oip runtime."""
+    acfg = ArchiveConfig(run=cfg.run, artifacts_dir=str(cfg.artifacts_dir), model_store=str(work / f"oip-d{delay_ms}"),
+                         max_batch_delay_ms=delay_ms)
     if not acfg.mar_path.is_file():
         build_archive(acfg, log=lambda _m: None)
-    srv = stack.enter_context(PrivateServer(work / "ours", [cfg.run], workdir=work / f"oip-{time.monotonic_ns()}",
-                                            runtime="oip"))
+    srv = stack.enter_context(PrivateServer(Path(acfg.model_store), [cfg.run],
+                                            workdir=work / f"oip-{time.monotonic_ns()}", runtime="oip"))
     setting = f"b{acfg.batch_size}/d{acfg.max_batch_delay_ms}/w{acfg.max_workers}, {acfg.threads} thread"
     return Running(Target.post(f"{srv.url}/predictions/{cfg.run}", images), srv.server.pid, srv, setting)
 
@@ -263,10 +266,11 @@ def measure_all(cfg: Config, images: list[bytes], variant: str, work: Path) -> d
         ours, acfg = start_ours(cfg, images, work, st)
         screens["ours"][ours.setting] = screen(ours.target, cfg)
         print(f"  ours {ours.setting}: closed loop {screens['ours'][ours.setting]:.0f} req/s", flush=True)
-    with ExitStack() as st:
-        oip = start_oip(cfg, images, work, st)
-        screens["oip"][oip.setting] = screen(oip.target, cfg)
-        print(f"  oip {oip.setting}: closed loop {screens['oip'][oip.setting]:.0f} req/s", flush=True)
+    for delay in cfg.oip_delays:
+        with ExitStack() as st:
+            oip = start_oip(cfg, images, work, st, delay)
+            screens["oip"][oip.setting] = screen(oip.target, cfg)
+            print(f"  oip {oip.setting}: closed loop {screens['oip'][oip.setting]:.0f} req/s", flush=True)
     for s in cfg.stock_settings:
         with ExitStack() as st:
             r = start_stock(cfg, s, images, work, st)
@@ -279,15 +283,17 @@ def measure_all(cfg: Config, images: list[bytes], variant: str, work: Path) -> d
             print(f"  triton {r.setting}: closed loop {screens['triton'][tc.label()]:.0f} req/s "
                   f"(ready in {r.server.ready_s:.1f} s)", flush=True)
     best_stock = max(cfg.stock_settings, key=lambda s: screens["stock"][s.label()])
+    best_oip = max(screens["oip"], key=screens["oip"].get)
+    best_delay = cfg.oip_delays[list(screens["oip"]).index(best_oip)]
     best_triton = max(cfg.triton_configs, key=lambda t: screens["triton"][t.label()])
     with ExitStack() as st:
-        running = {"ours": start_ours(cfg, images, work, st)[0], "oip": start_oip(cfg, images, work, st),
+        running = {"ours": start_ours(cfg, images, work, st)[0], "oip": start_oip(cfg, images, work, st, best_delay),
                    "triton": start_triton(cfg, best_triton, images, work, variant, st),
                    "stock": start_stock(cfg, best_stock, images, work, st)}
         answers = {k: top1_answers(running[k], k, images) for k in ("ours", "oip", "triton")}
         for r in running.values():
             warm(r.target, cfg)
-        closed = {"ours": next(iter(screens["ours"].values())), "oip": next(iter(screens["oip"].values())),
+        closed = {"ours": next(iter(screens["ours"].values())), "oip": screens["oip"][best_oip],
                   "stock": screens["stock"][best_stock.label()], "triton": screens["triton"][best_triton.label()]}
         print(f"  searching in lockstep: {', '.join(f'{k} {v.setting}' for k, v in running.items())}", flush=True)
         searches = search_lockstep(
@@ -433,6 +439,7 @@ def parse_args(argv=None) -> tuple[Config, str]:
     p.add_argument("--triton-configs", default="2:8:8:1000:2,2:8:8:5000:2,2:16:8:2000:4",
                    help="INSTANCES:MAX_BATCH:PREFERRED:QUEUE_DELAY_US:HTTP_THREADS,...")
     p.add_argument("--profile", type=float, default=6.0, help="py-spy seconds on ours at capacity; 0: none")
+    p.add_argument("--oip-delays", default="5,2,0", help="batch delays (ms) screened for the oip runtime")
     a = p.parse_args(argv)
     for need in (Path(a.artifacts_dir) / a.run / "manifest.json", Path(a.runs_dir) / a.run / "best.pt"):
         if not need.is_file():
@@ -442,7 +449,8 @@ def parse_args(argv=None) -> tuple[Config, str]:
     triton = tuple(TritonConfig(*(int(x) for x in c.split(":"))) for c in a.triton_configs.split(","))
     cfg = Config(a.run, Path(a.artifacts_dir), Path(a.runs_dir), Path(a.reports), Path(a.docs) if a.docs else None,
                  Path(a.triton_venv), SLO(p99_ms=a.slo_p99_ms), a.duration, a.warmup, a.screen, a.warm, a.max_points,
-                 tuple(Setting.parse(s) for s in a.stock_settings.split(",")), triton, a.profile)
+                 tuple(Setting.parse(s) for s in a.stock_settings.split(",")), triton, a.profile,
+                 tuple(int(x) for x in a.oip_delays.split(",")))
     return cfg, "python bench/bench_capacity.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
 

@@ -59,9 +59,10 @@ def _raw_response(code: int, type_: str, message: str) -> bytes:
 
 
 class _Refuse(Exception):
-    def __init__(self, code: int, type_: str, message: str) -> None:
+    def __init__(self, code: int, type_: str, message: str, body_bytes: int = 0) -> None:
         super().__init__(message)
         self.answer = _raw_response(code, type_, message)
+        self.body_bytes = body_bytes  # a body still on its way, read and dropped before closing
 
 
 class BoundedProtocol(HttpToolsProtocol):
@@ -72,6 +73,7 @@ class BoundedProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._header_bytes = 0
+        self._discard = 0
         self._read_timer: asyncio.TimerHandle | None = None
         if len(self.connections) > self.limits.max_connections:
             transport.write(_raw_response(503, "too_many_connections",
@@ -94,6 +96,9 @@ class BoundedProtocol(HttpToolsProtocol):
         self._read_timer = None
         if self.transport.is_closing():
             return
+        if self._discard:  # the refusal was sent already
+            self.transport.close()
+            return
         if self.cycle is None or self.cycle.response_complete:  # nothing of ours in flight: say why
             self.transport.write(_raw_response(408, "request_timeout",
                                                f"the request was not received within "
@@ -105,22 +110,38 @@ class BoundedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._discard:  # the rest of a refused body: dropped, then the connection closes
+            self._discard -= len(data)
+            if self._discard <= 0:
+                self.transport.close()
+            return
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
         except _Refuse as r:
-            self._refuse(r.answer)
+            self._refuse(r.answer, r.body_bytes, data)
         except httptools.HttpParserUpgrade:
             self._refuse(_raw_response(400, "bad_request", "protocol upgrades are not supported"))
-        except httptools.HttpParserError as e:
+        except httptools.HttpParserError as e:  # a _Refuse raised in a callback arrives wrapped in one
             cause = e.__context__ if isinstance(e.__context__, _Refuse) else None
-            self._refuse(cause.answer if cause else _raw_response(400, "bad_request",
-                                                                   f"not a valid HTTP/1.1 request ({clip(str(e))})"))
+            if cause is not None:
+                self._refuse(cause.answer, cause.body_bytes, data)
+            else:
+                self._refuse(_raw_response(400, "bad_request", f"not a valid HTTP/1.1 request ({clip(str(e))})"))
 
-    def _refuse(self, answer: bytes) -> None:
+    def _refuse(self, answer: bytes, body_bytes: int = 0, data: bytes = b"") -> None:
+        """Answer and close. With a body still arriving, close only once it has (within the read
+        timeout): closing a socket that is still receiving makes the kernel reset it, and a client
+        busy sending its body would lose the answer."""
         self._disarm()
-        if not self.transport.is_closing():
-            self.transport.write(answer)
+        if self.transport.is_closing():
+            return
+        self.transport.write(answer)
+        end = data.find(b"\r\n\r\n")
+        self._discard = body_bytes - (len(data) - end - 4 if end >= 0 else 0)
+        if self._discard > 0:
+            self._arm()  # a client that stops sending is still closed after the read timeout
+        else:
             self.transport.close()
 
     def on_message_begin(self) -> None:
@@ -137,7 +158,7 @@ class BoundedProtocol(HttpToolsProtocol):
         if name.lower() == b"content-length" and value.strip().isdigit() and \
                 int(value) > self.limits.max_request_bytes:
             raise _Refuse(413, "request_too_large", f"the body is {int(value)} bytes, over the limit of "
-                                                    f"{self.limits.max_request_bytes}")
+                                                    f"{self.limits.max_request_bytes}", body_bytes=int(value))
         super().on_header(name, value)
 
     def _count(self, n: int) -> None:
