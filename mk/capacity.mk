@@ -1,6 +1,6 @@
 # ---- capacity, open loop, with the peers (bench/bench_capacity.py, loadtest/openloop.py) ---------
 # make capacity        ours (TorchServe and oip runtimes) vs the stock-style handler at its best setting vs NVIDIA Triton, plus the
-#                      no-op ceiling and in-process core bounds (~8 min idle, 15+ shared); reports/capacity.json, docs
+#                      no-op ceilings and in-process core bounds (~10 min idle); reports/capacity.json, docs
 # make capacity-demo   the open-loop generator vs a closed loop on a server that stalls 200 ms a second
 CAPACITY_RUN  ?= digits
 CAPACITY_ARGS ?=
@@ -21,7 +21,7 @@ $(TRITON_VENV)/.stamp:
 	$(TRITON_VENV)/bin/pip install -q --no-deps $(TRITON_WHEELS)
 	touch $@
 
-capacity: $(VENV_LOADTEST) $(TRITON_VENV)/.stamp ## open loop: ours on TorchServe and on oip vs the stock handler vs NVIDIA Triton (~11 min idle)
+capacity: $(VENV_LOADTEST) $(TRITON_VENV)/.stamp ## open loop: ours on TorchServe and on oip vs the stock handler vs NVIDIA Triton (~10 min idle)
 	$(PY) bench/bench_capacity.py --run $(CAPACITY_RUN) --reports $(REPORTS) --triton-venv $(TRITON_VENV) $(CAPACITY_ARGS)
 
 capacity-demo: $(VENV_LOADTEST) ## the open-loop generator vs a closed loop on a server that stalls
