@@ -23,28 +23,15 @@ export CONTAINERS_CONF="$PWD/deploy/smoke/containers.conf"
 say() { echo "docker-smoke: $*"; }
 die() { echo "docker-smoke: error: $*" >&2; exit 1; }
 
-command -v podman >/dev/null || die "podman not found: apt-get install podman runc debootstrap"
-ls "$SMOKE_MODEL_STORE"/digits.mar >/dev/null 2>&1 \
-    || die "no $SMOKE_MODEL_STORE/digits.mar: make train RUN=digits DATASET=digits && make export RUN=digits && make archive RUN=digits (or set SMOKE_MODEL_STORE)"
-mkdir -p "$SMOKE_DIR"
-
-# 1. Base image: a debootstrapped Debian bookworm with python3-venv, imported once.
 # shellcheck source=deploy/smoke/base_image.sh
 . "$(dirname "$0")/base_image.sh"
+smoke_preflight
+
+# 1. Base image: a debootstrapped Debian bookworm with python3-venv, imported once.
 ensure_base_image
 
-# 2. Build. Torch comes from this machine's wheel mirror when there is one (PyPI otherwise), and a
-#    TLS-intercepting proxy's CA (the host bundle) is handed to pip.
-build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg VARIANT=cpu)
-volumes=()
-if [ -d /opt/pypi-more/simple ]; then
-    build_args+=(--build-arg TORCH_INDEX_URL=file:///opt/pypi-more/simple)
-    volumes+=(-v /opt/pypi-more:/opt/pypi-more:ro)
-fi
-if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
-    build_args+=(--build-arg PIP_CERT=/etc/ssl/certs/host-ca.crt)
-    volumes+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/host-ca.crt:ro)
-fi
+# 2. Build (smoke_build_args: torch's wheel source and the proxy CA).
+smoke_build_args
 say "building $IMAGE (log: $SMOKE_DIR/build.log)"
 start=$(date +%s)
 podman build --format docker --network host -f deploy/docker/Dockerfile "${build_args[@]}" "${volumes[@]}" \
