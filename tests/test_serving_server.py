@@ -31,7 +31,9 @@ def test_serve_cli_archived_and_warmed_up(served):
     out = served["serve_output"]
     assert "digits: wrote" in out  # exported but not archived -> archived by `serve`
     assert "cifarnet: version" in out and "digits: version" in out and "warm-up answered" in out
-    assert 'curl -H "Authorization: Bearer $TOKEN"' in out and "/predictions/digits" in out
+    # the curl lines post samples/<RUN>/ (make demo / make export write it); a fresh clone has none yet
+    assert ('curl -H "Authorization: Bearer $TOKEN"' in out and "/predictions/digits" in out) \
+        or ("# no samples/digits/ to post" in out and not Path("samples/digits").is_dir())
     assert "TOKEN=$(python3 -c" in out and str(served["work"] / "key_file.json") in out
     assert (served["work"] / PID_FILE).is_file()
 
