@@ -112,7 +112,10 @@ async def serve(cfg: dict, rt: Runtime, loaded: dict, metrics_sock: socket.socke
 
     http_sock = bind(cfg["http"], "http", reuse_port=True)
     stop_accepting = accept_all(loop, http_sock, make_protocol)
-    server.on_exit = stop_accepting  # on SIGTERM: no new connections here (the kernel sends them elsewhere)
+    # On SIGTERM: no new connections here (the kernel sends them to the other workers). Done by the loop,
+    # not in the signal handler: that runs between any two bytecodes of a request or a batch, and
+    # anything it raised would land there (a request answered 500).
+    server.on_exit = lambda: loop.call_soon_threadsafe(stop_accepting)
 
     async def announce() -> None:  # the supervisor counts a worker up once it serves
         while not server.started:
@@ -131,7 +134,9 @@ class AcceptingServer(uvicorn.Server):
     on_exit: Callable[[], None] = staticmethod(lambda: None)
 
     def handle_exit(self, sig, frame) -> None:
-        self.on_exit()
+        # Once: a second SIGTERM (the process group's, then the supervisor's) finds nothing left to do.
+        on_exit, self.on_exit = self.on_exit, AcceptingServer.on_exit
+        on_exit()
         super().handle_exit(sig, frame)
 
 
@@ -161,8 +166,9 @@ def accept_all(loop: asyncio.AbstractEventLoop, listener: socket.socket, make_pr
     loop.add_reader(listener.fileno(), on_readable)
 
     def stop() -> None:
-        loop.remove_reader(listener.fileno())
-        listener.close()
+        if listener.fileno() != -1:  # not stopped yet
+            loop.remove_reader(listener.fileno())
+            listener.close()
 
     return stop
 
