@@ -115,7 +115,10 @@ async def serve(cfg: dict, rt: Runtime, loaded: dict, metrics_sock: socket.socke
     # On SIGTERM: no new connections here (the kernel sends them to the other workers). Done by the loop,
     # not in the signal handler: that runs between any two bytecodes of a request or a batch, and
     # anything it raised would land there (a request answered 500).
-    server.on_exit = lambda: loop.call_soon_threadsafe(stop_accepting)
+    def on_exit() -> None:
+        loop.call_soon_threadsafe(stop_accepting)
+
+    server.on_exit = on_exit
 
     async def announce() -> None:  # the supervisor counts a worker up once it serves
         while not server.started:
