@@ -2,6 +2,7 @@
 # make docker-build [VARIANT=cpu|cuda] [RUNTIME=oip]   image visionpipe-serve:$(VARIANT) (RUNTIME=oip:
 #                                        visionpipe-oip, the Java-free runtime) with model_store/*.mar baked in
 # make docker-smoke [RUNTIME=oip]        podman: build on a debootstrapped bookworm, run, post digits
+# make container-config                 deploy/config/config.properties from serving/config.properties
 # make k8s-validate                      render + schema-validate + checkov + hadolint, offline
 # make k8s-deploy [OVERLAY=cpu|gpu|oip]  kubectl apply -k (plus monitoring when its CRDs exist)
 # make k8s-smoke                         port-forward the Service, post golden images, check labels
@@ -27,12 +28,17 @@ TORCH_INDEX_URL_cpu  := https://download.pytorch.org/whl/cpu
 TORCH_INDEX_URL_cuda :=
 DOCKER_BUILD_ARGS ?=
 
-.PHONY: docker-build docker-smoke k8s-validate k8s-deploy k8s-smoke gpu-wheels gpu-oip check-image-runtime
+.PHONY: docker-build docker-smoke k8s-validate k8s-deploy k8s-smoke gpu-wheels gpu-oip check-image-runtime container-config
+# The container's TorchServe config is generated (never committed): make serve's config plus the few
+# settings deploy/container_config.py changes. Rendered every time: it takes well under a second.
+container-config: $(VENV_SERVE) ## deploy/config/config.properties (image, ConfigMap, KServe) from serving/config.properties
+	$(PY) deploy/container_config.py
+
 check-image-runtime:
 	@case "$(IMAGE_RUNTIME)" in torchserve|oip) ;; *) echo "error: RUNTIME=$(RUNTIME): use RUNTIME=torchserve (or none) or RUNTIME=oip" >&2; exit 2;; esac
 
 # --format docker: podman's default OCI image format drops HEALTHCHECK and SHELL.
-docker-build: check-image-runtime ## [VARIANT=cpu|cuda] [RUNTIME=oip] image visionpipe-serve:VARIANT (oip: visionpipe-oip:VARIANT) with model_store/*.mar baked in
+docker-build: check-image-runtime container-config ## [VARIANT=cpu|cuda] [RUNTIME=oip] image visionpipe-serve:VARIANT (oip: visionpipe-oip:VARIANT) with model_store/*.mar baked in
 	@case "$(VARIANT)" in cpu|cuda) ;; *) echo "error: VARIANT=$(VARIANT): use VARIANT=cpu or VARIANT=cuda" >&2; exit 2;; esac
 	@ls model_store/*.mar >/dev/null 2>&1 || echo "warning: no model_store/*.mar: the image will need models mounted at /opt/visionpipe/model-store (make archive bakes them in)" >&2
 	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker) -f $(DOCKERFILE_$(IMAGE_RUNTIME)) \
@@ -42,10 +48,10 @@ docker-build: check-image-runtime ## [VARIANT=cpu|cuda] [RUNTIME=oip] image visi
 docker-smoke: $(VENV_SERVE) check-image-runtime ## [RUNTIME=oip] podman: build on a debootstrapped bookworm, run, post digits
 	PY=$(PY) $(SMOKE_$(IMAGE_RUNTIME))
 
-k8s-validate: $(VENV_ALL) ## render + schema-validate + checkov + hadolint, offline
+k8s-validate: $(VENV_ALL) container-config ## render + schema-validate + checkov + hadolint, offline
 	$(PY) deploy/validate.py
 
-k8s-deploy: ## [OVERLAY=cpu|gpu|oip] kubectl apply -k (plus monitoring when its CRDs exist)
+k8s-deploy: container-config ## [OVERLAY=cpu|gpu|oip] kubectl apply -k (plus monitoring when its CRDs exist)
 	@case "$(OVERLAY)" in cpu|gpu|oip) ;; *) echo "error: OVERLAY=$(OVERLAY): use OVERLAY=cpu, gpu or oip (the Java-free runtime)" >&2; exit 2;; esac
 	kubectl apply -k deploy/k8s/overlays/$(OVERLAY)
 	@if kubectl get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1; then \

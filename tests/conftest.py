@@ -16,6 +16,19 @@ from training.datafiles import write_cifar10, write_imagefolder, write_mnist_gz 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def container_config() -> Path:
+    """deploy/config/config.properties, generated as make generates it for the image and the
+    ConfigMap (never committed): the deploy tests and the config checks read it where the image does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("container_config", REPO / "deploy" / "container_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.render()
+    return module.OUT
+
+
 @pytest.fixture(scope="session")
 def tiny_mnist_dir(tmp_path_factory) -> Path:
     return write_mnist_gz(tmp_path_factory.mktemp("mnist"))
@@ -86,7 +99,7 @@ def served(request, tmp_path_factory, serve_artifacts):
 
     from served import LIMITS, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE, TINYQ_QUEUE
     from serving.archive import ArchiveConfig, build_archive
-    from serving.server import Server, free_port, read_properties, running_pid, stop_server
+    from serving.server import DEFAULT_CONFIG, Server, free_port, render_config, running_pid, stop_server
 
     runtime = request.param
     root = tmp_path_factory.mktemp(f"serve-{runtime}")
@@ -103,16 +116,13 @@ def served(request, tmp_path_factory, serve_artifacts):
                   log=lambda _m: None)
     try:
         for attempt in range(2):  # a free port can be taken by another process before TorchServe binds it
-            props = read_properties(REPO / "serving" / "config.properties")
-            props.update({"inference_address": f"http://127.0.0.1:{free_port()}",
-                          "management_address": f"http://127.0.0.1:{free_port()}",
-                          "metrics_address": f"http://127.0.0.1:{free_port()}",
-                          "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
-                          "max_request_size": str(MAX_REQUEST_SIZE),
-                          "max_response_size": str(MAX_RESPONSE_SIZE),
-                          "metrics_config": str(REPO / "serving" / "metrics.yaml")})
             config = root / "config.properties"
-            config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+            props = render_config(DEFAULT_CONFIG, config, {
+                "inference_address": f"http://127.0.0.1:{free_port()}",
+                "management_address": f"http://127.0.0.1:{free_port()}",
+                "metrics_address": f"http://127.0.0.1:{free_port()}",
+                "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+                "max_request_size": str(MAX_REQUEST_SIZE), "max_response_size": str(MAX_RESPONSE_SIZE)})
             limit_flags = [x for f, v in vars(LIMITS).items() for x in (f"--{f.replace('_', '-')}", str(v))]
             cmd = [sys.executable, "-m", "serving", "serve", "--config", str(config),
                    "--artifacts-dir", str(artifacts), "--model-store", str(store), "--workdir", str(work),

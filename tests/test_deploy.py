@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.server import read_properties
+from serving.server import DEFAULT_CONFIG, read_properties
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -31,6 +31,7 @@ def _load(name: str, path: Path):
 
 
 validate = _load("deploy_validate", DEPLOY / "validate.py")
+container_config = _load("container_config", DEPLOY / "container_config.py")
 
 
 @pytest.fixture
@@ -112,20 +113,36 @@ def test_hadolint_fails_a_worse_dockerfile(deploy_copy: Path):
     assert any("DL3015" in p for p in problems), problems  # --no-install-recommends
 
 
+def test_container_config_is_the_local_one_plus_its_overrides(tmp_path: Path):
+    """deploy/config/config.properties (rendered by the session's container_config fixture, as make
+    renders it) is serving/config.properties with exactly the listed overrides changed; a setting
+    changed in the local base reaches the container's, and no override points into this checkout."""
+    base = read_properties(DEFAULT_CONFIG)
+    container = read_properties(DEPLOY / "config/config.properties")
+    changed = {k: v for k, v in container.items() if base.get(k) != v}
+    assert changed == container_config.overrides(base) and set(base) <= set(container)
+    assert not any(str(REPO) in v for v in container.values()), container
+    assert container["management_address"] == base["management_address"]  # loopback in both
+    assert container["inference_address"].startswith("http://0.0.0.0:")
+    edited = tmp_path / "base.properties"
+    edited.write_text(DEFAULT_CONFIG.read_text().replace("job_queue_size=256", "job_queue_size=7"))
+    assert container_config.render(tmp_path / "c.properties", edited)["job_queue_size"] == "7"
+
+
 def test_one_torchserve_config_everywhere():
-    """The ConfigMap is generated from deploy/config/config.properties byte for byte, and that file
-    keeps the management API on loopback and model registration off."""
+    """The ConfigMap is generated from deploy/config/config.properties byte for byte, the image copies
+    that file, and the files it names are copied beside it."""
     [configmap] = [o for o in validate.render(DEPLOY / "k8s/overlays/cpu") if o["kind"] == "ConfigMap"]
     source = (DEPLOY / "config/config.properties").read_text()
     assert configmap["data"]["config.properties"] == source
-    settings = dict(line.split("=", 1) for line in source.splitlines() if line and not line.startswith("#"))
-    assert settings["management_address"] == "http://127.0.0.1:8081"
-    assert settings["enable_model_api"] == "false" and settings["metrics_mode"] == "prometheus"
+    settings = read_properties(DEPLOY / "config/config.properties")
     dockerfile = (DEPLOY / "docker/Dockerfile").read_text()
     assert "COPY deploy/config/config.properties" in dockerfile
     # the frontend's logging: the same log4j2.xml as make serve, copied beside the config
     assert "-Dlog4j.configurationFile=/opt/visionpipe/config/log4j2.xml" in settings["vmargs"]
     assert "serving/log4j2.xml /opt/visionpipe/config/" in dockerfile
+    assert settings["metrics_config"] == "/opt/visionpipe/config/metrics.yaml"
+    assert "serving/metrics.yaml" in dockerfile.split("COPY deploy/config/config.properties")[1].splitlines()[0]
 
 
 def test_entrypoint_refuses_an_empty_model_store(tmp_path: Path):
@@ -178,6 +195,7 @@ def test_entrypoint_serves_until_healthy_then_stops_gracefully_on_sigterm(digits
            # the container's JVM options, its log4j2.xml found where this checkout has it
            "TS_VMARGS": read_properties(DEPLOY / "config/config.properties")["vmargs"].replace(
                "/opt/visionpipe/config/log4j2.xml", str(REPO / "serving/log4j2.xml")),
+           "TS_METRICS_CONFIG": str(REPO / "serving/metrics.yaml"),
            "TS_INFERENCE_ADDRESS": f"http://127.0.0.1:{ports['INFERENCE']}",
            "TS_MANAGEMENT_ADDRESS": f"http://127.0.0.1:{ports['MANAGEMENT']}",
            "TS_METRICS_ADDRESS": f"http://127.0.0.1:{ports['METRICS']}",

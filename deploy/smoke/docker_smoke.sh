@@ -30,7 +30,9 @@ smoke_preflight
 # 1. Base image: a debootstrapped Debian bookworm with python3-venv, imported once.
 ensure_base_image
 
-# 2. Build (smoke_build_args: torch's wheel source and the proxy CA).
+# 2. Build (smoke_build_args: torch's wheel source and the proxy CA), with the container's config.properties
+#    rendered from serving/config.properties (generated, never committed).
+"$PY" deploy/container_config.py
 smoke_build_args
 say "building $IMAGE (log: $SMOKE_DIR/build.log)"
 start=$(date +%s)
