@@ -1,6 +1,6 @@
 """Capacity measured open loop, with the peers users would pick instead, in one run.
 
-    python bench/bench_capacity.py [--run digits] [--duration 8] [--slo-p99-ms 50]
+    python bench/bench_capacity.py [--run digits] [--duration 8] [--slo-p99-ms MS]
 
 Capacity = the highest offered rate (Poisson arrivals, ``loadtest.openloop``) whose p99 latency from the
 intended send time is within the SLO, with 0 errors and >= 98 % of the offered rate answered
@@ -429,7 +429,8 @@ def parse_args(argv=None) -> tuple[Config, str]:
     p.add_argument("--reports", default="reports")
     p.add_argument("--docs", default="docs/benchmarks.md", help="'' to skip the docs update")
     p.add_argument("--triton-venv", default=".venv-triton", help="virtualenv holding nvidia-pytriton")
-    p.add_argument("--slo-p99-ms", type=float, default=50.0)
+    p.add_argument("--slo-p99-ms", type=float, default=SLO.p99_ms,
+                   help="default: the serving SLO, %(default)g ms (serving/metrics.py)")
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per rate")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--screen", type=float, default=4.0, help="closed-loop seconds per screened setting")

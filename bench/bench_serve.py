@@ -1,7 +1,7 @@
 """TorchServe sweep: variants x batch settings x workers, against a stock-style baseline and a no-op
 ceiling, each configuration in its own TorchServe start; table, plot and recommendation.
 
-    python bench/bench_serve.py [--runs digits cifarnet] [--duration 12] [--slo-p99-ms 50]
+    python bench/bench_serve.py [--runs digits cifarnet] [--duration 12] [--slo-p99-ms MS]
 
 Load comes from ``wrk`` (C, one thread, keep-alive connections, raw PNG bodies drawn at random from
 the held-out images of ``loadtest.images``): a Python generator would take a large share of the two
@@ -31,6 +31,7 @@ from pathlib import Path
 import psutil  # noqa: E402
 
 from export.runtime import read_manifest  # noqa: E402
+from loadtest.capacity import SLO  # noqa: E402
 from loadtest.docs import publish_report  # noqa: E402
 from loadtest.wrk import run_wrk, write_images, write_wrk_script, wrk_binary  # noqa: E402
 from loadtest.torchserve import NOOP_HANDLER, STOCK_HANDLER, PrivateServer, baseline_archive  # noqa: E402
@@ -341,7 +342,8 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--duration", type=float, default=12.0, help="seconds measured per configuration")
     p.add_argument("--warmup", type=float, default=3.0)
-    p.add_argument("--slo-p99-ms", type=float, default=50.0)
+    p.add_argument("--slo-p99-ms", type=float, default=SLO.p99_ms,
+                   help="default: the serving SLO, %(default)g ms (serving/metrics.py)")
     p.add_argument("--profile", type=float, default=8.0, help="py-spy seconds on the recommended config; 0: none")
     a = p.parse_args(argv)
     try:

@@ -372,7 +372,7 @@ def measure_capacity(runtimes: list[Runtime], run: str, images: list[bytes], a: 
     from loadtest.capacity import SLO, Point, search_lockstep
     from loadtest.openloop import Target, run_closed_loop, run_open_loop
 
-    slo = SLO(p99_ms=a.slo_p99_ms)
+    slo = SLO() if a.slo_p99_ms is None else SLO(p99_ms=a.slo_p99_ms)
     targets = {rt.device: Target.post(f"{rt.http}/predictions/{run}", images, {"Content-Type": "image/png"})
                for rt in runtimes}
     by_device = {rt.device: rt for rt in runtimes}
@@ -480,7 +480,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: cuda:0 and the CPU when CUDA works, else the CPU alone; cuda: fail without it")
     c.add_argument("--workers", type=int, help="worker processes per runtime (default: the runtime's)")
     c.add_argument("--images", type=int, default=128, help="held-out images posted for the answer check and the load")
-    c.add_argument("--slo-p99-ms", type=float, default=50.0)
+    c.add_argument("--slo-p99-ms", type=float, help="default: the serving SLO (serving/metrics.py)")
     c.add_argument("--duration-s", type=float, default=5.0, help="measured seconds per capacity point")
     c.add_argument("--warmup-s", type=float, default=1.0)
     c.add_argument("--screen-s", type=float, default=4.0, help="closed-loop screen per device")
