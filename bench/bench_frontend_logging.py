@@ -25,7 +25,7 @@ from loadtest.docs import update_section
 from loadtest.torchserve import NOOP_HANDLER, PrivateServer, baseline_archive
 from loadtest.wrk import run_wrk, write_images, write_wrk_script
 from serving.archive import ArchiveConfig
-from serving.server import REPO, read_properties
+from serving.server import DEFAULT_CONFIG, read_properties
 from training.machine import cpu_name
 
 LOG4J = re.compile(r"\s*-Dlog4j2?\.configurationFile=\S+")
@@ -33,7 +33,7 @@ LOG4J = re.compile(r"\s*-Dlog4j2?\.configurationFile=\S+")
 
 def configs() -> dict[str, dict[str, str]]:
     """vmargs overrides: TorchServe's bundled log4j2.xml (the flag removed) and ours (as shipped)."""
-    vmargs = read_properties(REPO / "serving" / "config.properties")["vmargs"]
+    vmargs = read_properties(DEFAULT_CONFIG)["vmargs"]
     return {"bundled log4j2.xml": {"vmargs": LOG4J.sub("", vmargs)}, "serving/log4j2.xml": {"vmargs": vmargs}}
 
 

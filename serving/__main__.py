@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from serving.core import Limits
-from serving.server import RUNTIMES, ServerBusyError
+from serving.server import DEFAULT_CONFIG, REPO, RUNTIMES, ServerBusyError
 from training.cli import HelpFormatter
 
 DEFAULT_WORKDIR = "logs/serve"
@@ -78,8 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        formatter_class=HelpFormatter)
     s.add_argument("--runtime", choices=RUNTIMES, default="torchserve",
                    help="torchserve (Java frontend) or oip (no Java; OIP over HTTP and gRPC)")
-    s.add_argument("--config", default="serving/config.properties",
-                   help="config.properties (the oip runtime reads its addresses and limits too)")
+    s.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help=f"config.properties (default: this checkout's {DEFAULT_CONFIG.relative_to(REPO)}; "
+                        "the oip runtime reads its addresses and limits too)")
     s.add_argument("--workdir", default=DEFAULT_WORKDIR, help="logs, pid file, key file")
     s.add_argument("--token", action="store_true", help="turn token authorization on (as in the container)")
     s.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every warm-up")

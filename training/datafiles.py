@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from training.data import CIFAR10_NAMES
+
 
 def pattern_images(n: int, h: int, w: int, c: int, classes: int = 10, seed: int = 0):
     """(n, h, w, c) uint8 images whose bright stripe position encodes the label, and the labels."""
@@ -48,7 +50,6 @@ def write_cifar10(root: Path, per_batch: int = 40, n_test: int = 60) -> Path:
     ``root/cifar-10-batches-py``; returns ``root``."""
     base = root / "cifar-10-batches-py"
     base.mkdir(parents=True, exist_ok=True)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     batches = [(f"data_batch_{i}", per_batch, 10 + i) for i in range(1, 6)] + [("test_batch", n_test, 99)]
     for name, n, seed in batches:
         images, labels = pattern_images(n, 32, 32, 3, seed=seed)
@@ -59,7 +60,7 @@ def write_cifar10(root: Path, per_batch: int = 40, n_test: int = 60) -> Path:
         with open(base / name, "wb") as f:
             pickle.dump(entry, f, protocol=2)
     with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, f,
+        pickle.dump({"label_names": list(CIFAR10_NAMES), "num_cases_per_batch": per_batch, "num_vis": 3072}, f,
                     protocol=2)
     return root
 
