@@ -4,7 +4,7 @@ The runs to load are the ones the server serves, asked from its management API (
 unless ``--runs`` names them. Each user posts, to a run picked at random per request, held-out test
 images of the dataset that run was trained on (``loadtest.images``) in the three forms the server accepts —
 raw bytes, a multipart file upload, and a base64 JSON batch of several images — plus a share of
-malformed requests (default 2 %) that must be refused with a 4xx: a 4xx counts as success, anything
+malformed requests (``--malformed-share``) that must be refused with a 4xx: a 4xx counts as success, anything
 else as a failure. At quit time the SLO gates (``loadtest.gates``) decide the exit code.
 
 With token authorization on (``make serve TOKEN=1``) every request carries the key TorchServe wrote to
@@ -27,8 +27,12 @@ from loadtest.gates import (DEFAULT_MAX_ERROR_RATE, DEFAULT_P95_MS, DEFAULT_P99_
                             format_summary, gate_report)
 from loadtest.bodies import b64_batch_body, malformed_request, multipart_body, predictions_in
 from loadtest.images import ImagePool, load_pool
+from serving.server import DEFAULT_CONFIG, read_properties
 
 POOLS: dict[str, ImagePool] = {}
+# make serve's addresses: the server loaded unless --host (and --management-url) name another.
+SERVE_CONFIG = read_properties(DEFAULT_CONFIG)
+MALFORMED_SHARE, BATCH_IMAGES = 0.02, 4  # defaults of --malformed-share and --batch-images
 
 # Share of the well-formed requests sent in each form (the malformed share is taken off the top).
 FORM_WEIGHTS = {"raw": 0.6, "multipart": 0.2, "b64": 0.2}
@@ -44,18 +48,20 @@ def _add_options(parser) -> None:
     group.add_argument("--runs", default="", env_var="LOADTEST_RUNS",
                        help="comma-separated runs to load (default: every model the server serves)")
     group.add_argument("--management-url", default=None, env_var="LOADTEST_MANAGEMENT_URL",
-                       help="TorchServe's management API, asked which models it serves "
-                            "(default: the --host on port 8081)")
+                       help="TorchServe's management API, asked which models it serves (default: the "
+                            "--host's host on the management port of serving/config.properties)")
     group.add_argument("--key-file", default="logs/serve/key_file.json", env_var="LOADTEST_KEY_FILE",
                        help="TorchServe's key_file.json: its keys are sent when the server has token auth on")
-    group.add_argument("--malformed-share", type=float, default=0.02, env_var="LOADTEST_MALFORMED_SHARE",
+    group.add_argument("--malformed-share", type=float, default=MALFORMED_SHARE, env_var="LOADTEST_MALFORMED_SHARE",
                        help="fraction of requests that are malformed and must be answered 4xx")
-    group.add_argument("--batch-images", type=int, default=4, env_var="LOADTEST_BATCH_IMAGES",
+    group.add_argument("--batch-images", type=int, default=BATCH_IMAGES, env_var="LOADTEST_BATCH_IMAGES",
                        help="images per base64 JSON batch request")
-    group.add_argument("--p95-ms", type=float, default=DEFAULT_P95_MS, env_var="LOADTEST_P95_MS")
-    group.add_argument("--p99-ms", type=float, default=DEFAULT_P99_MS, env_var="LOADTEST_P99_MS")
+    group.add_argument("--p95-ms", type=float, default=DEFAULT_P95_MS, env_var="LOADTEST_P95_MS",
+                       help="gate: p95 latency at most this (ms; default %(default)g)")
+    group.add_argument("--p99-ms", type=float, default=DEFAULT_P99_MS, env_var="LOADTEST_P99_MS",
+                       help="gate: p99 latency at most this (ms; default %(default)g)")
     group.add_argument("--max-error-rate", type=float, default=DEFAULT_MAX_ERROR_RATE,
-                       env_var="LOADTEST_MAX_ERROR_RATE")
+                       env_var="LOADTEST_MAX_ERROR_RATE", help="gate: failed share at most this (default %(default)g)")
     group.add_argument("--gate-file", default=None, env_var="LOADTEST_GATE_FILE",
                        help="write the gate verdict and totals as JSON here")
     group.add_argument("--step-users", type=int, default=4, help="StepLoadShape: users added per step")
@@ -106,8 +112,8 @@ def _management_url(environment) -> str:
     given = _option(environment, "management_url", None)
     if given:
         return given.rstrip("/")
-    parts = urllib.parse.urlsplit(environment.host or "http://127.0.0.1:8080")
-    return f"{parts.scheme}://{parts.hostname}:8081"
+    parts = urllib.parse.urlsplit(environment.host or ServedUser.host)
+    return f"{parts.scheme}://{parts.hostname}:{urllib.parse.urlsplit(SERVE_CONFIG['management_address']).port}"
 
 
 @events.init.add_listener
@@ -134,13 +140,14 @@ def _load_images(environment, **_kw) -> None:
 class ServedUser(FastHttpUser):
     """Posts images of a served run, picked at random per request, to ``/predictions/<run>``."""
 
+    host = SERVE_CONFIG["inference_address"]  # without --host
     # Short think time: 16 such users keep a small CPU server busy without a closed-loop stampede.
     wait_time = between(0.0, 0.01)
 
     def on_start(self) -> None:
         self.rng = random.Random()
-        self.malformed_share = float(_option(self.environment, "malformed_share", 0.02))
-        self.batch_images = int(_option(self.environment, "batch_images", 4))
+        self.malformed_share = float(_option(self.environment, "malformed_share", MALFORMED_SHARE))
+        self.batch_images = int(_option(self.environment, "batch_images", BATCH_IMAGES))
         self.auth = _auth(self.environment, "inference")
 
     def _image(self) -> bytes:

@@ -60,6 +60,21 @@ def test_thresholds_reject_nonsense(kwargs):
         Thresholds(**kwargs)
 
 
+def test_addresses_default_to_make_serves_config():
+    """Without --host, make serve's inference address; without --management-url, the --host's host on
+    the management port of serving/config.properties (make loadtest passes neither unless told). In a
+    subprocess: importing locust monkey-patches the interpreter."""
+    from serving.server import DEFAULT_CONFIG, read_properties
+
+    code = ("from types import SimpleNamespace as E; from loadtest import locustfile as l; "
+            "print(l.ServedUser.host, l._management_url(E(parsed_options=None, host=None)), "
+            "l._management_url(E(parsed_options=None, host='http://10.1.2.3:9000')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    props = read_properties(DEFAULT_CONFIG)
+    port = props["management_address"].rsplit(":", 1)[1]
+    assert done.stdout.split() == [props["inference_address"], props["management_address"], f"http://10.1.2.3:{port}"]
+
+
 def test_step_shape_adds_users_per_period_up_to_the_cap():
     assert [step_users(t, 4, 10, 16) for t in (0, 9.9, 10, 25, 60)] == [4, 4, 8, 12, 16]
 
