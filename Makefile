@@ -24,9 +24,10 @@ EPOCHS_mnist    := 5
 DEMO_RUN        := digits
 
 RUN      ?=
-MODEL    ?= $(or $(MODEL_$(RUN)),mnist_cnn)
-DATASET  ?= $(or $(DATASET_$(RUN)),digits)
-EPOCHS   ?= $(or $(EPOCHS_$(RUN)),10)
+# A served run's recipe (above), else what is given; the trainer owns the rest (training/config.py).
+MODEL    ?= $(MODEL_$(RUN))
+DATASET  ?= $(DATASET_$(RUN))
+EPOCHS   ?= $(EPOCHS_$(RUN))
 DATA_DIR ?=
 RESUME   ?=
 ARGS     ?=
@@ -80,13 +81,14 @@ train: $(VENV_BASE) ## [RUN= MODEL= DATASET= EPOCHS= DATA_DIR= RESUME=1 ARGS=...
 ifeq ($(RUN),)
 	@for r in $(SERVED_RUNS); do $(MAKE) --no-print-directory train RUN=$$r DATA_DIR="$(DATA_DIR)" ARGS="$(ARGS)" || exit 1; done
 else
-	$(PY) -m training train --run $(RUN) --model $(MODEL) --dataset $(DATASET) --epochs $(EPOCHS) \
+	$(PY) -m training train --run $(RUN) $(if $(MODEL),--model $(MODEL)) $(if $(DATASET),--dataset $(DATASET)) \
+	  $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	  $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(if $(RESUME),--resume) $(ARGS)
 endif
 
 # The checkpoint knows its dataset: --dataset only when DATASET is given (not the Makefile default).
 evaluate: $(VENV_BASE) ## [RUN=digits DATASET= DATA_DIR=] per-class table, confusion matrix, misclassified images
-	$(PY) -m training evaluate --checkpoint runs/$(or $(RUN),digits)/best.pt \
+	$(PY) -m training evaluate --checkpoint runs/$(or $(RUN),$(DEMO_RUN))/best.pt \
 	  $(if $(filter file,$(origin DATASET)),,--dataset $(DATASET)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 # Fashion-MNIST time to accuracy, the trainer against its step ceiling (side by side), make demo's

@@ -2,7 +2,7 @@
 # make capacity        ours (TorchServe and oip runtimes) vs the stock-style handler at its best setting vs NVIDIA Triton, plus the
 #                      no-op ceilings and in-process core bounds (~10 min idle); reports/capacity.json, docs
 # make capacity-demo   the open-loop generator vs a closed loop on a server that stalls 200 ms a second
-CAPACITY_RUN  ?= digits
+CAPACITY_RUN  ?=
 CAPACITY_ARGS ?=
 # Triton is a bench-only peer in its own virtualenv, made with Debian's python3.11: the wheel's
 # Python-backend stub embeds the system libpython3.11 (shared/notes/serving-peers.md). The wheel is
@@ -22,7 +22,7 @@ $(TRITON_VENV)/.stamp:
 	touch $@
 
 capacity: $(VENV_LOADTEST) $(TRITON_VENV)/.stamp ## open loop: ours on TorchServe and on oip vs the stock handler vs NVIDIA Triton (~10 min idle)
-	$(PY) bench/bench_capacity.py --run $(CAPACITY_RUN) --reports $(REPORTS) --triton-venv $(TRITON_VENV) $(CAPACITY_ARGS)
+	$(PY) bench/bench_capacity.py $(if $(CAPACITY_RUN),--run $(CAPACITY_RUN)) --reports $(REPORTS) --triton-venv $(TRITON_VENV) $(CAPACITY_ARGS)
 
 capacity-demo: $(VENV_LOADTEST) ## the open-loop generator vs a closed loop on a server that stalls
 	$(PY) -m loadtest.stall_demo

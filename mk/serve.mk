@@ -12,7 +12,7 @@ ARCHIVE_ARGS ?=
 SERVE_ARGS   ?=
 TOKEN        ?=
 RUNTIME      ?=
-DEMO_COUNT   ?= 8
+DEMO_COUNT   ?=
 
 .PHONY: archive serve stop demo-serve bench-hostile bench-protocol
 archive: $(VENV_SERVE) ## [RUN=x ARCHIVE_ARGS=...] model_store/<RUN>.mar (no RUN: every exported run)
@@ -33,7 +33,7 @@ stop: $(VENV_SERVE) ## stop the server make serve started
 # Always stops the server, also when the client fails (its exit status is kept).
 demo-serve: $(VENV_SERVE) ## serve -> post held-out digits, print predicted vs true -> stop
 	$(PY) -m serving serve --no-examples $(if $(RUNTIME),--runtime $(RUNTIME)) $(ARCHIVE_ARGS) $(SERVE_ARGS)
-	status=0; $(PY) -m serving.client demo --run digits --count $(DEMO_COUNT) || status=$$?; \
+	status=0; $(PY) -m serving.client demo --run $(DEMO_RUN) $(if $(DEMO_COUNT),--count $(DEMO_COUNT)) || status=$$?; \
 	$(PY) -m serving stop; exit $$status
 
 bench-hostile: $(VENV_SERVE) ## the costliest request each limit admits, CPU ms on one core
