@@ -2,8 +2,8 @@
 
     python bench/bench_oip_peers.py --kserve-venv .venv-kserve --mlserver-venv .venv-mlserver [--run digits]
 
-Issue 23 asks that KServe's Python ``ModelServer`` and Seldon MLServer be tried before a runtime of our
-own is kept. Each peer serves the same exported run through ``bench/peers/`` (a few lines of protocol
+A runtime of our own is worth keeping only where it does better than the maintained ones it could be
+replaced by: KServe's Python ``ModelServer`` and Seldon MLServer. Each peer serves the same exported run through ``bench/peers/`` (a few lines of protocol
 glue around ``serving.core``, the code our handler runs), in its own virtualenv, because both pin their
 own fastapi/uvicorn/grpcio/pydantic:
 
