@@ -1,10 +1,12 @@
-"""Soak and fault runs against a private TorchServe serving the shipped archive.
+"""Soak, fault and attack runs against a private TorchServe serving the shipped archive.
 
     python -m loadtest.resilience soak  [--run digits] [--duration 600] [--share 0.7]
     python -m loadtest.resilience fault [--run digits]
+    python -m loadtest.resilience attack [--run digits] [--attackers 4]
 
-Both first measure the server's maximum with ``wrk`` (16 connections), then drive a paced load
-(``PacedLoad``: Python threads on keep-alive connections, each request timed) at a share of it:
+Each first measures the server's maximum with ``wrk`` (16 connections), then drives an open-loop load
+at a share of it: Poisson arrivals, latency from the intended send, every request kept
+(``loadtest.openloop.BackgroundLoad``), cut into windows afterwards (``Records.window``):
 
 * soak: a steady load for ``--duration`` s; every window records req/s, errors, p50/p99 and the
   workers' RSS. Passes with 0 errors, worker RSS growth < 10 % (after warm-up) and a stable p99.
@@ -21,138 +23,39 @@ Both first measure the server's maximum with ``wrk`` (16 connections), then driv
 from __future__ import annotations
 
 import argparse
-import http.client
+import contextlib
 import os
-import random
 import re
 import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import urllib.parse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from loadtest.docs import update_section
+from loadtest.openloop import MAX_CONNECTIONS, BackgroundLoad, Records, Target, Window, latency_histogram, percentile_ms
 from loadtest.torchserve import PrivateServer
 from loadtest.wrk import run_wrk, write_images, write_wrk_script, wrk_binary
+from serving import httpclient
+from serving.server import Server, worker_deaths
 from training.cli import HelpFormatter
 from training.files import atomic_write_json
+from training.machine import cpu_name
 
 
-# ---- the paced load ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Record:
-    t: float          # seconds since the load started, when the answer came
-    status: int       # HTTP status; 0 = no answer (connection refused/reset, timeout)
-    latency_ms: float
-
-
-class PacedLoad:
-    """``threads`` clients, each posting a random body every ``threads / rate`` s (never faster; when a
-    request takes longer the next goes at once), recording every answer."""
-
-    def __init__(self, url: str, bodies: list[bytes], rate: float, threads: int = 8) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.host, self.port, self.path = parts.hostname, parts.port, parts.path
-        self.bodies, self.rate, self.threads = bodies, rate, threads
-        self.records: list[Record] = []   # list.append is atomic under the GIL
-        self._stop = threading.Event()
-        self._workers: list[threading.Thread] = []
-        self.t0 = 0.0
-
-    def start(self) -> "PacedLoad":
-        self.t0 = time.monotonic()
-        for i in range(self.threads):
-            t = threading.Thread(target=self._client, args=(i,), daemon=True)
-            t.start()
-            self._workers.append(t)
-        return self
-
-    def stop(self) -> list[Record]:
-        self._stop.set()
-        for t in self._workers:
-            t.join(timeout=15)
-        return self.records
-
-    def now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def _client(self, i: int) -> None:
-        rng = random.Random(i)
-        period = self.threads / self.rate
-        next_at = time.monotonic() + rng.uniform(0, period)  # spread the threads' phases
-        conn = None
-        while not self._stop.is_set():
-            delay = next_at - time.monotonic()
-            if delay > 0 and self._stop.wait(delay):
-                break
-            next_at = max(next_at + period, time.monotonic() - period)
-            start = time.monotonic()
-            status = 0
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
-                conn.request("POST", self.path, body=rng.choice(self.bodies),
-                             headers={"Content-Type": "application/octet-stream"})
-                resp = conn.getresponse()
-                resp.read()
-                status = resp.status
-            except (OSError, http.client.HTTPException):
-                if conn is not None:
-                    conn.close()
-                conn = None
-            end = time.monotonic()
-            self.records.append(Record(end - self.t0, status, 1e3 * (end - start)))
-
-
-# ---- analysis (pure functions) -------------------------------------------------------------------
-@dataclass(frozen=True)
-class Window:
-    start: float
-    end: float
-    requests: int
-    errors: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]); 0.0 for no values."""
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
-
-
-def window(records: list[Record], start: float, end: float) -> Window:
-    inside = [r for r in records if start <= r.t < end]
-    ok = [r.latency_ms for r in inside if r.status == 200]
-    span = max(end - start, 1e-9)
-    return Window(start, end, len(inside), sum(r.status != 200 for r in inside), len(ok) / span,
-                  percentile(ok, 50), percentile(ok, 99))
-
-
-def windows(records: list[Record], start: float, end: float, width: float) -> list[Window]:
-    out, t = [], start
-    while t + width <= end + 1e-9:
-        out.append(window(records, t, t + width))
-        t += width
-    return out
-
-
-def recovery_s(records: list[Record], fault_t: float, baseline_rps: float, width: float = 2.0,
+# ---- analysis (pure functions of the records) ----------------------------------------------------
+def recovery_s(records: Records, fault_t: float, baseline_rps: float, width: float = 2.0,
                share: float = 0.8, horizon: float = 60.0) -> float | None:
     """Seconds after ``fault_t`` until a ``width``-second window again carries ``share`` of the
     baseline's successful req/s with no error; None if it never does within ``horizon``."""
     t = fault_t
     while t + width <= fault_t + horizon:
-        w = window(records, t, t + width)
+        w = records.window(t, t + width)
         if w.errors == 0 and w.rps >= share * baseline_rps and w.requests > 0:
             return t + width - fault_t
         t += width / 4
@@ -177,18 +80,24 @@ def p99_stable(ws: list[Window], factor: float = 1.5) -> bool:
     return last <= factor * max(first, 1.0)
 
 
+def machine_line(r: dict) -> str:
+    """Where a report's numbers were measured: the CPU and the 1-minute load average around the run."""
+    return (f"{r['machine']}; 1-min load average {r['load_before']:.2f} before the run, "
+            f"{r['load_after']:.2f} after")
+
+
 # ---- helpers on a running server -----------------------------------------------------------------
 def worker_rss_mb(ts: PrivateServer, model: str) -> float:
     total = 0
     for pid in ts.worker_pids(model):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += psutil.Process(pid).memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total / 2**20
 
 
 def max_rps(ts: PrivateServer, model: str, images: list[Path], work: Path, seconds: float = 8.0) -> dict:
+    """The server's ceiling, closed loop with wrk (C, 16 connections): the least client CPU taken from
+    the cores the server shares, so the share of it that the open loop then offers is of the server."""
     script = write_wrk_script(work / "post.lua")
     url = f"{ts.url}/predictions/{model}"
     run_wrk(url, images, 16, 2, script)  # warm-up
@@ -197,13 +106,10 @@ def max_rps(ts: PrivateServer, model: str, images: list[Path], work: Path, secon
             "errors": w["connect"] + w["read"] + w["write"] + w["status"] + w["timeout"]}
 
 
-def post(url: str, body: bytes, ctype: str = "application/octet-stream", timeout: float = 60.0
-         ) -> tuple[int, bytes]:
-    from serving.server import http
-    try:
-        return http("POST", url, body, {"Content-Type": ctype}, timeout=timeout)
-    except OSError as e:  # the server may close the connection on an oversized body
-        return 0, str(e).encode()
+def users(url: str, bodies: list[bytes], rate: float, args: argparse.Namespace) -> BackgroundLoad:
+    """The normal users: held-out images, open loop at ``rate`` req/s, started."""
+    return BackgroundLoad(Target.post(url, bodies), rate_rps=rate, max_connections=args.max_connections,
+                          timeout_s=args.timeout).start()
 
 
 def post_file_with_curl(url: str, path: Path) -> tuple[int, bytes]:
@@ -212,7 +118,7 @@ def post_file_with_curl(url: str, path: Path) -> tuple[int, bytes]:
     import subprocess
     proc = subprocess.run(["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "-H",
                            "Content-Type: application/octet-stream", "--data-binary", f"@{path}", url],
-                          capture_output=True, timeout=120)
+                          capture_output=True, timeout=120, check=False)  # the status is the answer
     body, _, code = proc.stdout.rpartition(b"\n")
     return (int(code) if code.strip().isdigit() else 0), body
 
@@ -227,33 +133,41 @@ def huge_pixels_png(side: int = 10_000) -> bytes:
     return buf.getvalue()
 
 
+def _server(ts: PrivateServer) -> Server:
+    if ts.server is None:
+        raise RuntimeError("the private server has not started")
+    return ts.server
+
+
 # ---- soak ----------------------------------------------------------------------------------------
-def soak(args) -> dict:
+def soak(args: argparse.Namespace) -> dict:
     model = args.run
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp, \
             PrivateServer(Path(args.model_store), [model]) as ts:
         work = Path(tmp)
         images, source = write_images(model, args.data_dir, work / "images", Path(args.artifacts_dir))
-        bodies = [p.read_bytes() for p in images]
         peak = max_rps(ts, model, images, work)
         rate = args.share * peak["rps"]
-        print(f"soak {model}: max {peak['rps']:.0f} req/s (wrk, 16 connections); driving {rate:.0f} req/s "
-              f"for {args.duration:.0f} s", flush=True)
-        load = PacedLoad(f"{ts.url}/predictions/{model}", bodies, rate, threads=args.threads).start()
+        print(f"soak {model}: max {peak['rps']:.0f} req/s (wrk, 16 connections); offering {rate:.0f} req/s "
+              f"(Poisson) for {args.duration:.0f} s", flush=True)
+        load = users(f"{ts.url}/predictions/{model}", [p.read_bytes() for p in images], rate, args)
         rss: list[tuple[float, float]] = []
         while load.now() < args.duration:
             rss.append((load.now(), worker_rss_mb(ts, model)))
             time.sleep(min(args.window, max(0.0, args.duration - load.now())))
         records = load.stop()
         rss.append((load.now(), worker_rss_mb(ts, model)))
-    ws = windows(records, 0.0, args.duration, args.window)
-    total = window(records, 0.0, args.duration + 30)
+    assert load.result is not None  # set by stop()
+    ws = records.windows(0.0, args.duration, args.window)
+    total = records.window(0.0, load.result.duration_s)
     growth = rss_growth(rss, warmup_s=min(60.0, args.duration / 5))
     result = {
         "run": model, "images": source, "duration_s": args.duration, "max_rps": peak["rps"],
         "target_rps": rate, "achieved_rps": total.rps, "requests": total.requests, "errors": total.errors,
         "p50_ms": total.p50_ms, "p99_ms": total.p99_ms, "worker_rss_mb": rss, "rss_growth": growth,
         "p99_stable": p99_stable(ws), "windows": [asdict(w) for w in ws],
+        "generator_cpu": load.result.generator_cpu, "send_lag_p99_ms": load.result.send_lag_p99_ms,
+        "error_kinds": load.result.error_kinds,
     }
     result["passed"] = (total.errors == 0 and growth is not None and growth < 0.10 and result["p99_stable"])
     return result
@@ -269,17 +183,19 @@ def soak_section(r: dict, command: str) -> str:
     growth = f"{r['rss_growth']:+.1%}" if r["rss_growth"] is not None else "n/a"
     return "\n".join([
         "## Soak (`make soak`)", "",
-        f"Command: `{command}`, on the shared, noisy 2-core machine. {r['run']}: max {r['max_rps']:.0f} req/s "
-        f"(wrk, 16 connections); paced load at {r['target_rps']:.0f} req/s for {r['duration_s']:.0f} s "
-        f"(achieved {r['achieved_rps']:.0f} req/s): {r['requests']} requests, **{r['errors']} errors**, "
+        (f"Command: `{command}`, on {machine_line(r)}. {r['run']}: max {r['max_rps']:.0f} req/s "
+        f"(wrk, 16 connections); open-loop load (Poisson arrivals, `loadtest/openloop.py`, latency from "
+        f"the intended send) at {r['target_rps']:.0f} req/s for {r['duration_s']:.0f} s (achieved "
+        f"{r['achieved_rps']:.0f} req/s; the generator used {r['generator_cpu']:.0f} % of one core and sent "
+        f"{r['send_lag_p99_ms']:.1f} ms late at p99): {r['requests']} requests, **{r['errors']} errors**, "
         f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; worker RSS {rss[0][1]:.0f} MB at start, "
         f"{rss[-1][1]:.0f} MB at the end, growth after warm-up {growth}; p99 stable: {r['p99_stable']}. "
-        f"Verdict: {'PASS' if r['passed'] else 'FAIL'}. Images: {r['images']}.", "", *rows])
+        f"Verdict: {'PASS' if r['passed'] else 'FAIL'}. Images: {r['images']}."), "", *rows])
 
 
 # ---- faults --------------------------------------------------------------------------------------
-def fault(args) -> dict:
-    """Under a paced load at ``--share`` of the measured maximum: kill a worker, send over-limit
+def fault(args: argparse.Namespace) -> dict:
+    """Under an open-loop load at ``--share`` of the measured maximum: kill a worker, send over-limit
     requests, restart the server; what clients saw at each step."""
     model = args.run
     out: dict = {"run": model}
@@ -288,6 +204,7 @@ def fault(args) -> dict:
         images, out["images"] = write_images(model, args.data_dir, work / "images", Path(args.artifacts_dir))
         bodies = [p.read_bytes() for p in images]
         ts = PrivateServer(Path(args.model_store), [model], workdir=work / "ts").start()
+        load: BackgroundLoad | None = None
         try:
             out["initial_ready_s"] = ts.ready_s
             peak = max_rps(ts, model, images, work)
@@ -295,20 +212,23 @@ def fault(args) -> dict:
             out.update(max_rps=peak["rps"], target_rps=rate)
             url = f"{ts.url}/predictions/{model}"
             print(f"fault {model}: max {peak['rps']:.0f} req/s; load {rate:.0f} req/s", flush=True)
-            load = PacedLoad(url, bodies, rate, threads=args.threads).start()
-            time.sleep(args.baseline)
-            for step, run_step in (("kill_worker", lambda: _kill_worker(ts, model, load, args)),
-                                   ("over_limit", lambda: _over_limit(ts, url, load, work)),
-                                   ("restart", lambda: _restart(ts, load))):
+            load = users(url, bodies, rate, args)
+            time.sleep(args.baseline)  # the baseline the kill is compared with
+            running = load
+            for step, run_step in (("kill_worker", lambda: _kill_worker(ts, model, running, args)),
+                                   ("over_limit", lambda: _over_limit(ts, url, running, work)),
+                                   ("restart", lambda: _restart(ts, running))):
                 out[step] = run_step()
                 print(f"  {step}: {out[step]}", flush=True)
         finally:
+            if load is not None and load.result is None:
+                load.stop()
             ts.stop()
     out["passed"] = _fault_passed(out, args.max_failed)
     return out
 
 
-def _kill_worker(ts: PrivateServer, model: str, load: PacedLoad, args) -> dict:
+def _kill_worker(ts: PrivateServer, model: str, load: BackgroundLoad, args: argparse.Namespace) -> dict:
     """SIGKILL one worker; how long until TorchServe replaced it and throughput came back."""
     pids = ts.worker_pids(model)
     kill_t = load.now()
@@ -321,51 +241,64 @@ def _kill_worker(ts: PrivateServer, model: str, load: PacedLoad, args) -> dict:
             break
         time.sleep(0.2)
     time.sleep(max(0.0, kill_t + args.after - load.now()))
-    recs = list(load.records)
-    base = window(recs, kill_t - args.baseline + 2, kill_t)
-    after = window(recs, kill_t, kill_t + args.after)
+    recs = load.wait_answered(kill_t + args.after)
+    base = recs.window(kill_t - args.baseline + 2, kill_t)
+    after = recs.window(kill_t, kill_t + args.after)
+    now = load.now()
     return {"workers": len(pids), "killed_pid": pids[0], "baseline_rps": base.rps,
             "baseline_errors": base.errors, "failed_requests": after.errors, "requests_after": after.requests,
             "worker_ready_s": None if ready_t is None else ready_t - kill_t,
             "throughput_recovered_s": recovery_s(recs, kill_t, base.rps),
-            "rps_last_5s": window(recs, load.now() - 5, load.now()).rps}
+            "rps_last_5s": recs.window(now - 5, now).rps}
 
 
-def _over_limit(ts: PrivateServer, url: str, load: PacedLoad, work: Path) -> dict:
+def _over_limit(ts: PrivateServer, url: str, load: BackgroundLoad, work: Path) -> dict:
     """A body over max_request_size and an image over max_pixels, while the load runs."""
     limit = int(_prop(ts, "max_request_size"))
     t_a = load.now()
     big = work / "over-limit.bin"
     big.write_bytes(os.urandom(limit + 1024))
     big_status, big_body = post_file_with_curl(url, big)
-    pix_status, pix_body = post(url, huge_pixels_png(), "image/png")
-    time.sleep(3)
-    during = window(list(load.records), t_a, load.now())
+    try:
+        answer = httpclient.request("POST", url, huge_pixels_png(), {"Content-Type": "image/png"}, timeout=60)
+        pix_status, pix_body = answer.status, answer.body
+    except httpclient.NoAnswer as e:
+        pix_status, pix_body = 0, str(e).encode()
+    time.sleep(3)  # the others' requests after the over-limit ones count too
+    t_b = load.now()
+    during = load.wait_answered(t_b).window(t_a, t_b)
     return {"max_request_size": limit, "body_status": big_status,
             "body_answer": big_body[:200].decode(errors="replace") or "(empty body)",
             "pixels_status": pix_status, "pixels_answer": pix_body[:200].decode(errors="replace"),
             "others_requests": during.requests, "others_errors": during.errors}
 
 
-def _restart(ts: PrivateServer, load: PacedLoad) -> dict:
+def _restart(ts: PrivateServer, load: BackgroundLoad) -> dict:
     """Stop and restart the server on the same ports with the load still running; stops the load."""
     stop_t = load.now()
     ts.stop()
     down_t = load.now()
-    time.sleep(2)
+    time.sleep(2)  # down for a moment, as a rolling restart would be
     restart_t0 = time.monotonic()
     ts.start()
     restart_ready = time.monotonic() - restart_t0
-    first_ok = None
-    while load.now() < down_t + 120 and first_ok is None:
-        first_ok = next((r.t for r in list(load.records) if r.t > down_t + 2 and r.status == 200), None)
+
+    def first_ok() -> float | None:
+        r = load.records()
+        after = r.done[r.ok & (r.done > down_t + 2)]
+        return float(after.min()) if len(after) else None
+
+    ok_t = first_ok()
+    while ok_t is None and load.now() < down_t + 120:
         time.sleep(0.2)
-    time.sleep(5)
+        ok_t = first_ok()
+    time.sleep(5)  # the rate the clients see once it is back
     recs = load.stop()
+    last = float(recs.done.max())
     return {"stop_s": down_t - stop_t, "ready_after_start_s": restart_ready,
-            "clients_first_success_after_stop_s": None if first_ok is None else first_ok - down_t,
-            "failed_while_down": window(recs, stop_t, (first_ok or load.now())).errors,
-            "rps_last_5s": window(recs, recs[-1].t - 5, recs[-1].t).rps}
+            "clients_first_success_after_stop_s": None if ok_t is None else ok_t - down_t,
+            "failed_while_down": recs.window(stop_t, ok_t if ok_t is not None else last).errors,
+            "rps_last_5s": recs.window(last - 5, last).rps}
 
 
 def _fault_passed(out: dict, max_failed: int) -> bool:
@@ -377,54 +310,13 @@ def _fault_passed(out: dict, max_failed: int) -> bool:
 
 
 # ---- attack --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttackRecord:
-    name: str
-    status: int
-    bytes: int
-    latency_ms: float
-
-
-def _attacker(url: str, bodies: list[tuple[str, bytes]], stop: threading.Event, out: list, seed: int) -> None:
-    """Posts the costliest admitted requests back to back (closed loop: one in flight per attacker)."""
-    from loadtest.attacks import content_type
-
-    rng = random.Random(seed)
-    parts = urllib.parse.urlsplit(url)
-    conn = None
-    while not stop.is_set():
-        name, body = rng.choice(bodies)
-        start, status, size = time.monotonic(), 0, 0
-        try:
-            if conn is None:
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-            conn.request("POST", parts.path, body=body, headers={"Content-Type": content_type(body)})
-            resp = conn.getresponse()
-            size, status = len(resp.read()), resp.status
-        except (OSError, http.client.HTTPException):
-            if conn is not None:
-                conn.close()
-            conn = None
-        out.append(AttackRecord(name, status, size, 1e3 * (time.monotonic() - start)))
-
-
-def worker_deaths(ts: PrivateServer) -> int:
-    path = ts.workdir / "logs" / "ts_log.log"
-    text = path.read_text(errors="replace") if path.is_file() else ""
-    return sum(any(m in line for m in ("Worker disconnected", "died", "Auto recovery"))
-               for line in text.splitlines())
-
-
-def attack(args) -> dict:
-    from loadtest.attacks import archive_settings, request_cases
+def attack(args: argparse.Namespace) -> dict:
+    from loadtest.attacks import archive_settings, content_type, request_cases
 
     model = args.run
     limits, contract = archive_settings(Path(args.model_store) / f"{model}.mar")
-    bodies = [(name, p["body"]) for name, p in request_cases(limits, contract).items()]
-    from training.machine import cpu_name
-
-    out: dict = {"run": model, "attackers": args.attackers, "attack_bodies": len(bodies),
-                 "limits": asdict(limits), "cpu": cpu_name()}
+    bodies = [p["body"] for p in request_cases(limits, contract).values()]
+    out: dict = {"run": model, "attackers": args.attackers, "attack_bodies": len(bodies), "limits": asdict(limits)}
     with tempfile.TemporaryDirectory(prefix="attack-") as tmp, \
             PrivateServer(Path(args.model_store), [model]) as ts:
         work = Path(tmp)
@@ -432,38 +324,35 @@ def attack(args) -> dict:
         peak = max_rps(ts, model, images, work)
         rate = args.share * peak["rps"]
         url = f"{ts.url}/predictions/{model}"
-        pids, deaths = sorted(ts.worker_pids(model)), worker_deaths(ts)
+        pids, deaths = sorted(ts.worker_pids(model)), len(worker_deaths(_server(ts)))
         print(f"attack {model}: max {peak['rps']:.0f} req/s; normal load {rate:.0f} req/s; "
               f"{args.attackers} attackers x {len(bodies)} costliest bodies", flush=True)
-        load = PacedLoad(url, [p.read_bytes() for p in images], rate, threads=args.threads).start()
-        time.sleep(args.baseline)
-        attack_t, stop, answers = load.now(), threading.Event(), []
-        threads = [threading.Thread(target=_attacker, args=(url, bodies, stop, answers, i), daemon=True)
-                   for i in range(args.attackers)]
-        for t in threads:
-            t.start()
+        normal = users(url, [p.read_bytes() for p in images], rate, args)
+        time.sleep(args.baseline)  # the normal users' latency before the attack
+        attack_t = normal.now()
+        # Closed loop on purpose: each attacker keeps one of the costliest requests in flight whatever
+        # the server's speed, the most work N connections can hand it. At a fixed rate it would either
+        # leave the server idle between requests or pile the requests up in this client, not the server.
+        attackers = BackgroundLoad(Target.post(url, bodies, content_type=content_type),
+                                   connections=args.attackers, timeout_s=60).start()
         time.sleep(args.duration)
-        stop.set()
-        for t in threads:
-            t.join(timeout=90)
-        end_t = load.now()
-        records = load.stop()
-        restarted = sorted(ts.worker_pids(model)) != pids or worker_deaths(ts) > deaths
-    before, during = window(records, 1.0, attack_t), window(records, attack_t, end_t)
-    statuses: dict[str, int] = {}
-    for a in answers:
-        statuses[str(a.status)] = statuses.get(str(a.status), 0) + 1
-    errors = [a for a in answers if a.status != 200]
+        answers = attackers.stop()
+        end_t = normal.now()
+        records = normal.stop()
+        restarted = sorted(ts.worker_pids(model)) != pids or len(worker_deaths(_server(ts))) > deaths
+    before, during = records.window(1.0, attack_t), records.window(attack_t, end_t)
+    statuses = {str(code): int(n) for code, n in zip(*np.unique(answers.status, return_counts=True), strict=True)}
+    error_bytes = answers.size[~answers.ok]
     out.update(max_rps=peak["rps"], target_rps=rate, duration_s=args.duration,
                normal_before=asdict(before), normal_during=asdict(during),
                attacker_requests=len(answers), attacker_statuses=statuses,
-               attacker_max_error_bytes=max((a.bytes for a in errors), default=0),
-               attacker_p50_ms=percentile([a.latency_ms for a in answers], 50),
-               attacker_max_ms=max((a.latency_ms for a in answers), default=0.0),
+               attacker_max_error_bytes=int(error_bytes.max(initial=0)),
+               attacker_p50_ms=percentile_ms(latency_histogram(answers.latency_s), 50),
+               attacker_max_ms=float(answers.latency_s.max(initial=0.0)) * 1e3,
                worker_restarted=restarted)
-    allowed = {200, 400, 413, 415, 503}
-    out["passed"] = bool(during.errors == 0 and not restarted and answers
-                         and all(a.status in allowed for a in answers)
+    allowed = [200, 400, 413, 415, 503]
+    out["passed"] = bool(during.errors == 0 and not restarted and len(answers)
+                         and np.isin(answers.status, allowed).all()
                          and out["attacker_max_error_bytes"] <= 1024)
     return out
 
@@ -473,25 +362,26 @@ def attack_section(r: dict, command: str) -> str:
     lim = r["limits"]
     return "\n".join([
         "## Attack run (`make fault`, attack scenario)", "",
-        f"Command: `{command}`, {r.get('cpu', '')}, on the shared, noisy 2-core machine. {r['run']}: {r['attackers']} attackers "
+        (f"Command: `{command}`, on {machine_line(r)}. {r['run']}: {r['attackers']} attackers "
         f"post the {r['attack_bodies']} costliest request bodies the archive's limits admit "
         f"(`loadtest/attacks.py`; {lim['max_request_pixels']:,} pixels per request, {lim['max_batch_pixels']:,} "
         f"per model call), back to back, for {r['duration_s']:.0f} s, while normal users post held-out "
-        f"images at {r['target_rps']:.0f} req/s (max measured {r['max_rps']:.0f} req/s). Verdict: "
-        f"{'PASS' if r['passed'] else 'FAIL'}.", "",
+        f"images open loop at {r['target_rps']:.0f} req/s (max measured {r['max_rps']:.0f} req/s). Verdict: "
+        f"{'PASS' if r['passed'] else 'FAIL'}."), "",
         "| | requests | errors | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|",
-        f"| normal users, before | {b['requests']} | {b['errors']} | {b['rps']:.0f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} |",
-        f"| normal users, during the attack | {d['requests']} | **{d['errors']}** | {d['rps']:.0f} | "
-        f"{d['p50_ms']:.1f} | {d['p99_ms']:.1f} |", "",
-        f"Attackers: {r['attacker_requests']} requests, answers by status {r['attacker_statuses']}, "
+        (f"| normal users, before | {b['requests']} | {b['errors']} | {b['rps']:.0f} | {b['p50_ms']:.1f} | "
+         f"{b['p99_ms']:.1f} |"),
+        (f"| normal users, during the attack | {d['requests']} | **{d['errors']}** | {d['rps']:.0f} | "
+        f"{d['p50_ms']:.1f} | {d['p99_ms']:.1f} |"), "",
+        (f"Attackers: {r['attacker_requests']} requests, answers by status {r['attacker_statuses']}, "
         f"largest error answer {r['attacker_max_error_bytes']} bytes, median {r['attacker_p50_ms']:.0f} ms, "
-        f"slowest {r['attacker_max_ms']:.0f} ms. Worker restarted: **{r['worker_restarted']}**.",
+        f"slowest {r['attacker_max_ms']:.0f} ms. Worker restarted: **{r['worker_restarted']}**."),
     ])
 
 
 def _prop(ts: PrivateServer, key: str) -> str:
     from serving.server import CONFIG_FILE, read_properties
-    return read_properties(ts.workdir / CONFIG_FILE)[key]
+    return read_properties(_server(ts).workdir / CONFIG_FILE)[key]
 
 
 def fault_section(r: dict, command: str) -> str:
@@ -501,20 +391,21 @@ def fault_section(r: dict, command: str) -> str:
         return "never" if x is None else fmt.format(x)
     return "\n".join([
         "## Fault run (`make fault`)", "",
-        f"Command: `{command}`, on the shared, noisy 2-core machine. {r['run']} under a paced load of "
+        (f"Command: `{command}`, on {machine_line(r)}. {r['run']} under an open-loop load of "
         f"{r['target_rps']:.0f} req/s (max measured {r['max_rps']:.0f} req/s). Verdict: "
-        f"{'PASS' if r['passed'] else 'FAIL'}.", "",
+        f"{'PASS' if r['passed'] else 'FAIL'}."), "",
         "| fault | result |", "|---|---|",
-        f"| SIGKILL 1 of {k['workers']} workers | {k['failed_requests']} failed of {k['requests_after']} requests "
+        (f"| SIGKILL 1 of {k['workers']} workers | {k['failed_requests']} failed of {k['requests_after']} requests "
         f"in the {r.get('after_s', '')} s after; worker READY again after {f(k['worker_ready_s'])} s; throughput "
-        f"back to 80 % of {k['baseline_rps']:.0f} req/s (no errors) after {f(k['throughput_recovered_s'])} s |",
-        f"| body over max_request_size ({o['max_request_size']} B, curl) | HTTP {o['body_status']} "
+        f"back to 80 % of {k['baseline_rps']:.0f} req/s (no errors) after {f(k['throughput_recovered_s'])} s |"),
+        (f"| body over max_request_size ({o['max_request_size']} B, curl) | HTTP {o['body_status']} "
         f"`{o['body_answer'][:80]}`; other requests meanwhile: {o['others_errors']} errors of "
-        f"{o['others_requests']} |",
+        f"{o['others_requests']} |"),
         f"| image over max_pixels (10000x10000 PNG) | HTTP {o['pixels_status']} `{o['pixels_answer'][:80]}` |",
-        f"| stop + restart on the same ports | stop took {s['stop_s']:.1f} s; ready (warm-up answered) "
-        f"{s['ready_after_start_s']:.1f} s after start; clients' first success {f(s['clients_first_success_after_stop_s'])} "
-        f"s after the stop; {s['failed_while_down']} requests failed meanwhile |",
+        (f"| stop + restart on the same ports | stop took {s['stop_s']:.1f} s; ready (warm-up answered) "
+        f"{s['ready_after_start_s']:.1f} s after start; clients' first success "
+        f"{f(s['clients_first_success_after_stop_s'])} s after the stop; {s['failed_while_down']} requests "
+        "failed meanwhile |"),
     ])
 
 
@@ -523,20 +414,20 @@ _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\
 
 def seconds(text: str) -> float:
     """A duration as locust's --run-time spells it: 600, 600s, 10m, 1h30m -> seconds. (Not locust's own
-    ``parse_timespan``: importing locust monkey-patches threads and sockets for gevent, which the paced
-    load's threads must not get.)"""
+    ``parse_timespan``: importing locust monkey-patches threads and sockets for gevent, which the
+    background load's thread and event loop must not get.)"""
     try:
         return float(text)
     except ValueError:
         pass
     m = _DURATION.fullmatch(text.strip())
-    total = sum(float(v) * unit for v, unit in zip(m.groups(), (3600, 60, 1)) if v) if m else 0.0
+    total = sum(float(v) * unit for v, unit in zip(m.groups(), (3600, 60, 1), strict=True) if v) if m else 0.0
     if total <= 0:
         raise argparse.ArgumentTypeError(f"bad duration {text!r}: write seconds (600) or 600s, 10m, 1h30m")
     return total
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.resilience", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("mode", choices=("soak", "fault", "attack"),
@@ -550,7 +441,10 @@ def main(argv=None) -> int:
     where.add_argument("--docs", default="docs/benchmarks.md", help="'' to skip the docs update")
     load = p.add_argument_group("load (all modes)")
     load.add_argument("--share", type=float, default=0.7, help="load as a share of the measured maximum")
-    load.add_argument("--threads", type=int, default=8, help="client threads of the paced load")
+    load.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                      help="open connections at most; past them a request waits in the client (its latency counts)")
+    load.add_argument("--timeout", type=float, default=10.0,
+                      help="seconds before a normal user's request counts as failed")
     load.add_argument("--duration", type=seconds, default=None,
                       help="soak: 600, 600s, 10m, 1h30m (default: 10m); attack: seconds of attack (60)")
     modes = p.add_argument_group("per mode")
@@ -574,8 +468,10 @@ def main(argv=None) -> int:
     command = f"python -m loadtest.resilience {' '.join(sys.argv[1:] if argv is None else argv)}"
     run, section_of = {"soak": (soak, soak_section), "fault": (fault, fault_section),
                        "attack": (attack, attack_section)}[args.mode]
+    load_before = os.getloadavg()[0]
     result = run(args)
-    result["command"], result["after_s"] = command, args.after
+    result.update(command=command, after_s=args.after, machine=cpu_name(), load_before=load_before,
+                  load_after=os.getloadavg()[0])
     section = section_of(result, command)
     Path(args.reports).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.reports) / f"{args.mode}.json", result)

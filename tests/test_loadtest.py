@@ -1,5 +1,6 @@
-"""Load-test suite: SLO gate logic and request builders (unit), and a short real locust run against a
-real TorchServe serving the digits model (slow)."""
+"""Load-test suite: SLO gate logic and request builders (unit), the soak/fault analysis on synthetic
+records, the background load that soak, fault and attack drive (against an in-process server), and a
+short real locust run against a real TorchServe serving the digits model (slow)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from PIL import Image
 from loadtest.gates import Thresholds, Totals, check_gates, format_summary, gate_report
 from loadtest.bodies import b64_batch_body, malformed_request, multipart_body, predictions_in
 from loadtest.images import load_pool, synthetic_pixels
+from loadtest.openloop import BackgroundLoad, Records, Target, Window, arrival_chunks
 from training.images import encode_png
 from loadtest.schedule import step_users
 from training.contract import Contract
@@ -178,35 +181,153 @@ def test_locust_exits_nonzero_when_a_gate_breaks(digits_server, tmp_path):
 
 
 # ---- soak / fault analysis on synthetic records -------------------------------------------------
-def test_windows_count_successes_errors_and_percentiles():
-    from loadtest.resilience import Record, percentile, window, windows
-    recs = [Record(t / 10, 200, float(t % 10 + 1)) for t in range(100)] + [Record(5.5, 0, 10000.0)]
-    w = window(recs, 0, 10)
+def records(rows) -> Records:
+    """(intended s, latency ms, status) rows -> the records a background load keeps."""
+    a = np.array(rows, dtype=float).reshape(-1, 3)
+    return Records(a[:, 0], a[:, 0] + a[:, 1] / 1e3, a[:, 2].astype(int), np.zeros(len(a), int))
+
+
+def test_windows_count_by_intended_time_and_take_percentiles_of_the_successes():
+    recs = records([(t / 10, t % 10 + 1, 200) for t in range(100)] + [(5.5, 10_000, 0)])
+    w = recs.window(0, 10)
     assert (w.requests, w.errors, w.rps) == (101, 1, 10.0)
-    assert w.p50_ms == 5.0 and w.p99_ms == 10.0  # the failed request's latency is not counted
-    assert [x.requests for x in windows(recs, 0, 10, 5)] == [50, 51]
-    assert percentile([], 99) == 0.0 and percentile([3.0], 50) == 3.0
+    # HdrHistogram's nearest rank, to its 3 significant digits; the failed request's 10 s is not counted
+    assert w.p50_ms == pytest.approx(5.0, rel=1e-3) and w.p99_ms == pytest.approx(10.0, rel=1e-3)
+    assert [x.requests for x in recs.windows(0, 10, 5)] == [50, 51]
+    assert [x.errors for x in recs.windows(0, 10, 5)] == [0, 1]
+    # A request that left at 4.9 s and was answered at 5.1 s counts as a request of the first window and
+    # as throughput of the second.
+    late = records([(4.9, 200, 200)])
+    assert (late.window(0, 5).requests, late.window(0, 5).rps) == (1, 0.0)
+    assert (late.window(5, 10).requests, late.window(5, 10).rps) == (0, 0.2)
+
+
+def test_window_percentiles_are_the_nearest_rank_not_one_rank_high():
+    w = records([(i / 100, i, 200) for i in range(1, 101)]).window(0, 2)
+    assert w.p99_ms == pytest.approx(99.0, rel=1e-3) and w.p50_ms == pytest.approx(50.0, rel=1e-3)
+    assert records([]).window(0, 1) == Window(0, 1, 0, 0, 0.0, 0.0, 0.0)
 
 
 def test_recovery_is_the_first_clean_window_back_near_baseline():
-    from loadtest.resilience import Record, recovery_s
+    from loadtest.resilience import recovery_s
+
     # 100 req/s before t=10; errors and half rate until t=14; full rate again after.
-    recs = [Record(t / 100, 200, 5.0) for t in range(1000)]
-    recs += [Record(10 + t / 50, 0 if t < 20 else 200, 5.0) for t in range(200)]
-    recs += [Record(14 + t / 100, 200, 5.0) for t in range(1000)]
-    got = recovery_s(recs, 10.0, baseline_rps=100.0)
-    assert got is not None and 4.0 <= got <= 6.5
-    assert recovery_s([Record(11, 0, 1.0)], 10.0, 100.0, horizon=5) is None
+    recs = records([(t / 100, 5, 200) for t in range(1000)]
+                   + [(10 + t / 50, 5, 0 if t < 20 else 200) for t in range(200)]
+                   + [(14 + t / 100, 5, 200) for t in range(1000)])
+    assert recovery_s(recs, 10.0, baseline_rps=100.0) == pytest.approx(5.5)  # [13.5, 15.5): 87.5 req/s
+    assert recovery_s(records([(11, 1, 0)]), 10.0, 100.0, horizon=5) is None
 
 
 def test_rss_growth_after_warmup_and_p99_stability():
-    from loadtest.resilience import Window, p99_stable, rss_growth
+    from loadtest.resilience import p99_stable, rss_growth
     assert rss_growth([(0, 100.0), (60, 200.0), (600, 210.0)], warmup_s=60) == pytest.approx(0.05)
     assert rss_growth([(0, 100.0)], warmup_s=0) is None
 
     def ws(p99s):
         return [Window(i, i + 1, 10, 0, 10.0, 1.0, p) for i, p in enumerate(p99s)]
     assert p99_stable(ws([10, 11, 10, 12, 10, 11])) and not p99_stable(ws([10, 10, 10, 30, 30, 30]))
+
+
+def test_reports_name_the_machine_and_its_load():
+    from loadtest.resilience import fault_section, machine_line
+
+    r = {"machine": "Some CPU (2 logical CPUs; avx2)", "load_before": 0.5, "load_after": 1.25}
+    assert machine_line(r) == "Some CPU (2 logical CPUs; avx2); 1-min load average 0.50 before the run, 1.25 after"
+    r |= {"run": "digits", "target_rps": 10.0, "max_rps": 20.0, "passed": True, "after_s": 20,
+          "kill_worker": {"workers": 2, "failed_requests": 0, "requests_after": 200, "worker_ready_s": 3.0,
+                          "baseline_rps": 10.0, "throughput_recovered_s": None},
+          "over_limit": {"max_request_size": 10, "body_status": 413, "body_answer": "{}", "others_errors": 0,
+                         "others_requests": 30, "pixels_status": 400, "pixels_answer": "{}"},
+          "restart": {"stop_s": 1.0, "ready_after_start_s": 5.0, "clients_first_success_after_stop_s": 7.0,
+                      "failed_while_down": 70}}
+    text = fault_section(r, "python -m loadtest.resilience fault")
+    assert machine_line(r) in text and "noisy" not in text and "after never s" in text
+
+
+def test_target_gives_each_body_its_content_type():
+    t = Target.post("http://127.0.0.1:8080/p", [b"{}", b"\x89PNG"],
+                    content_type=lambda b: "application/json" if b[:1] == b"{" else "image/png")
+    heads = [r.partition(b"\r\n\r\n")[0] for r in t.requests]
+    assert b"Content-Type: application/json" in heads[0] and b"Content-Type: image/png" in heads[1]
+    assert all(h.count(b"Content-Type") == 1 for h in heads)
+
+
+# ---- the load under soak, fault and attack: open loop in the background, every request kept -------
+def until(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met within the deadline"
+        time.sleep(0.01)
+
+
+def test_arrival_chunks_join_into_one_schedule():
+    chunks = arrival_chunks(100.0, "constant", chunk_s=0.5)
+    t = np.concatenate([next(chunks) for _ in range(4)])
+    assert len(t) == 200 and np.allclose(np.diff(t), 0.01)  # no gap or overlap at the joins
+    chunks = arrival_chunks(400.0, "poisson", seed=2, chunk_s=1.0)
+    t = np.concatenate([next(chunks) for _ in range(10)])
+    assert np.all(np.diff(t) > 0) and abs(len(t) - 4000) < 4 * np.sqrt(4000)
+
+
+def test_background_open_loop_sends_its_schedule_and_records_every_answer():
+    from loadtest.stall_server import StallServer
+
+    with StallServer(stall_s=0.0) as server:
+        load = BackgroundLoad(Target.post(server.url, [b"x" * 100]), rate_rps=200, arrivals="constant").start()
+        until(lambda: len(load.records()) >= 60)
+        records = load.stop()
+    n = len(records)
+    assert n >= 60 and np.allclose(np.sort(records.intended), np.arange(n) / 200)  # the schedule, exactly
+    assert records.ok.all() and (records.size == len(b'{"ok": true}')).all()
+    assert (records.done >= records.intended).all()
+    r = load.result
+    assert r is not None and r.mode == "open" and r.sent == r.ok == n and r.errors == 0
+
+
+def test_background_closed_loop_keeps_exactly_its_connections_in_flight():
+    from loadtest.stall_server import StallServer
+
+    with StallServer(stall_s=0.0) as server:
+        load = BackgroundLoad(Target.post(server.url, [b"x"]), connections=3).start()
+        until(lambda: len(load.records()) >= 300)
+        records = load.stop()
+    # In flight over time: +1 at each send, -1 at each answer (an answer frees its slot before the resend).
+    events = sorted([(t, 1) for t in records.intended] + [(t, -1) for t in records.done])
+    assert max(np.cumsum([d for _, d in events])) == 3
+    assert load.result is not None and load.result.connections == 3 and records.ok.all()
+
+
+def test_wait_answered_returns_once_every_earlier_request_has_its_answer():
+    from loadtest.stall_server import StallServer
+
+    # Stalled 0.5 s of every 0.51: at any moment some requests wait for the stall to end.
+    with StallServer(stall_s=0.5, period_s=0.51) as server:
+        load = BackgroundLoad(Target.post(server.url, [b"x"]), rate_rps=100).start()
+        until(lambda: len(load.records()) >= 10)  # just after a stall ended
+        cut = load.now() + 0.1  # within the next stall: requests before it wait for its end
+        seen = load.wait_answered(cut)
+        until(lambda: load.now() > cut + 0.6)  # the load goes on past that stall's end
+        final = load.stop()
+    assert np.count_nonzero(seen.intended < cut) == np.count_nonzero(final.intended < cut) > 0
+
+
+def test_background_load_against_nothing_records_every_request_as_failed():
+    from serving.server import free_port
+
+    load = BackgroundLoad(Target.post(f"http://127.0.0.1:{free_port()}/", [b"x"]), rate_rps=100,
+                          timeout_s=1.0).start()
+    until(lambda: len(load.records()) >= 10)
+    records = load.stop()
+    assert len(records) > 0 and not records.ok.any() and (records.status == 0).all()
+    assert load.result is not None and load.result.errors == len(records) and load.result.ok == 0
+
+
+def test_background_load_refuses_both_or_neither_mode():
+    target = Target.post("http://127.0.0.1:9/", [b"x"])
+    for kwargs in ({}, {"rate_rps": 1.0, "connections": 1}, {"rate_rps": 0.0}, {"connections": 0}):
+        with pytest.raises(ValueError):
+            BackgroundLoad(target, **kwargs)
 
 
 @pytest.mark.parametrize("text, expected", [("600", 600.0), ("600s", 600.0), ("10m", 600.0),
