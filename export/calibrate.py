@@ -91,10 +91,10 @@ def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logi
                        test_labels: np.ndarray, fitted_on: dict) -> dict:
     """Fit T on the validation logits; the manifest's ``calibration`` entry with ECE/NLL on the test set."""
     t = fit_temperature(val_logits, val_labels)
-    return {"temperature": t, "fitted_on": {**fitted_on, "samples": int(len(val_labels)),
+    return {"temperature": t, "fitted_on": {**fitted_on, "samples": len(val_labels),
                                             "errors": int((val_logits.argmax(1) != val_labels).sum()),
                                             "prior_sigma": PRIOR_SIGMA},
             "ece_bins": ECE_BINS,
-            "test": {"samples": int(len(test_labels)),
+            "test": {"samples": len(test_labels),
                      "ece_before": ece(test_logits, test_labels), "ece_after": ece(test_logits, test_labels, t),
                      "nll_before": nll(test_logits, test_labels), "nll_after": nll(test_logits, test_labels, t)}}

@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -38,13 +38,25 @@ from export import ood, registry
 from export.calibrate import ECE_BINS, calibration_report
 from export.data import Pixels, load_pixels
 from export.measure import accuracy, eager_predict, latency, parity, predict_all
-from training.contract import WithPreprocessing
-from export.registry import REGISTRY, VARIANTS, BuildContext  # noqa: F401
-from export.runtime import (MANIFEST_FORMAT, MANIFEST_NAME, REFERENCE_NAME, Reference, load_variant,
-                            read_manifest, reference_check, save_reference, sha256_file, verify_file)
+from export.ood import Detector
+from export.registry import REGISTRY, VARIANTS, BuildContext
+from export.runtime import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    REFERENCE_NAME,
+    Reference,
+    load_variant,
+    read_manifest,
+    reference_check,
+    save_reference,
+    sha256_file,
+    verify_file,
+)
 from training.checkpoint import load_checkpoint, model_from_checkpoint, provenance
+from training.contract import Contract, WithPreprocessing
 from training.files import atomic_write_bytes, atomic_write_json
 from training.machine import cpu_name
+
 
 class GateError(RuntimeError):
     """A variant failed a parity or accuracy gate; the message names the variant and its numbers."""
@@ -113,7 +125,7 @@ class Source:
     """The trained model and the data export measures it on."""
 
     model: torch.nn.Module
-    contract: object
+    contract: Contract
     ckpt: dict
     path: Path
     sha256: str
@@ -125,7 +137,7 @@ class Source:
     ref_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     reference: dict = field(default_factory=dict)  # the manifest's "reference" entry
     ood: dict = field(default_factory=dict)        # the manifest's "ood" entry ({} without a detector)
-    detector: ood.Detector | None = None
+    detector: Detector | None = None
 
 
 def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
@@ -203,7 +215,7 @@ def fit_calibration(src: Source, eager, eager_logits: np.ndarray, log) -> dict:
     return report
 
 
-def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np.ndarray,
+def build_and_gate(name: str, ctx: BuildContext, src: Source, eager_logits: np.ndarray,
                    eager_scores: np.ndarray | None, eager_acc: float, cfg: ExportConfig, log
                    ) -> tuple[dict, str | None]:
     """Build ``name`` with each of its recipes in turn until one passes its gate.
@@ -217,7 +229,7 @@ def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np
     for recipe in variant.recipes:
         log(f"{cfg.run}: building {name}" + (f" ({_recipe_text(recipe)})" if recipe else ""))
         variant.build(ctx, path, recipe)
-        entry = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+        entry: dict = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                  "runtime": variant.runtime, "precision": variant.precision, "devices": list(variant.devices),
                  "recipe": recipe, "latency": {}}
         # measured through the server's loader: sha256 check, then the real runtime
@@ -225,14 +237,15 @@ def build_and_gate(name: str, ctx: BuildContext, src: "Source", eager_logits: np
         logits, scores = infer_all(load_variant(ctx.staging, name), src.heldout.images)
         entry["parity"] = parity(eager_logits[src.check_idx], logits[src.check_idx])
         entry["accuracy"] = accuracy(logits, src.heldout.labels)
-        if scores is not None:
+        if scores is not None:  # a variant scores only when export fitted a detector
+            assert src.detector is not None and eager_scores is not None
             entry["ood"] = ood_parity(src.detector, eager_scores, scores)
         # the check every serving worker repeats on its own machine (export.runtime.reference_check)
         reference = Reference(src.heldout.images[src.ref_idx], src.heldout.labels[src.ref_idx],
                               eager_logits[src.ref_idx], None if eager_scores is None else eager_scores[src.ref_idx])
         entry["reference_check"], ref_failure = reference_check(
             logits[src.ref_idx], reference, variant.precision, export_gates(cfg, src),
-            None if scores is None else scores[src.ref_idx], src.detector and src.detector.threshold)
+            None if scores is None else scores[src.ref_idx], None if src.detector is None else src.detector.threshold)
         log(f"{cfg.run}: {name:17s} accuracy {entry['accuracy']:.4f}  "
             f"top-1 agreement {entry['parity']['top1_agreement']:.4f}  "
             f"max |diff| {entry['parity']['max_abs_diff']:.2e}  {entry['bytes']:,} bytes")
@@ -254,10 +267,10 @@ def infer_all(runner, images: np.ndarray, batch_size: int = 256) -> tuple[np.nda
     return np.concatenate([lg for lg, _ in parts]), scores
 
 
-def ood_parity(detector: ood.Detector, eager_scores: np.ndarray, scores: np.ndarray) -> dict:
+def ood_parity(detector: Detector, eager_scores: np.ndarray, scores: np.ndarray) -> dict:
     """A variant's ood scores on the held-out images against eager fp32's."""
     diff = np.abs(scores - eager_scores)
-    return {"samples": int(len(scores)), "max_score_diff": float(diff.max()),
+    return {"samples": len(scores), "max_score_diff": float(diff.max()),
             "max_score_diff_of_threshold": float(diff.max() / max(abs(detector.threshold), 1e-12)),
             "flag_agreement": float((detector.flags(scores) == detector.flags(eager_scores)).mean()),
             "heldout_ood_share": float(detector.flags(scores).mean())}
@@ -285,6 +298,7 @@ def fit_ood(cfg: ExportConfig, src: Source, temperature: float, staging: Path, l
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     fit = src.ood_fit
+    assert fit is not None  # load_source loads it unless ood_method is none
     if src.validation is not None and len(src.validation):
         threshold_px, threshold_on = src.validation, {"dataset": src.ckpt["dataset"], "split": "val"}
     else:
@@ -333,8 +347,8 @@ def load_source(cfg: ExportConfig) -> Source:
     model, contract = model_from_checkpoint(ckpt)
     train_cfg = ckpt.get("config", {})
     data_dir = cfg.data_dir or train_cfg.get("data_dir")
-    kw = dict(dataset=ckpt["dataset"], data_dir=data_dir, contract=contract, seed=cfg.seed,
-              image_size=train_cfg.get("image_size"))
+    kw = {"dataset": ckpt["dataset"], "data_dir": data_dir, "contract": contract, "seed": cfg.seed,
+          "image_size": train_cfg.get("image_size")}
     heldout = load_pixels(split="test", limit=cfg.eval_size, **kw)
     needs_calibration = any(REGISTRY[v].precision == "int8" for v in cfg.variants)
     calibration = load_pixels(split="train", limit=cfg.calib_size, **kw) if needs_calibration else None
@@ -363,7 +377,7 @@ def write_reference(src: Source, eager_logits: np.ndarray, staging: Path,
     idx = src.ref_idx
     save_reference(path, Reference(src.heldout.images[idx], src.heldout.labels[idx], eager_logits[idx],
                                    None if eager_scores is None else eager_scores[idx]))
-    return {"file": path.name, "sha256": sha256_file(path), "samples": int(len(idx)),
+    return {"file": path.name, "sha256": sha256_file(path), "samples": len(idx),
             "accuracy": accuracy(eager_logits[idx], src.heldout.labels[idx])}
 
 
@@ -430,11 +444,11 @@ def choose_cpu_default(cfg: ExportConfig, entries: dict[str, dict]) -> str:
     timed = {n: e["latency"][f"threads_{min(cfg.latency_threads)}"]["batch1_p50_ms"]
              for n, e in entries.items() if e["latency"]}
     if timed:
-        return min(timed, key=timed.get)
+        return min(timed, key=timed.__getitem__)
     return "onnx-fp32" if "onnx-fp32" in entries else next(iter(entries))
 
 
-def export_gates(cfg: ExportConfig, src: "Source | None" = None) -> dict:
+def export_gates(cfg: ExportConfig, src: Source | None = None) -> dict:
     """The gates export applies, recorded in the manifest; every serving worker re-applies them.
     With a detector, on its scores too: fp32 within ``export.ood.FP32_SCORE_RTOL`` of the threshold;
     INT8 changing the flag of at most as many points of images as it may lose accuracy points."""
@@ -462,7 +476,7 @@ def make_manifest(cfg: ExportConfig, src: Source, entries: dict, eager_acc: floa
         "provenance": {**provenance(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                        "cpu": cpu_name(), "export_config": _jsonable(asdict(cfg))},
         "heldout": {"dataset": ckpt["dataset"], "split": "test", "samples": len(src.heldout),
-                    "check_samples": int(len(src.check_idx))},
+                    "check_samples": len(src.check_idx)},
         "baseline": {"variant": "eager-fp32", "accuracy": eager_acc},
         "reference": src.reference,
         **({"ood": src.ood} if src.ood else {}),
@@ -480,7 +494,8 @@ def publish(staging: Path, out: Path, manifest: dict) -> None:
         atomic_write_bytes(out / e["file"], lambda f, d=data: f.write(d))
     atomic_write_json(out / MANIFEST_NAME, manifest)
     published = read_manifest(out)
-    for e in [*published["variants"].values(), published["reference"], *([published["ood"]] if "ood" in published else [])]:
+    for e in [*published["variants"].values(), published["reference"],
+              *([published["ood"]] if "ood" in published else [])]:
         verify_file(out / e["file"], e["sha256"])
 
 

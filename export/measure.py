@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def parity(reference: np.ndarray, logits: np.ndarray) -> dict:
     """How closely ``logits`` follow the eager ``reference`` on the same images."""
     return {
-        "samples": int(len(reference)),
+        "samples": len(reference),
         "top1_agreement": float((reference.argmax(1) == logits.argmax(1)).mean()),
         "max_abs_diff": float(np.abs(reference - logits).max()),
         "mean_abs_diff": float(np.abs(reference - logits).mean()),

@@ -149,7 +149,7 @@ class Detector:
     def flags(self, scores: np.ndarray) -> np.ndarray:
         return scores > self.threshold
 
-    def with_threshold(self, threshold: float) -> "Detector":
+    def with_threshold(self, threshold: float) -> Detector:
         return Detector(self.method, float(threshold), self.temperature, self.arrays, self.k)
 
 

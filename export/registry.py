@@ -10,11 +10,16 @@ when called, so the server can import this table cheaply.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # type names only: importing them would load torch, and export.core imports this table
+    from export.core import ExportConfig
+    from training.contract import Contract
 
 PRECISIONS = ("fp32", "int8")
 
@@ -25,10 +30,10 @@ class BuildContext:
     (where an INT8 builder may find or make the fp32 ONNX graph) and the export settings."""
 
     model: object
-    contract: object
+    contract: Contract
     calibration: np.ndarray | None
     staging: Path
-    settings: object  # export.core.ExportConfig
+    settings: ExportConfig
 
 
 @dataclass(frozen=True)
@@ -84,11 +89,18 @@ def get(name: str) -> Variant:
 
 def cuda_default(names) -> str | None:
     """The preferred CUDA variant among ``names``."""
-    ranked = [REGISTRY[n] for n in names if n in REGISTRY and REGISTRY[n].cuda_rank is not None]
-    return min(ranked, key=lambda v: v.cuda_rank).name if ranked else None
+    ranks = {n: REGISTRY[n].cuda_rank for n in names if n in REGISTRY}
+    ranked = {n: rank for n, rank in ranks.items() if rank is not None}
+    return min(ranked, key=ranked.__getitem__) if ranked else None
 
 
 # ---- the built-in variants ---------------------------------------------------------------------
+def _calibration(ctx: BuildContext) -> np.ndarray:
+    if ctx.calibration is None:
+        raise ValueError("INT8 variants need calibration images: --calib-size must be > 0")
+    return ctx.calibration
+
+
 def _torchscript_fp32(ctx: BuildContext, path: Path, recipe: dict) -> None:
     from export import variants as V
     V.export_torchscript(ctx.model, ctx.contract, path)
@@ -101,7 +113,7 @@ def _onnx_fp32(ctx: BuildContext, path: Path, recipe: dict) -> None:
 
 def _torchscript_int8(ctx: BuildContext, path: Path, recipe: dict) -> None:
     from export import variants as V
-    quantized = V.quantize_torch(ctx.model, ctx.contract, ctx.calibration, ctx.settings.quant_backend,
+    quantized = V.quantize_torch(ctx.model, ctx.contract, _calibration(ctx), ctx.settings.quant_backend,
                                  **recipe)
     V.export_torchscript(quantized, ctx.contract, path)
 
@@ -113,7 +125,7 @@ def _onnx_int8(ctx: BuildContext, path: Path, recipe: dict) -> None:
         fp32 = ctx.staging / ".onnx-int8-source.onnx"
         if not fp32.exists():
             V.export_onnx(ctx.model, ctx.contract, fp32)
-    V.quantize_onnx(fp32, ctx.calibration, path, reduce_range=ctx.settings.ort_reduce_range,
+    V.quantize_onnx(fp32, _calibration(ctx), path, reduce_range=ctx.settings.ort_reduce_range,
                     activation_type=ctx.settings.ort_activation, **recipe)
 
 

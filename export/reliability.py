@@ -45,7 +45,8 @@ def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float,
     edges = np.linspace(0, 1, ECE_BINS + 1)
     width = 1 / ECE_BINS
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), dpi=100, sharey=True)
-    for ax, (name, t) in zip(axes, (("raw softmax, T = 1", 1.0), (f"served, T = {temperature:.3f}", temperature))):
+    panels = (("raw softmax, T = 1", 1.0), (f"served, T = {temperature:.3f}", temperature))
+    for ax, (name, t) in zip(axes, panels, strict=True):
         count, acc, conf = bin_stats(logits, labels, t)
         filled = count > 0
         ax.bar(edges[:-1][filled], acc[filled], width=width, align="edge", color="#8fb0d9",
@@ -56,7 +57,7 @@ def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float,
                width=width, align="edge", fill=False, hatch="///", edgecolor="#c44e52", lw=0.8,
                label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-        for left, n in zip(edges[:-1][filled], count[filled]):
+        for left, n in zip(edges[:-1][filled], count[filled], strict=True):
             ax.text(left + width / 2, 0.02, f"n={n}", ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_title(f"{name}: ECE {ece(logits, labels, t):.4f}", fontsize=10)
         ax.set_xlabel("confidence (top probability)")

@@ -18,6 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -236,7 +237,8 @@ class Reference:
 
 
 def save_reference(path: str | os.PathLike, ref: Reference) -> None:
-    extra = {} if ref.ood_scores is None else {"ood_scores": ref.ood_scores.astype(np.float64)}
+    # Any: numpy's stub reads a ** of arrays as possibly its allow_pickle flag
+    extra: dict[str, Any] = {} if ref.ood_scores is None else {"ood_scores": ref.ood_scores.astype(np.float64)}
     with open(path, "wb") as f:
         np.savez(f, images=ref.images, labels=ref.labels, logits=ref.logits.astype(np.float32), **extra)
 
@@ -267,7 +269,7 @@ def reference_check(logits: np.ndarray, ref: Reference, precision: str, gates: d
     Returns (the numbers, why it fails or None).
     """
     top1, ref_top1 = logits.argmax(axis=1), ref.logits.argmax(axis=1)
-    numbers = {"samples": int(len(ref.labels)),
+    numbers = {"samples": len(ref.labels),
                "top1_agreement": float((top1 == ref_top1).mean()),
                "max_abs_diff": float(np.abs(logits.astype(np.float64) - ref.logits).max()),
                "accuracy": float((top1 == ref.labels).mean()),
@@ -325,7 +327,7 @@ def load_checked_variant(artifact_dir: str | os.PathLike, variant: str | None = 
     while True:
         logits, scores = runner.infer(ref.images)
         numbers, why = reference_check(logits, ref, runner.precision, manifest["gates"], scores,
-                                       runner.detector and runner.detector.threshold)
+                                       None if runner.detector is None else runner.detector.threshold)
         if why is None:
             runner.reference_check = numbers
             return runner

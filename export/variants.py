@@ -129,8 +129,13 @@ def quantize_onnx(fp32_path: Path, calibration: np.ndarray, path: Path, reduce_r
         calibration_method: "minmax", "percentile" (99.999th) or "entropy" (KL divergence).
         fp32_ends: keep the first and last Conv/Gemm/MatMul nodes in fp32.
     """
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):

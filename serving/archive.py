@@ -90,7 +90,7 @@ class ArchiveConfig:
         return Path(self.model_store) / f"{self.run}.mar"
 
 
-def chosen_variants(manifest: dict, cfg: ArchiveConfig) -> tuple[str | None, str | None]:
+def chosen_variants(manifest: dict, cfg: ArchiveConfig) -> tuple[str, str | None]:
     """(cpu variant, cuda variant) to pack; cuda is None when the manifest has none for CUDA."""
     cpu = cfg.variant_cpu or manifest["default_variant"].get("cpu")
     cuda = cfg.variant_cuda or manifest["default_variant"].get("cuda")
@@ -159,7 +159,7 @@ def build_archive(cfg: ArchiveConfig, log=print) -> Path:
                "--handler", str(staging / "handler.py"), "--extra-files", ",".join(extra),
                "--config-file", str(staging / "model-config.yaml"), "--export-path", str(staging),
                "--force"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # its stderr in our error
         if proc.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}): "
                                f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")

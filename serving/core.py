@@ -13,8 +13,8 @@ import math
 import reprlib
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -42,7 +42,7 @@ PngImagePlugin.MAX_TEXT_MEMORY = 256 * 1024
 
 
 _ECHO = reprlib.Repr()  # (Python 3.11's Repr takes no keyword arguments)
-_ECHO.maxstring = _ECHO.maxother = _ECHO.maxbytes = MAX_ECHO
+_ECHO.maxstring = _ECHO.maxother = MAX_ECHO  # bytes have no repr_ of their own: maxother cuts them
 _ECHO.maxlist, _ECHO.maxdict, _ECHO.maxlevel = 6, 4, 2
 
 
@@ -69,11 +69,11 @@ class InputError(ValueError):
         message: names the problem and, where there is one, the fix; at most MAX_MESSAGE characters.
     """
 
-    def __init__(self, code: int, type: str, message: str) -> None:
+    def __init__(self, code: int, reason: str, message: str) -> None:
         if len(message) > MAX_MESSAGE:
             message = message[:MAX_MESSAGE - 3] + "..."
         super().__init__(message)
-        self.code, self.type, self.message = code, type, message
+        self.code, self.type, self.message = code, reason, message
 
     def to_dict(self) -> dict:
         return {"code": self.code, "type": self.type, "message": self.message}
@@ -273,7 +273,7 @@ def top_k(logits: np.ndarray, k: int, class_names: Sequence[str], temperature: f
     k = min(k, probs.shape[1])
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [[{"label": class_names[j], "index": int(j), "probability": round(float(p[j]), 6)}
-             for j in row] for p, row in zip(probs, order)]
+             for j in row] for p, row in zip(probs, order, strict=True)]
 
 
 def check_min_confidence(value: float) -> float:
@@ -398,7 +398,9 @@ class InferenceCore:
     def ood_flags(self, scores: np.ndarray | None) -> list[bool] | None:
         """Per image: is it out of distribution (score above the detector's threshold)? None
         without a detector."""
-        return None if scores is None else [bool(f) for f in self.detector.flags(scores)]
+        if scores is None or self.detector is None:
+            return None
+        return [bool(f) for f in self.detector.flags(scores)]
 
     def classify(self, items: Sequence[bytes | np.ndarray], topk: int | None = None,
                  invert: str = "auto") -> list[list[dict]]:

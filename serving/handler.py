@@ -14,18 +14,18 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from export.registry import REGISTRY
-from training.machine import cpu_name
 from export.runtime import IntegrityError, load_checked_variant
-from serving.core import (InferenceCore, InputError, Limits, StageTimes, abstains, check_min_confidence, clip,
-                          top_k)
+from serving.core import InferenceCore, InputError, Limits, StageTimes, abstains, check_min_confidence, clip, top_k
+from serving.metrics import HandlerMetrics
 from serving.protocol import ModelInfo, error_response, format_response, parse_request
-from serving.metrics import HandlerMetrics  # noqa: I001 -- every metric is declared there
+from training.machine import cpu_name
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class HandlerConfig:
     ood_abstain: bool = True
 
     @classmethod
-    def from_yaml(cls, model_yaml_config: dict | None) -> "HandlerConfig":
+    def from_yaml(cls, model_yaml_config: dict | None) -> HandlerConfig:
         section = dict((model_yaml_config or {}).get("handler") or {})
         limit_keys = set(Limits.__dataclass_fields__)
         known = {"variant_cpu", "variant_cuda", "threads", "min_confidence", "ood_abstain", *limit_keys}
@@ -156,7 +156,7 @@ class ClassifierHandler(BaseHandler):
                 context.set_response_header(i, "X-Batch-Size", str(len(data)))
         self._emit_times(times, context, answered_200=answered, n_requests=len(data), start=start)
         logger.debug("batch of %d handled in %.1f ms", len(data), (time.perf_counter() - start) * 1e3)
-        return responses
+        return cast("list[str]", responses)  # each answered by its stage, or above when the batch failed
 
     def _open_requests(self, data: list[dict], context, responses: list) -> dict[int, tuple]:
         """Parse every request and read its images' headers (no pixel decoded yet).
@@ -193,11 +193,14 @@ class ClassifierHandler(BaseHandler):
                     f"over the batch limit of {self.core.limits.max_batch_pixels}; retry in a moment"))
                 continue
             spent += cost
-            pixels = self._guarded(context, i, responses,
-                                   lambda: np.stack([self.core.finish(o, req.invert, times) for o in opened]))
+            pixels = self._guarded(context, i, responses, self._finish, req, opened, times)
             if pixels is not None:
                 parsed[i] = (req, pixels, k)
         return parsed
+
+    def _finish(self, req, opened: list, times: StageTimes) -> np.ndarray:
+        """One request's opened images decoded and preprocessed: (n, C, H, W)."""
+        return np.stack([self.core.finish(o, req.invert, times) for o in opened])
 
     def _guarded(self, context, i: int, responses: list, step, *args):
         """``step(*args)`` for request ``i``: an InputError becomes that request's 4xx answer, any
@@ -234,7 +237,7 @@ class ClassifierHandler(BaseHandler):
             abstain = abstains(best, threshold)
             ood = None if flags is None else flags[rows]
             if ood is not None and self.ood_abstain:
-                abstain = [a or o for a, o in zip(abstain, ood)]
+                abstain = [a or o for a, o in zip(abstain, ood, strict=True)]
             body = format_response(req, self.info, best, abstain, ood, None if scores is None else scores[rows])
             responses[i] = self._reply(context, i, 200, body)
         self.emit.answered_images(offset, None if flags is None else sum(flags),
@@ -244,7 +247,7 @@ class ClassifierHandler(BaseHandler):
     @staticmethod
     def _content_types(context, idx: int, params: dict) -> dict[str, str]:
         """Per-parameter content types TorchServe forwards (``{"body": "image/png"}``)."""
-        out = {}
+        out: dict[str, str] = {}
         processors = getattr(context, "request_processor", None)
         if not processors:
             return out

@@ -83,7 +83,8 @@ _MODEL = ("ModelName", "Level")  # Level="Model" on every handler metric
 
 METRICS: tuple[Metric, ...] = (
     # ---- TorchServe frontend: requests ------------------------------------------------------------
-    Metric("Requests2XX", "counter", "Count", _HOST, "2xx responses on every port, /metrics scrapes and /ping probes included", "frontend"),
+    Metric("Requests2XX", "counter", "Count", _HOST,
+           "2xx responses on every port, /metrics scrapes and /ping probes included", "frontend"),
     Metric("Requests4XX", "counter", "Count", _HOST,
            "responses with a 4xx status (bad input, unknown model, token), all models", "frontend"),
     Metric("Requests5XX", "counter", "Count", _HOST,
@@ -101,7 +102,7 @@ METRICS: tuple[Metric, ...] = (
            "frontend"),
     Metric("WorkerThreadTime", "gauge", "Milliseconds", _HOST,
            "frontend time around the latest batch, outside the worker", "frontend"),
-    Metric("WorkerLoadTime", "gauge", "Milliseconds", ("WorkerName",) + _HOST,
+    Metric("WorkerLoadTime", "gauge", "Milliseconds", ("WorkerName", *_HOST),
            "time the worker took to (re)load; its value changes on every worker restart "
            "(WorkerName is W-<port>-<model>_<version>)", "frontend"),
     # ---- TorchServe frontend: host (its system-metrics collector, every minute) ------------------
@@ -121,17 +122,17 @@ METRICS: tuple[Metric, ...] = (
     Metric("InferenceTime", "histogram", "ms", _MODEL, "per batch: the variant's forward pass, ms", "handler"),
     Metric("BatchSize", "histogram", "count", _MODEL,
            "requests in each batch TorchServe formed (1 .. the archive's batch_size)", "handler"),
-    Metric("RejectedInputs", "counter", "count", _MODEL + ("Reason",),
+    Metric("RejectedInputs", "counter", "count", (*_MODEL, "Reason"),
            "requests the handler refused, by reason (the error body's type: not_an_image, ...)", "handler"),
     Metric("WorkerStarts", "counter", "count", _MODEL,
            "worker processes that began loading the model (initial workers and every restart)", "handler"),
-    Metric("AnsweredImages", "counter", "count", _MODEL + ("Ood",),
+    Metric("AnsweredImages", "counter", "count", (*_MODEL, "Ood"),
            "images answered 200, by the out-of-distribution flag (Ood true / false; unscored: a model "
            "exported before the detector existed); both flags are counted from the first batch", "handler"),
     Metric("OodBaselineShare", "gauge", "ratio", _MODEL,
            "share of held-out in-distribution images (test split) the model's detector flags, measured at "
            "export (manifest ood.heldout): the drift alert's baseline; set at each worker start", "handler"),
-    Metric("VariantFallbacks", "counter", "count", _MODEL + ("Variant",),
+    Metric("VariantFallbacks", "counter", "count", (*_MODEL, "Variant"),
            "workers whose variant failed the reference check at load (export.runtime.reference_check) and "
            "fell back to the next packed variant, by the variant that failed", "handler"),
     Metric("PredictionTime", "gauge", "ms", _MODEL,
@@ -205,7 +206,7 @@ class HandlerMetrics:
         self._emit("AnsweredImages", ood, request_id, "true")
         self._emit("AnsweredImages", answered - ood, request_id, "false")
 
-    def batch(self, n_requests: int, answered_200: int, started: float, times: "StageTimes",
+    def batch(self, n_requests: int, answered_200: int, started: float, times: StageTimes,
               request_id: str | None = None) -> None:
         """One handled batch: its size, the stage times (when the model ran), each 200's latency.
 

@@ -21,8 +21,9 @@ import base64
 import binascii
 import itertools
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -318,13 +319,14 @@ V2_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
 
 def format_response(request: Request, info: ModelInfo, topk_lists: list[list[dict]],
                     abstain: list[bool] | None = None, ood: list[bool] | None = None,
-                    ood_score: list[float] | None = None) -> dict:
+                    ood_score: Iterable[float] | None = None) -> dict:
     """Top-k per image (and per image whether the answer abstains, whether the image is out of
     distribution and its score) -> the response document for the request's protocol. ``ood`` and
     ``ood_score`` None (a model without a detector): the answer has neither."""
     abstain = [False] * len(topk_lists) if abstain is None else abstain
-    per_image = {"abstain": list(abstain)}
+    per_image: dict[str, list] = {"abstain": list(abstain)}
     if ood is not None:
+        assert ood_score is not None  # a detector gives both
         per_image.update(ood=list(ood), ood_score=[round(float(s), 6) for s in ood_score])
     if request.protocol == PROTOCOL_V2:
         n, k = len(topk_lists), len(topk_lists[0]) if topk_lists else 0

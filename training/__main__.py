@@ -6,7 +6,6 @@ can fix (missing data, bad option) end with one ``error: ...`` line and exit sta
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.files import atomic_write_bytes, atomic_write_json
 from training.data import load_splits
 from training.engine import classification_metrics, predict
+from training.files import atomic_write_bytes, atomic_write_json
 
 
 def evaluate_checkpoint(checkpoint: str | Path, dataset: str | None = None, data_dir: str | None = None,

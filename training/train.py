@@ -12,9 +12,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -59,7 +60,9 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 # ---- RNG state (saved per rank so resume continues every process's random stream) -----------------
 def rng_state() -> dict:
-    np_state = np.random.get_state()
+    # legacy: ("MT19937", keys, pos, has_gauss, cached_gaussian), what set_state takes back
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)
     state = {
         "torch": torch.get_rng_state(),
         "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -150,6 +153,13 @@ def load_pretrained(model: nn.Module, path: str) -> None:
 
 
 # ---- data: tensor-resident when it fits, DataLoader workers otherwise --------------------------------
+class Batches(Protocol):
+    """A DataLoader or the tensor pipeline's loader: iterable, and knows its number of batches."""
+
+    def __iter__(self) -> Iterator: ...
+    def __len__(self) -> int: ...
+
+
 @dataclass
 class Pipeline:
     """Where a run's batches come from. ``train``/``val``/``test`` yield (images, labels) batches
@@ -157,9 +167,9 @@ class Pipeline:
 
     kind: str                     # "tensor" or "loader"
     contract: Contract
-    train: Iterable
-    val: Iterable
-    test: Iterable
+    train: Batches
+    val: Batches
+    test: Batches
     set_epoch: Callable[[int], None]
     samples: Callable[[], torch.Tensor]  # a few training images in 0..1, for TensorBoard
     passes: int                   # passes over the training data per epoch
@@ -203,7 +213,7 @@ def build_pipeline(cfg: TrainConfig, rank: int, world: int, device: torch.device
                                                    cfg.accum_steps, drop_last))
     train_set = ConcatDataset([splits.train] * passes) if passes > 1 else splits.train
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
-    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    loader_kw = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda", "persistent_workers": False}
     train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                        drop_last=drop_last, **loader_kw)
     # Their own generator: evaluation must not draw from the global RNG that --resume restores.
@@ -273,7 +283,8 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     train_model = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
                    if world > 1 else model)
-    start_epoch, best_acc, history = 0, -1.0, []
+    history: list[dict] = []
+    start_epoch, best_acc = 0, -1.0
     if resume is not None:
         start_epoch, best_acc, history = _restore(resume, rank, model, optimizer, scheduler, scaler)
         if is_main:
@@ -447,7 +458,7 @@ def _plain(cfg: TrainConfig) -> dict:
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
     """Resuming with a different model, data or optimisation would silently change the run."""
-    fixed = ("model", "dataset", "batch_size", "optimizer", "schedule", "seed", "accum_steps", "lr")
+    fixed: tuple[str, ...] = ("model", "dataset", "batch_size", "optimizer", "schedule", "seed", "accum_steps", "lr")
     if "pipeline" in saved:  # runs from before the tensor pipeline did not record these
         fixed += ("pipeline", "min_steps", "warmup_steps", "augment")
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in fixed if saved.get(k) != getattr(cfg, k)]
