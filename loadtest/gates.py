@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-# Defaults of `make loadtest` (README "Load tests"): milliseconds and a fraction of requests.
+# The gates unless --p95-ms, --p99-ms, --max-error-rate (make loadtest: P95_MS, P99_MS, MAX_ERROR_RATE)
+# say otherwise: milliseconds and a fraction of requests, loose enough for locust itself sharing a
+# 2-core machine with the server (docs/loadtest.md).
 DEFAULT_P95_MS = 200.0
 DEFAULT_P99_MS = 500.0
 DEFAULT_MAX_ERROR_RATE = 0.01
