@@ -19,11 +19,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from serving.client import DEFAULT_WORKDIR
 from serving.core import Limits
 from serving.server import DEFAULT_CONFIG, REPO, RUNTIMES, ServerBusyError
 from training.cli import HelpFormatter
-
-DEFAULT_WORKDIR = "logs/serve"
 
 
 def _archive_config(a, run: str):
