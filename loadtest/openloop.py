@@ -37,9 +37,10 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Self, Sequence
+from pathlib import Path
+from typing import Self
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -145,7 +146,7 @@ class RunResult:
 class _Conn(asyncio.Protocol):
     """One keep-alive connection: one request in flight at a time (HTTP/1.1 without pipelining)."""
 
-    def __init__(self, owner: "_Client") -> None:
+    def __init__(self, owner: _Client) -> None:
         self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -157,6 +158,7 @@ class _Conn(asyncio.Protocol):
 
     def send(self, job: tuple[float, float], request: bytes) -> None:
         self.job = job
+        assert self.transport is not None  # connection_made ran before create_connection returned it
         self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
@@ -183,10 +185,14 @@ class _Conn(asyncio.Protocol):
         except (IndexError, ValueError):
             status = 0
         del self.buf[:end + 4 + length]
+        if self.job is None:  # an answer to no request: this connection is out of step, drop it
+            self._fail("unsolicited_response")
+            return
         job, self.job = self.job, None
         if close:
             self.closed = True
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
         self.owner.done(self, job, status, length)
 
     def _fail(self, kind: str) -> None:
@@ -687,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (a.rate is None) == (a.closed is None):
         p.error("give exactly one of --rate (open loop) or --closed CONNECTIONS")
     if a.body:
-        bodies = [open(f, "rb").read() for f in a.body]
+        bodies = [Path(f).read_bytes() for f in a.body]
     else:
         from loadtest.images import load_pool
         bodies = list(load_pool(a.images_run, limit=128).images)

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import yaml
 
@@ -66,17 +67,30 @@ class PrivateServer:
         self.overrides = private_overrides()  # kept, so that a restart comes back on the same ports
 
     @property
+    def _dir(self) -> Path:
+        assert self.workdir is not None  # __post_init__ sets it
+        return self.workdir
+
+    @property
+    def _started(self) -> Server:
+        if self.server is None:
+            raise RuntimeError("the server is not started: call start() or use it as a context manager")
+        return self.server
+
+    @property
     def url(self) -> str:
-        return self.server.local(self.server.inference_url)
+        return self._started.local(self._started.inference_url)
 
     @property
     def management_url(self) -> str:
-        return self.server.local(self.server.management_url)
+        if self._started.management_url is None:
+            raise RuntimeError(f"the {self.runtime} runtime has no management API")
+        return self._started.local(self._started.management_url)
 
-    def start(self) -> "PrivateServer":
+    def start(self) -> Self:
         """Start and block until every model answered a real prediction; records ``ready_s``."""
         t0 = time.monotonic()
-        self.server = start_server(self.model_store, self.models, self.workdir, overrides=self.overrides,
+        self.server = start_server(self.model_store, self.models, self._dir, overrides=self.overrides,
                                    runtime=self.runtime)
         try:
             wait_ready(self.server, self.models, timeout=self.ready_timeout_s)
@@ -87,7 +101,7 @@ class PrivateServer:
         return self
 
     def stop(self) -> None:
-        stop_server(self.workdir)
+        stop_server(self._dir)
 
     def describe(self, model: str) -> dict:
         status, body = http("GET", f"{self.management_url}/models/{model}", timeout=10)
@@ -97,17 +111,17 @@ class PrivateServer:
 
     def worker_pids(self, model: str) -> list[int]:
         if self.runtime == "oip":
-            return [pid for _, pid, _ in worker_pids(self.server, model)]
+            return [pid for _, pid, _ in worker_pids(self._started, model)]
         return [int(w["pid"]) for w in self.describe(model).get("workers", [])
                 if w.get("pid") and w.get("status") == "READY"]
 
-    def __enter__(self) -> "PrivateServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
         if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def baseline_archive(handler: Path, name: str, model_store: Path, *, batch_size: int = 1,
@@ -126,7 +140,7 @@ def baseline_archive(handler: Path, name: str, model_store: Path, *, batch_size:
                "--export-path", tmp, "--force"]
         if serialized_file:
             cmd += ["--serialized-file", str(serialized_file)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # its stderr in our error
         if proc.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed for {name}: {(proc.stderr or proc.stdout)[-300:]}")
         shutil.move(str(Path(tmp) / f"{name}.mar"), model_store / f"{name}.mar")
