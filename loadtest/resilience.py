@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import signal
@@ -60,6 +61,14 @@ def recovery_s(records: Records, fault_t: float, baseline_rps: float, width: flo
             return t + width - fault_t
         t += width / 4
     return None
+
+
+def statuses(records: Records, start: float = -math.inf, end: float = math.inf, failed: bool = False
+             ) -> dict[str, int]:
+    """Requests meant to leave in ``[start, end)`` by HTTP status ("0": no answer), or only the failed ones."""
+    mine = (records.intended >= start) & (records.intended < end) & (~records.ok if failed else True)
+    codes, counts = np.unique(records.status[mine], return_counts=True)
+    return {str(c): int(n) for c, n in zip(codes, counts, strict=True)}
 
 
 def rss_growth(samples: list[tuple[float, float]], warmup_s: float) -> float | None:
@@ -247,6 +256,7 @@ def _kill_worker(ts: PrivateServer, model: str, load: BackgroundLoad, args: argp
     now = load.now()
     return {"workers": len(pids), "killed_pid": pids[0], "baseline_rps": base.rps,
             "baseline_errors": base.errors, "failed_requests": after.errors, "requests_after": after.requests,
+            "failed_by_status": statuses(recs, kill_t, kill_t + args.after, failed=True),
             "worker_ready_s": None if ready_t is None else ready_t - kill_t,
             "throughput_recovered_s": recovery_s(recs, kill_t, base.rps),
             "rps_last_5s": recs.window(now - 5, now).rps}
@@ -341,11 +351,11 @@ def attack(args: argparse.Namespace) -> dict:
         records = normal.stop()
         restarted = sorted(ts.worker_pids(model)) != pids or len(worker_deaths(_server(ts))) > deaths
     before, during = records.window(1.0, attack_t), records.window(attack_t, end_t)
-    statuses = {str(code): int(n) for code, n in zip(*np.unique(answers.status, return_counts=True), strict=True)}
     error_bytes = answers.size[~answers.ok]
     out.update(max_rps=peak["rps"], target_rps=rate, duration_s=args.duration,
                normal_before=asdict(before), normal_during=asdict(during),
-               attacker_requests=len(answers), attacker_statuses=statuses,
+               normal_failed_by_status=statuses(records, attack_t, end_t, failed=True),
+               attacker_requests=len(answers), attacker_statuses=statuses(answers),
                attacker_max_error_bytes=int(error_bytes.max(initial=0)),
                attacker_p50_ms=percentile_ms(latency_histogram(answers.latency_s), 50),
                attacker_max_ms=float(answers.latency_s.max(initial=0.0)) * 1e3,
@@ -373,6 +383,7 @@ def attack_section(r: dict, command: str) -> str:
          f"{b['p99_ms']:.1f} |"),
         (f"| normal users, during the attack | {d['requests']} | **{d['errors']}** | {d['rps']:.0f} | "
         f"{d['p50_ms']:.1f} | {d['p99_ms']:.1f} |"), "",
+        f"Normal users' failures during the attack by status (0: no answer): {r['normal_failed_by_status']}.",
         (f"Attackers: {r['attacker_requests']} requests, answers by status {r['attacker_statuses']}, "
         f"largest error answer {r['attacker_max_error_bytes']} bytes, median {r['attacker_p50_ms']:.0f} ms, "
         f"slowest {r['attacker_max_ms']:.0f} ms. Worker restarted: **{r['worker_restarted']}**."),
@@ -395,7 +406,8 @@ def fault_section(r: dict, command: str) -> str:
         f"{r['target_rps']:.0f} req/s (max measured {r['max_rps']:.0f} req/s). Verdict: "
         f"{'PASS' if r['passed'] else 'FAIL'}."), "",
         "| fault | result |", "|---|---|",
-        (f"| SIGKILL 1 of {k['workers']} workers | {k['failed_requests']} failed of {k['requests_after']} requests "
+        (f"| SIGKILL 1 of {k['workers']} workers | {k['failed_requests']} failed {k['failed_by_status']} of "
+         f"{k['requests_after']} requests "
         f"in the {r.get('after_s', '')} s after; worker READY again after {f(k['worker_ready_s'])} s; throughput "
         f"back to 80 % of {k['baseline_rps']:.0f} req/s (no errors) after {f(k['throughput_recovered_s'])} s |"),
         (f"| body over max_request_size ({o['max_request_size']} B, curl) | HTTP {o['body_status']} "

@@ -219,6 +219,15 @@ def test_recovery_is_the_first_clean_window_back_near_baseline():
     assert recovery_s(records([(11, 1, 0)]), 10.0, 100.0, horizon=5) is None
 
 
+def test_statuses_count_the_requests_of_a_window_by_answer():
+    from loadtest.resilience import statuses
+
+    recs = records([(0.5, 1, 200), (1.5, 1, 503), (1.6, 1, 503), (1.7, 1, 0), (2.5, 1, 200), (2.6, 1, 413)])
+    assert statuses(recs) == {"0": 1, "200": 2, "413": 1, "503": 2}
+    assert statuses(recs, 1, 2) == {"0": 1, "503": 2} and statuses(recs, 2, 3, failed=True) == {"413": 1}
+    assert statuses(records([])) == {}
+
+
 def test_rss_growth_after_warmup_and_p99_stability():
     from loadtest.resilience import p99_stable, rss_growth
     assert rss_growth([(0, 100.0), (60, 200.0), (600, 210.0)], warmup_s=60) == pytest.approx(0.05)
@@ -235,7 +244,8 @@ def test_reports_name_the_machine_and_its_load():
     r = {"machine": "Some CPU (2 logical CPUs; avx2)", "load_before": 0.5, "load_after": 1.25}
     assert machine_line(r) == "Some CPU (2 logical CPUs; avx2); 1-min load average 0.50 before the run, 1.25 after"
     r |= {"run": "digits", "target_rps": 10.0, "max_rps": 20.0, "passed": True, "after_s": 20,
-          "kill_worker": {"workers": 2, "failed_requests": 0, "requests_after": 200, "worker_ready_s": 3.0,
+          "kill_worker": {"workers": 2, "failed_requests": 0, "failed_by_status": {}, "requests_after": 200,
+                          "worker_ready_s": 3.0,
                           "baseline_rps": 10.0, "throughput_recovered_s": None},
           "over_limit": {"max_request_size": 10, "body_status": 413, "body_answer": "{}", "others_errors": 0,
                          "others_requests": 30, "pixels_status": 400, "pixels_answer": "{}"},
