@@ -8,7 +8,7 @@ malformed requests (``--malformed-share``) that must be refused with a 4xx: a 4x
 else as a failure. At quit time the SLO gates (``loadtest.gates``) decide the exit code.
 
 With token authorization on (``make serve TOKEN=1``) every request carries the key TorchServe wrote to
-``--key-file`` (default: make serve's ``logs/serve/key_file.json``). No server, or a server that
+``--key-file`` (default: the one in make serve's work directory). No server, or a server that
 refuses the key, ends the run before it starts with one line naming the fix.
 
 Add ``loadtest/shapes.py`` to ``-f`` for a step-load shape instead of a constant user count.
@@ -34,12 +34,14 @@ from loadtest.gates import (
     gate_report,
 )
 from loadtest.images import ImagePool, load_pool
-from serving.server import DEFAULT_CONFIG, read_properties
+from serving.client import DEFAULT_WORKDIR
+from serving.server import DEFAULT_CONFIG, KEY_FILE, read_properties
 
 POOLS: dict[str, ImagePool] = {}
 # make serve's addresses: the server loaded unless --host (and --management-url) name another.
 SERVE_CONFIG = read_properties(DEFAULT_CONFIG)
 MALFORMED_SHARE, BATCH_IMAGES = 0.02, 4  # defaults of --malformed-share and --batch-images
+SERVE_KEY_FILE = f"{DEFAULT_WORKDIR}/{KEY_FILE}"  # where make serve TOKEN=1 has TorchServe write its keys
 
 # Share of the well-formed requests sent in each form (the malformed share is taken off the top).
 FORM_WEIGHTS = {"raw": 0.6, "multipart": 0.2, "b64": 0.2}
@@ -57,7 +59,7 @@ def _add_options(parser) -> None:
     group.add_argument("--management-url", default=None, env_var="LOADTEST_MANAGEMENT_URL",
                        help="TorchServe's management API, asked which models it serves (default: the "
                             "--host's host on the management port of serving/config.properties)")
-    group.add_argument("--key-file", default="logs/serve/key_file.json", env_var="LOADTEST_KEY_FILE",
+    group.add_argument("--key-file", default=SERVE_KEY_FILE, env_var="LOADTEST_KEY_FILE",
                        help="TorchServe's key_file.json: its keys are sent when the server has token auth on")
     group.add_argument("--malformed-share", type=float, default=MALFORMED_SHARE, env_var="LOADTEST_MALFORMED_SHARE",
                        help="fraction of requests that are malformed and must be answered 4xx")
@@ -239,7 +241,7 @@ def _apply_gates(environment, **_kw) -> None:
     reason, count = dominant_failure(environment.stats.errors.values())
     if count:  # the one reason to read first when the error gate broke
         print(f"  most failures: {count} of {total.num_failures} ({count / total.num_failures:.0%}): {reason}"
-              + ("  (the server wants a token: make serve TOKEN=1 writes logs/serve/key_file.json, read by "
+              + (f"  (the server wants a token: make serve TOKEN=1 writes {SERVE_KEY_FILE}, read by "
                  "default; --key-file names another)" if "InvalidKeyException" in reason or "HTTP 401" in reason
                  else ""), file=sys.stderr, flush=True)
     gate_file = _option(environment, "gate_file", None)
