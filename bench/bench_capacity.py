@@ -55,7 +55,7 @@ from loadtest.triton_peer import (TritonConfig, TritonServer, infer_request, top
                                   write_repository)
 from loadtest.wrk import run_wrk, write_images, write_wrk_script  # noqa: E402
 from serving.archive import ArchiveConfig, build_archive  # noqa: E402
-from serving.server import http  # noqa: E402
+from serving.httpclient import request  # noqa: E402
 from training.files import atomic_write_bytes  # noqa: E402
 
 
@@ -224,13 +224,13 @@ def top1_answers(running: Running, kind: str, images: list[bytes]) -> list[int |
     for im in images:
         if kind == "triton":
             body, headers = infer_request(im)
-            status, reply = http("POST", running.server.infer_url, body,
-                                 {"Content-Type": "application/octet-stream", **headers})
-            out.append(top1_index(reply) if status == 200 else None)
+            answer = request("POST", running.server.infer_url, body,
+                             {"Content-Type": "application/octet-stream", **headers})
+            out.append(top1_index(answer.body) if answer.status == 200 else None)
         else:
-            status, reply = http("POST", f"{running.server.url}/predictions/{running.server.models[0]}", im,
-                                 {"Content-Type": "application/octet-stream"})
-            out.append(json.loads(reply)["predictions"][0][0]["index"] if status == 200 else None)
+            answer = request("POST", f"{running.server.url}/predictions/{running.server.models[0]}", im,
+                             {"Content-Type": "application/octet-stream"})
+            out.append(json.loads(answer.body)["predictions"][0][0]["index"] if answer.status == 200 else None)
     return out
 
 

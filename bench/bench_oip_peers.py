@@ -55,7 +55,8 @@ from loadtest.images import load_pool
 from loadtest.torchserve import PrivateServer
 from loadtest.wrk import WRK_SCRIPT, run_wrk
 from serving.archive import ArchiveConfig, build_archive
-from serving.server import free_port, http, running_pid
+from serving.httpclient import NoAnswer, request
+from serving.server import free_port, running_pid
 from training.contract import Contract
 from training.machine import cpu_name
 
@@ -117,12 +118,12 @@ def wait_answering(srv: Server, model: str, png: bytes, timeout_s: float = 240.0
         if srv.proc is not None and srv.proc.poll() is not None:
             raise RuntimeError(f"{srv.name} exited ({srv.proc.returncode}); log tail:\n{srv.log.read_text()[-2000:]}")
         try:
-            status, body = http("POST", f"{srv.http_url}/v2/models/{model}/infer", v2_body(png),
-                                {"Content-Type": V2_JSON}, timeout=10)
-            if status == 200:
+            answer = request("POST", f"{srv.http_url}/v2/models/{model}/infer", v2_body(png),
+                             {"Content-Type": V2_JSON}, timeout=10)
+            if answer.status == 200:
                 return
-            last = f"HTTP {status} {body[:200]!r}"
-        except OSError as e:
+            last = f"HTTP {answer.status} {answer.body[:200]!r}"
+        except NoAnswer as e:
             last = str(e)
         time.sleep(0.5)
     raise RuntimeError(f"{srv.name} did not answer within {timeout_s:.0f} s: {last}")
@@ -214,10 +215,11 @@ def top1(srv: Server, model: str, images: list[bytes]) -> list[int | None]:
     """Each image's top-1 class index from the server's v2 answer (None for a non-200)."""
     out = []
     for png in images:
-        status, body = http("POST", f"{srv.http_url}/v2/models/{model}/infer", v2_body(png),
-                            {"Content-Type": V2_JSON}, timeout=30)
-        index = next((o for o in json.loads(body).get("outputs", []) if o["name"] == "index"), None)
-        out.append(int(np.asarray(index["data"]).reshape(index["shape"])[0][0]) if status == 200 and index else None)
+        answer = request("POST", f"{srv.http_url}/v2/models/{model}/infer", v2_body(png),
+                         {"Content-Type": V2_JSON}, timeout=30)
+        index = next((o for o in json.loads(answer.body).get("outputs", []) if o["name"] == "index"), None)
+        out.append(int(np.asarray(index["data"]).reshape(index["shape"])[0][0])
+                   if answer.status == 200 and index else None)
     return out
 
 

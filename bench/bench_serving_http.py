@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 
-from serving.server import free_port, http, start_server, stop_server, wait_ready  # noqa: E402
+from serving.httpclient import request  # noqa: E402
+from serving.server import free_port, start_server, stop_server, wait_ready  # noqa: E402
 
 
 def photo_jpeg(tiles: int) -> bytes:
@@ -57,7 +58,7 @@ def main() -> int:
             times, statuses = [], set()
             for _ in range(a.repeats):
                 t0 = time.perf_counter()
-                status, _ = http("POST", url, body, {"Content-Type": "image/jpeg"}, timeout=60)
+                status = request("POST", url, body, {"Content-Type": "image/jpeg"}, timeout=60).status
                 times.append((time.perf_counter() - t0) * 1e3)
                 statuses.add(status)
             print(f"| {name} | {len(body):,} | {'/'.join(map(str, sorted(statuses)))} | "

@@ -283,11 +283,12 @@ class Runtime:
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    from serving.server import http
+    from serving.httpclient import NoAnswer, request
     try:
-        return http("GET", url, timeout=timeout)
-    except OSError:
+        answer = request("GET", url, timeout=timeout)
+    except NoAnswer:
         return 0, b""
+    return answer.status, answer.body
 
 
 @contextmanager
@@ -337,21 +338,22 @@ def runtime(store: Path, run: str, device: str, work: Path, log_dir: Path, worke
 # ---- 4. answers ----------------------------------------------------------------------------------------
 def check_answers(rt: Runtime, run: str, images: list[bytes], labels: list[int | None]) -> dict:
     """Held-out images through /predictions (top-1 vs label, the device named), one v2 infer, metadata."""
-    from serving.server import http
+    from serving.httpclient import request
 
     correct, devices, statuses = 0, set(), {}
     for image, label in zip(images, labels, strict=False):
-        status, body = http("POST", f"{rt.http}/predictions/{run}", image, {"Content-Type": "image/png"})
-        statuses[status] = statuses.get(status, 0) + 1
-        if status == 200:
-            doc = json.loads(body)
+        answer = request("POST", f"{rt.http}/predictions/{run}", image, {"Content-Type": "image/png"})
+        statuses[answer.status] = statuses.get(answer.status, 0) + 1
+        if answer.status == 200:
+            doc = json.loads(answer.body)
             devices.add(doc.get("device"))
             first = doc["predictions"][0]
             correct += label is not None and int((first[0] if isinstance(first, list) else first)["index"]) == label
     v2_body = json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
                                       "data": [base64.b64encode(images[0]).decode()]}]}).encode()
-    v2_status, v2 = http("POST", f"{rt.http}/v2/models/{run}/infer", v2_body, {"Content-Type": "application/json"})
-    v2_doc = json.loads(v2) if v2_status == 200 else {}
+    v2 = request("POST", f"{rt.http}/v2/models/{run}/infer", v2_body, {"Content-Type": "application/json"})
+    v2_status = v2.status
+    v2_doc = json.loads(v2.body) if v2_status == 200 else {}
     meta_status, _ = _get(f"{rt.http}/v2/models/{run}")
     labelled = sum(label is not None for label in labels)
     out = {"images": len(images), "labelled": labelled, "correct": correct,

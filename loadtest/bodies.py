@@ -10,15 +10,12 @@ import base64
 import json
 import random
 
-MULTIPART_BOUNDARY = "visionpipe-loadtest-boundary"
+from serving.httpclient import multipart
 
 
 def multipart_body(image: bytes, field: str = "data", filename: str = "image.png") -> tuple[bytes, str]:
-    """A multipart/form-data body with one file field; returns (body, content type)."""
-    head = (f"--{MULTIPART_BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field}\"; "
-            f"filename=\"{filename}\"\r\nContent-Type: image/png\r\n\r\n").encode()
-    body = head + image + f"\r\n--{MULTIPART_BOUNDARY}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={MULTIPART_BOUNDARY}"
+    """A multipart/form-data body with one PNG file field; returns (body, content type)."""
+    return multipart({field: (filename, image, "image/png")})
 
 
 def b64_batch_body(images: list[bytes]) -> bytes:

@@ -93,16 +93,17 @@ def _auth(environment, kind: str) -> dict[str, str]:
 
 def served_runs(management_url: str, headers: dict | None = None) -> list[str]:
     """The models a TorchServe serves, from its management API (following its pagination)."""
-    from serving.server import http
+    from serving.httpclient import NoAnswer, request
 
     runs, token = [], ""
     while True:
         try:
-            status, body = http("GET", f"{management_url}/models?limit=100"
-                                + (f"&next_page_token={token}" if token else ""), headers=headers, timeout=10)
-        except OSError as e:  # urllib's URLError is one
-            raise SystemExit(f"error: no server answers at {management_url} ({getattr(e, 'reason', e)}); "
+            answer = request("GET", f"{management_url}/models?limit=100"
+                             + (f"&next_page_token={token}" if token else ""), headers=headers, timeout=10)
+        except NoAnswer as e:
+            raise SystemExit(f"error: no server answers at {management_url} ({e}); "
                              f"start one with make serve (or name another with HOST= and MANAGEMENT=)") from None
+        status, body = answer.status, answer.body
         if status == 401 or b"InvalidKeyException" in body:  # TorchServe answers a bad key with 400
             raise SystemExit(f"error: {management_url} wants a token (make serve TOKEN=1) and the key file "
                              f"has none it accepts; point --key-file (LOADTEST_KEY_FILE) at the "

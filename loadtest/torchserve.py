@@ -21,7 +21,8 @@ from typing import Self
 
 import yaml
 
-from serving.server import Server, free_port, http, start_server, stop_server, wait_ready, worker_pids
+from serving.httpclient import request
+from serving.server import Server, free_port, start_server, stop_server, wait_ready, worker_pids
 
 HANDLERS = Path(__file__).resolve().parent / "handlers"
 NOOP_HANDLER, STOCK_HANDLER = HANDLERS / "noop_handler.py", HANDLERS / "stock_handler.py"
@@ -104,10 +105,10 @@ class PrivateServer:
         stop_server(self._dir)
 
     def describe(self, model: str) -> dict:
-        status, body = http("GET", f"{self.management_url}/models/{model}", timeout=10)
-        if status != 200:
-            raise RuntimeError(f"describe {model}: HTTP {status} {body[:200]!r}")
-        return json.loads(body)[0]
+        answer = request("GET", f"{self.management_url}/models/{model}", timeout=10)
+        if answer.status != 200:
+            raise RuntimeError(f"describe {model}: HTTP {answer.status} {answer.body[:200]!r}")
+        return json.loads(answer.body)[0]
 
     def worker_pids(self, model: str) -> list[int]:
         if self.runtime == "oip":

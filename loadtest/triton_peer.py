@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from serving.server import free_port, http
+from serving.httpclient import NoAnswer, request
+from serving.server import free_port
 
 MODEL_PY = Path(__file__).resolve().parent / "triton" / "model.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -155,8 +156,8 @@ class TritonServer:
                     raise RuntimeError(f"tritonserver not ready in {self.ready_timeout_s:.0f} s; log: "
                                        f"{self.workdir / 'tritonserver.log'}")
                 try:
-                    status, _ = http("GET", f"{self.url}/v2/models/{self.model}/ready", timeout=2)
-                except OSError:
+                    status = request("GET", f"{self.url}/v2/models/{self.model}/ready", timeout=2).status
+                except NoAnswer:
                     status = 0
                 if status == 200:
                     break
