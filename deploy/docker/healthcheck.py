@@ -4,12 +4,14 @@ TorchServe's ``GET /ping`` reports "Healthy" (200) once every registered model h
 of workers, but it is also "Healthy" with no model at all. So this also asks the management API
 (bound to loopback, reachable because this runs inside the container) that at least one model is
 registered and that each has a READY worker. Exit 0 = healthy, 1 = not (Docker's convention).
+Runs with the image's /opt/venv python, where the project (and so its HTTP client) is installed.
 """
 
 import json
 import os
 import sys
-import urllib.request
+
+from serving.httpclient import NoAnswer, request
 
 TIMEOUT_S = 4
 
@@ -24,18 +26,21 @@ MANAGEMENT = local_url("TS_MANAGEMENT_ADDRESS", "http://127.0.0.1:8081")
 
 
 def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-        return json.load(response)
+    """The JSON answer to a GET; ValueError for any status but 200, NoAnswer (an OSError) for none."""
+    answer = request("GET", url, timeout=TIMEOUT_S)
+    if answer.status != 200:
+        raise ValueError(f"GET {url}: HTTP {answer.status} {answer.body[:200]!r}")
+    return json.loads(answer.body)
 
 
 def problems() -> list[str]:
     """Returns what is wrong; empty when every registered model has a READY worker."""
     try:
-        ping = get_json(f"{INFERENCE}/ping")
-    except OSError as err:  # HTTPError (500 "Unhealthy"/"Partial Healthy") is an OSError too
+        ping = request("GET", f"{INFERENCE}/ping", timeout=TIMEOUT_S)
+    except NoAnswer as err:
         return [f"/ping: {err}"]
-    if ping.get("status") != "Healthy":
-        return [f"/ping: {ping}"]
+    if ping.status != 200 or (ping.json() or {}).get("status") != "Healthy":  # 500: "Partial Healthy"
+        return [f"/ping: HTTP {ping.status} {ping.body[:200]!r}"]
     models = [m["modelName"] for m in get_json(f"{MANAGEMENT}/models").get("models", [])]
     if not models:
         return ["no model registered"]

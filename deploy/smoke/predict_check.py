@@ -12,27 +12,11 @@ summary line; exit 0 when all of that holds, 1 otherwise, 2 when no labelled ima
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-import urllib.error
-import urllib.request
 
 from loadtest.images import load_pool
-
-
-def post(url: str, body: bytes, content_type: str, timeout: float = 30.0) -> tuple[int, dict | None]:
-    """(HTTP status, JSON body or None)."""
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, None
+from serving.httpclient import Session
 
 
 def top1(doc: dict) -> int:
@@ -45,17 +29,21 @@ def check(url: str, run: str, count: int, min_accuracy: float) -> tuple[bool, st
     pool = load_pool(run, limit=count)
     if any(label is None for label in pool.labels):
         return False, f"no labelled test images for {run!r} ({pool.source})"
-    endpoint = f"{url.rstrip('/')}/predictions/{run}"
+    path = f"/predictions/{run}"
+    endpoint = url.rstrip("/") + path
     correct, server_errors, latencies = 0, 0, []
-    for image, label in zip(pool.images, pool.labels):
-        start = time.perf_counter()
-        status, doc = post(endpoint, image, "image/png")
-        latencies.append((time.perf_counter() - start) * 1000)
-        if status >= 500 or status != 200 or doc is None:
-            server_errors += status >= 500
-            continue
-        correct += top1(doc) == label
-    bad_status, bad_doc = post(endpoint, b"this is not an image", "application/octet-stream")
+    with Session(url) as session:  # one kept-alive connection, as curl and locust use
+        for image, label in zip(pool.images, pool.labels):
+            start = time.perf_counter()
+            answer = session.request("POST", path, image, {"Content-Type": "image/png"})
+            latencies.append((time.perf_counter() - start) * 1000)
+            doc = answer.json()
+            if answer.status != 200 or doc is None:
+                server_errors += answer.status >= 500
+                continue
+            correct += top1(doc) == label
+        bad = session.request("POST", path, b"this is not an image", {"Content-Type": "application/octet-stream"})
+    bad_status, bad_doc = bad.status, bad.json()
     accuracy = correct / len(pool)
     latencies.sort()
     ok = accuracy >= min_accuracy and server_errors == 0 and 400 <= bad_status < 500 and bad_doc is not None
