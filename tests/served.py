@@ -13,12 +13,10 @@ process group), also when a test fails.
 from __future__ import annotations
 
 import base64
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from serving.client import heldout_digits
+from serving.httpclient import request
 from training.images import encode_png
 from serving.core import Limits
 
@@ -45,21 +43,10 @@ def post(served, model: str, body: bytes, content_type: str = "application/octet
          headers: dict | None = None, path: str | None = None, timeout: float = 60
          ) -> tuple[int, dict | None, dict]:
     """(status, JSON body or None, lower-cased headers). The raw bytes are in headers["_raw"]."""
-    url = served["url"] + (path or f"/predictions/{model}")
-    req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"Content-Type": content_type,
-                                          "Authorization": f"Bearer {served['token']}", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, raw, hdrs = r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
-    except urllib.error.HTTPError as e:
-        status, raw, hdrs = e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
-    try:
-        doc = json.loads(raw) if raw else None
-    except ValueError:
-        doc = None
-    hdrs["_raw"] = raw
-    return status, doc, hdrs
+    answer = request("POST", served["url"] + (path or f"/predictions/{model}"), body,
+                     {"Content-Type": content_type, "Authorization": f"Bearer {served['token']}", **(headers or {})},
+                     timeout=timeout)
+    return answer.status, answer.json(), {**answer.headers, "_raw": answer.body}
 
 
 def auth_header(served) -> dict[str, str]:

@@ -23,9 +23,10 @@ import pytest
 from PIL import Image
 
 from served import LIMITS, TINYQ_QUEUE, assert_serves, b64, post, worker_deaths, workers
-from serving.client import heldout_digits, multipart
+from serving.client import heldout_digits
+from serving.httpclient import multipart, request
 from training.images import encode_png
-from serving.server import free_port, http as http_call
+from serving.server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -285,8 +286,8 @@ def test_control_plane_fetches_no_url_and_needs_the_token(served):
         answers = {}
         for name, url in attempts.items():
             for auth in ({}, token):
-                status, raw = http_call("POST", url, headers=auth)
-                answers[(name, bool(auth))] = (status, raw[:200])
+                answer = request("POST", url, headers=auth)
+                answers[(name, bool(auth))] = (answer.status, answer.body[:200])
         time.sleep(1.0)  # a fetch would have reached the listener by now
         assert listener.seen == [], f"the server fetched {listener.seen}"
         assert all(400 <= s < 500 for s, _ in answers.values()), answers
@@ -303,8 +304,8 @@ def test_control_plane_fetches_no_url_and_needs_the_token(served):
     # state-changing management calls without the token are refused; reads with it work
     for method, path in (("PUT", "/models/digits?min_worker=3"), ("DELETE", "/models/digits"),
                          ("PUT", "/models/digits/1.0/set-default")):
-        status, raw = http_call(method, mgmt + path)
-        assert status in (400, 401) and b"InvalidKeyException" in raw, (method, path, status, raw[:200])
+        answer = request(method, mgmt + path)
+        assert answer.status in (400, 401) and b"InvalidKeyException" in answer.body, (method, path, answer)
     assert len(workers(served, "digits")) == 2
 
 

@@ -22,17 +22,18 @@ import subprocess
 import sys
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from served import post
 from serving.client import heldout_digits
 from training.images import encode_png
 from serving.core import StageTimes
 from serving.metrics import BY_NAME, DEFAULT_BUCKETS, METRICS, HandlerMetrics, series_names
-from serving.server import free_port, http
+from serving.httpclient import NoAnswer, request
+from serving.server import free_port
 from test_serving_core import RecordingMetrics, encode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,9 +202,9 @@ class Prometheus:
 
     def query(self, expr: str, at: float | None = None) -> list[tuple[dict, float]]:
         params = {"query": expr, **({"time": f"{at:.3f}"} if at else {})}
-        status, raw = http("GET", f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}")
-        doc = json.loads(raw)
-        assert status == 200 and doc["status"] == "success", f"{expr}: HTTP {status} {doc}"
+        answer = request("GET", f"{self.url}/api/v1/query?{urllib.parse.urlencode(params)}")
+        doc = answer.json()
+        assert answer.status == 200 and doc["status"] == "success", f"{expr}: HTTP {answer.status} {doc}"
         assert doc["data"]["resultType"] == "vector", (expr, doc["data"]["resultType"])
         return [(r["metric"], float(r["value"][1])) for r in doc["data"]["result"]]
 
@@ -220,7 +221,7 @@ def prometheus(served, tmp_path_factory):
     binary = tool("prometheus")
     # TorchServe creates Requests5XX on its first 5xx, and rate() cannot count the increment that
     # creates a series: cause one 5xx before the first scrape, so that the one in the traffic counts.
-    _post(served, "digits", FORM_500, "application/x-www-form-urlencoded")
+    post(served, "digits", FORM_500, "application/x-www-form-urlencoded")
     for _attempt in range(2):  # the free port can be taken before Prometheus binds it
         url = f"http://127.0.0.1:{free_port()}"
         log = open(root / "prometheus.log", "wb")
@@ -230,9 +231,9 @@ def prometheus(served, tmp_path_factory):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                if http("GET", url + "/-/ready", timeout=1)[0] == 200:
+                if request("GET", url + "/-/ready", timeout=1).status == 200:
                     break
-            except OSError:
+            except NoAnswer:
                 pass
             time.sleep(0.2)
         if proc.poll() is None:
@@ -241,11 +242,10 @@ def prometheus(served, tmp_path_factory):
         tail = (root / "prometheus.log").read_text()[-2000:]
         assert proc.poll() is None, f"prometheus exited ({proc.returncode}):\n{tail}"
         prom = Prometheus(url)
-        deadline = time.monotonic() + 20
-        while not [v for _, v in prom.query(f'up{{job="{obs.JOB}"}}') if v == 1] and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert prom.query(f'up{{job="{obs.JOB}"}}')[0][1] == 1, "prometheus never scraped TorchServe"
-        time.sleep(1.5)  # a second sample: rate() needs two, traffic must come after the first
+        _until(lambda: any(v == 1 for _, v in prom.query(f'up{{job="{obs.JOB}"}}')), "prometheus scraping the server")
+        # a second sample: rate() needs two, traffic must come after the first
+        _until(lambda: any(v >= 2 for _, v in prom.query(f'count_over_time(up{{job="{obs.JOB}"}}[1m])')),
+               "a second scrape of the server")
         yield prom
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -258,18 +258,18 @@ def prometheus(served, tmp_path_factory):
 FORM_500 = b"a=%zz"
 
 
-def _post(served, model: str, body: bytes, ctype: str) -> tuple[int, float]:
-    req = urllib.request.Request(served["url"] + f"/predictions/{model}", data=body, method="POST",
-                                 headers={"Content-Type": ctype, "Authorization": f"Bearer {served['token']}"})
-    start = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            r.read()
-            status = r.status
-    except urllib.error.HTTPError as e:
-        e.read()
-        status = e.code
-    return status, time.perf_counter() - start
+def _until(condition, what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` when ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def _increase(prom: Prometheus, series: str, before: float, at: float | None = None) -> float:
+    """The exact increase of ``series`` (summed) from the instant ``before`` to ``at``; 0 without data."""
+    result = prom.query(f"sum({series} - {series} @ {before:.3f})", at)
+    return result[0][1] if result else 0.0
 
 
 def _traffic(served, seconds: float) -> dict:
@@ -281,15 +281,17 @@ def _traffic(served, seconds: float) -> dict:
     bad = [("digits", b"not an image at all", "image/png"), ("digits", b"", "image/png")]
     mix = [("digits", d, "image/png") for d in digits] + [("cifarnet", cifar, "image/jpeg")] * 3 + bad
     results: dict = {"latency": {"digits": [], "cifarnet": []}, "form_500": None,
-                     "status": [_post(served, *request)[0] for request in bad]}  # each at least once
-    results["form_500"] = _post(served, "digits", FORM_500, "application/x-www-form-urlencoded")[0]
+                     "status": [post(served, *request)[0] for request in bad]}  # each at least once
+    results["form_500"] = post(served, "digits", FORM_500, "application/x-www-form-urlencoded")[0]
     deadline = time.monotonic() + seconds
 
     def worker(offset: int) -> list:
         out, i = [], offset
         while time.monotonic() < deadline:
             model, body, ctype = mix[i % len(mix)]
-            out.append((model, *_post(served, model, body, ctype)))
+            start = time.perf_counter()
+            status = post(served, model, body, ctype)[0]
+            out.append((model, status, time.perf_counter() - start))
             i += 1
         return out
 
@@ -325,7 +327,15 @@ def test_every_dashboard_query_and_rule_returns_plausible_data(served, prometheu
     got = _traffic(served, traffic_s)
     assert got["latency"]["digits"] and got["latency"]["cifarnet"], got["status"]
     assert {400, 415} <= set(got["status"])
-    time.sleep(3)  # two more scrapes and rule evaluations after the last request
+    # Prometheus has every answered request once the exact increases match the client's counts (the
+    # handler's metrics reach the frontend through its log stream, then a scrape); then one rule
+    # evaluation after that scrape.
+    _until(lambda: all(_increase(prometheus, f'RequestLatencySeconds_count{{ModelName="{model}"}}', before)
+                       >= len(measured) for model, measured in got["latency"].items()),
+           "Prometheus counting every answered request")
+    scraped = prometheus.query(f'timestamp(up{{job="{obs.JOB}"}})')[0][1]
+    _until(lambda: any(v > scraped for _, v in prometheus.query("timestamp(visionpipe:latency_bad:ratio_rate5m)")),
+           "a rule evaluation after the last scrape")
     at = time.time()
     window = f"{math.ceil(at - t0) + 2}s"  # the traffic and a scrape before it, nothing older
 
@@ -368,21 +378,20 @@ def test_every_dashboard_query_and_rule_returns_plausible_data(served, prometheu
         # traffic and one after it (the @ modifier): rate() extrapolates each bucket series on its own, and with ~25
         # requests in a 10 s window that moved one request's worth of mass up a bucket (seen: p99
         # 0.97 s against a client maximum of 0.60 s).
-        delta = f"@ {before:.3f}"
         sel = f'{{ModelName="{model}"}}'
         exact_p99 = prometheus.query(f"histogram_quantile(0.99, sum by (le) (RequestLatencySeconds_bucket{sel}"
-                                     f" - RequestLatencySeconds_bucket{sel} {delta}))", at)[0][1]
+                                     f" - RequestLatencySeconds_bucket{sel} @ {before:.3f}))", at)[0][1]
         assert 0 < exact_p99 <= _bound_above(_p99(measured)), (model, exact_p99, sorted(measured))
-        count, total = (prometheus.query(f"sum(RequestLatencySeconds_{s}{sel} - RequestLatencySeconds_{s}{sel} {delta})",
-                                         at)[0][1] for s in ("count", "sum"))
+        count, total = (_increase(prometheus, f"RequestLatencySeconds_{s}{sel}", before, at) for s in ("count", "sum"))
         assert count == len(measured), (model, count, len(measured))  # every 200 observed once
         assert 0 < total / count <= sum(measured) / len(measured), (model, total / count, measured)
     mean_batch = one("Batch size formed (mean, p99)", "{{ModelName}} mean", ModelName="digits")
     assert 1 <= mean_batch <= 4  # the session server's batch_size
 
     # every rule: evaluated by Prometheus without error, and its expression has data
-    status, raw = http("GET", prometheus.url + "/api/v1/rules")
-    rules = [r for g in json.loads(raw)["data"]["groups"] for r in g["rules"]]
+    answer = request("GET", prometheus.url + "/api/v1/rules")
+    assert answer.status == 200, answer
+    rules = [r for g in answer.json()["data"]["groups"] for r in g["rules"]]
     assert len(rules) == sum(len(g["rules"]) for g in obs.rule_groups())
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     for group in obs.rule_groups():
@@ -407,9 +416,9 @@ def _workers(served, model: str) -> list[dict]:
         doc = json.loads((served["work"] / "workers.json").read_text())
         return [{"pid": w["pid"], "status": "READY" if w["ready"] else "STARTING"} for w in doc["workers"]]
     auth = {"Authorization": f"Bearer {served['management_token']}"}
-    status, raw = http("GET", served["management"] + f"/models/{model}", headers=auth)
-    assert status == 200, raw
-    return json.loads(raw)[0]["workers"]
+    answer = request("GET", served["management"] + f"/models/{model}", headers=auth)
+    assert answer.status == 200, answer
+    return answer.json()[0]["workers"]
 
 
 @pytest.mark.slow
@@ -432,5 +441,5 @@ def test_a_killed_worker_fires_the_restart_alert(served, prometheus):
     # leave the session server as it was: every digits worker ready again
     while not all(w["status"] == "READY" for w in _workers(served, "digits")) and time.monotonic() < deadline:
         time.sleep(0.5)
-    status, _ = _post(served, "digits", encode_png(heldout_digits(1)[0][0]), "image/png")
+    status, _, _ = post(served, "digits", encode_png(heldout_digits(1)[0][0]), "image/png")
     assert status == 200

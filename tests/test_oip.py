@@ -23,7 +23,8 @@ import pytest
 
 from served import LIMITS, auth_header, b64, post
 from serving.client import heldout_digits
-from serving.server import free_port, http
+from serving.httpclient import NoAnswer, request
+from serving.server import free_port
 from training.contract import Contract
 from training.images import encode_png
 
@@ -143,15 +144,14 @@ def test_every_route_answers_json_errors(oip):
              ("DELETE", "/v2/models/digits/infer"), ("POST", "/v2/models/nope/infer"),
              ("GET", "/v2/models/nope"), ("POST", "/v1/models/digits:explain"), ("GET", "/v2/health/nope")]
     for method, path in cases:
-        status, raw = http(method, oip["url"] + path, data=b"{}" if method == "POST" else None,
-                           headers=auth_header(oip))
-        doc = json.loads(raw)
-        assert 400 <= status < 500 and {"code", "type", "message"} <= set(doc), (method, path, status, raw)
+        answer = request(method, oip["url"] + path, b"{}" if method == "POST" else None, auth_header(oip))
+        doc = json.loads(answer.body)
+        assert 400 <= answer.status < 500 and {"code", "type", "message"} <= set(doc), (method, path, answer)
     # a binary-extension body whose header length lies
-    status, raw = http("POST", oip["url"] + "/v2/models/digits/infer", data=b'{"inputs": []}',
-                       headers={**auth_header(oip), "Content-Type": "application/octet-stream",
-                                "Inference-Header-Content-Length": "999"})
-    assert status == 400 and "outside the body" in json.loads(raw)["error"], raw
+    answer = request("POST", oip["url"] + "/v2/models/digits/infer", b'{"inputs": []}',
+                     {**auth_header(oip), "Content-Type": "application/octet-stream",
+                      "Inference-Header-Content-Length": "999"})
+    assert answer.status == 400 and "outside the body" in json.loads(answer.body)["error"], answer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,9 +224,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 12
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-2000:]
         try:
-            if http("GET", url + "/v2/health/ready", timeout=2)[0] == 200:
+            if request("GET", url + "/v2/health/ready", timeout=2).status == 200:
                 return
-        except OSError:
+        except NoAnswer:
             pass
         time.sleep(0.1)
     raise AssertionError(f"not ready: {log.read_text()[-2000:]}")
@@ -234,8 +234,8 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 12
 
 def _predicts(url: str) -> bool:
     png = _digits(1)[0][0]
-    status, raw = http("POST", url + "/predictions/digits", data=png, headers={"Content-Type": "image/png"})
-    return status == 200 and bool(json.loads(raw)["predictions"])
+    answer = request("POST", url + "/predictions/digits", png, {"Content-Type": "image/png"})
+    return answer.status == 200 and bool(json.loads(answer.body)["predictions"])
 
 
 def test_slow_and_idle_clients_are_bounded(strict_oip):
@@ -316,16 +316,17 @@ def test_a_stock_basehandler_archive_answers_as_on_torchserve(oip, digits_checkp
     pngs, _ = _digits(4, seed=3)
     answers = {}
     with PrivateServer(store, ["stock"], workdir=tmp_path / "ts") as ts:
-        answers["torchserve"] = [http("POST", ts.url + "/predictions/stock", p, {"Content-Type": "image/png"})
+        answers["torchserve"] = [request("POST", ts.url + "/predictions/stock", p, {"Content-Type": "image/png"})
                                  for p in pngs]
     proc, url = _serve_oip(store, ["stock"], tmp_path / "oip")
     try:
-        answers["oip"] = [http("POST", url + "/predictions/stock", p, {"Content-Type": "image/png"}) for p in pngs]
+        answers["oip"] = [request("POST", url + "/predictions/stock", p, {"Content-Type": "image/png"})
+                          for p in pngs]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
-    assert all(s == 200 for s, _ in answers["torchserve"] + answers["oip"]), answers
-    assert [json.loads(b) for _, b in answers["oip"]] == [json.loads(b) for _, b in answers["torchserve"]]
+    assert all(a.status == 200 for a in answers["torchserve"] + answers["oip"]), answers
+    assert [a.json() for a in answers["oip"]] == [a.json() for a in answers["torchserve"]]
 
 
 def test_a_second_sigterm_is_harmless():
@@ -360,13 +361,13 @@ def test_sigterm_drains_in_flight_requests(oip, tmp_path):
                   log=lambda _m: None)  # a batch of 8 waits up to 3 s: three requests sit in it
     proc, url = _serve_oip(store, ["digits"], tmp_path / "work", ("--workers", "1"))
     png = _digits(1)[0][0]
-    request = (f"POST /predictions/digits HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-               f"Content-Length: {len(png)}\r\n\r\n").encode() + png
+    wire = (f"POST /predictions/digits HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(png)}\r\n\r\n").encode() + png
     clients = [_connect(url) for _ in range(3)]
     for c in clients:
-        c.sendall(request)
+        c.sendall(wire)
     # A barrier: a later connection's answer means the event loop has read the earlier ones' bytes.
-    assert http("GET", url + "/v2/health/live")[0] == 200
+    assert request("GET", url + "/v2/health/live").status == 200
     os.killpg(proc.pid, signal.SIGTERM)
     for c in clients:
         with c, c.makefile("rb") as f:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import time
-from http.client import HTTPConnection
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,10 @@ import pytest
 from PIL import Image
 
 from served import LIMITS, MAX_REQUEST_SIZE, assert_serves, auth_header, b64, post
-from serving.client import heldout_digits, multipart
+from serving.client import heldout_digits
+from serving.httpclient import Session, multipart, request
 from training.images import encode_png
-from serving.server import PID_FILE, http
+from serving.server import PID_FILE
 from test_serving_core import bad_inputs, bad_requests, encode, exotic_modes
 
 pytestmark = pytest.mark.slow
@@ -171,20 +171,14 @@ def test_every_bad_input_gets_a_4xx_json_and_the_server_keeps_serving(served):
 def test_body_over_max_request_size_is_refused_before_any_worker(served):
     # Both runtimes answer 413 as soon as they read the Content-Length, before any worker (TorchServe
     # with no JSON body of ours, the oip runtime with a JSON one). It keeps a keep-alive connection open and drops the rest of the body, so a
-    # keep-alive client (curl, locust, http.client) reads the 413. On a "Connection: close" request
-    # (urllib's) it closes the socket while the body is still arriving, and the client saw a reset
-    # instead: 15 of 15 times with a 16 MiB body; it made this test flaky in CI.
-    host = served["url"].split("//", 1)[1]
-    for _ in range(3):
-        conn = HTTPConnection(host, timeout=60)
-        try:
-            conn.request("POST", "/predictions/digits", body=b"\0" * (MAX_REQUEST_SIZE + 1),
-                         headers={"Content-Type": "image/png", "Authorization": f"Bearer {served['token']}"})
-            answer = conn.getresponse()
-            answer.read()
-            assert answer.status == 413
-        finally:
-            conn.close()
+    # keep-alive client (curl, locust, serving.httpclient) reads the 413. On a "Connection: close"
+    # request (urllib's) it closes the socket while the body is still arriving, and the client saw a
+    # reset instead: 15 of 15 times with a 16 MiB body; it made this test flaky in CI.
+    with Session(served["url"], auth_header(served), timeout=60) as session:
+        for _ in range(3):
+            answer = session.request("POST", "/predictions/digits", b"\0" * (MAX_REQUEST_SIZE + 1),
+                                     {"Content-Type": "image/png"})
+            assert answer.status == 413, answer
     assert_serves(served)
 
 
@@ -204,9 +198,9 @@ def test_one_bad_request_in_a_batch_does_not_fail_the_others(served):
 
 
 def _rejected_not_an_image(served) -> tuple[float, str]:
-    status, raw = http("GET", served["metrics"] + "/metrics")
-    assert status == 200
-    text = raw.decode()
+    answer = request("GET", served["metrics"] + "/metrics")
+    assert answer.status == 200, answer
+    text = answer.body.decode()
     series = 'RejectedInputs{ModelName="digits",Level="Model",Reason="not_an_image"'
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series)]
     return sum(values), text
@@ -225,15 +219,16 @@ def test_metrics_and_operations(served):
         assert f'{name}{{ModelName="digits"' in text
     if served["runtime"] == "oip":  # no management API at all: its routes are unknown on every port
         for base in (served["url"], served["metrics"]):
-            status, raw = http("POST", base + "/models?url=digits.mar", headers=auth_header(served))
-            assert status == 404 and json.loads(raw)["code"] == 404, raw
+            answer = request("POST", base + "/models?url=digits.mar", headers=auth_header(served))
+            assert answer.status == 404 and answer.json()["code"] == 404, answer
         return
     # registration API off; management answers on loopback
     auth = {"Authorization": f"Bearer {served['management_token']}"}
-    status, raw = http("POST", served["management"] + "/models?url=digits.mar", headers=auth)
-    assert status == 405, raw
-    status, raw = http("GET", served["management"] + "/models", headers=auth)
-    assert status == 200 and {m["modelName"] for m in json.loads(raw)["models"]} == {"digits", "cifarnet", "tinyq"}
+    answer = request("POST", served["management"] + "/models?url=digits.mar", headers=auth)
+    assert answer.status == 405, answer
+    answer = request("GET", served["management"] + "/models", headers=auth)
+    assert answer.status == 200, answer
+    assert {m["modelName"] for m in answer.json()["models"]} == {"digits", "cifarnet", "tinyq"}
 
 
 # --------------------------------------------------------------------------------------------------
