@@ -12,17 +12,15 @@ error (one line naming it and the fix).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
-import urllib.error
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from serving.server import DEFAULT_CONFIG, KEY_FILE, http, port_in_use, read_key, read_properties, running_pid
+from serving.httpclient import NoAnswer, multipart, request
+from serving.server import DEFAULT_CONFIG, KEY_FILE, port_in_use, read_key, read_properties, running_pid
 from training.cli import ArgumentParser, HelpFormatter
 from training.images import encode_png
 
@@ -45,18 +43,6 @@ def heldout_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return px.images, px.labels
 
 
-def multipart(files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
-    """{field: (filename, bytes, content type)} -> (body, Content-Type header) for multipart/form-data."""
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for field, (filename, data, ctype) in files.items():
-        out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
-                  f"filename=\"{filename}\"\r\nContent-Type: {ctype}\r\n\r\n".encode())
-        out.write(data + b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
 def post(url: str, model: str, body: bytes, content_type: str, token: str | None = None,
          topk: int | None = None) -> dict:
     """POST one request to ``/predictions/<model>``; returns the JSON answer or raises ClientError."""
@@ -67,16 +53,15 @@ def post(url: str, model: str, body: bytes, content_type: str, token: str | None
         headers["Authorization"] = f"Bearer {token}"
     target = f"{url.rstrip('/')}/predictions/{model}"
     try:
-        status, raw = http("POST", target, body, headers, timeout=60)
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ClientError(f"no server at {url} ({reason}); start it with `make serve`") from None
-    try:
-        doc = json.loads(raw)
-    except ValueError:
-        doc = {"message": raw[:200].decode(errors="replace")}
-    if status != 200:
-        raise ClientError(f"{target} answered HTTP {status}: {doc.get('message', doc)}{_hint(url, status, doc, token)}")
+        answer = request("POST", target, body, headers, timeout=60)
+    except NoAnswer as e:
+        raise ClientError(f"no server at {url} ({e}); start it with `make serve`") from None
+    doc = answer.json()
+    if not isinstance(doc, dict):  # a proxy's HTML page, a plain-text 500
+        doc = {"message": answer.body[:200].decode(errors="replace")}
+    if answer.status != 200:
+        raise ClientError(f"{target} answered HTTP {answer.status}: {doc.get('message', doc)}"
+                          f"{_hint(url, answer.status, doc, token)}")
     return doc
 
 
@@ -97,9 +82,9 @@ def served_models(url: str) -> list[str]:
     serving/config.properties); empty when that does not answer (another port, token auth)."""
     host = url.split("://", 1)[-1].rsplit(":", 1)[0].split("/")[0]
     try:
-        status, raw = http("GET", f"http://{host}:8081/models?limit=100", timeout=5)
-        return [m["modelName"] for m in json.loads(raw).get("models", [])] if status == 200 else []
-    except (OSError, ValueError, KeyError, TypeError):
+        answer = request("GET", f"http://{host}:8081/models?limit=100", timeout=5)
+        return [m["modelName"] for m in answer.json().get("models", [])] if answer.status == 200 else []
+    except (NoAnswer, AttributeError, KeyError, TypeError):  # no answer, not the management API's JSON
         return []
 
 
@@ -123,7 +108,7 @@ def demo(url: str, run: str, count: int, token: str | None, seed: int = 0) -> in
     pngs = [encode_png(x) for x in images]
     print(f"posting {len(pngs)} held-out digits (digits test split, seed {seed}) to {url}/predictions/{run}")
     correct = 0
-    for i, (png, label) in enumerate(zip(pngs, labels)):
+    for i, (png, label) in enumerate(zip(pngs, labels, strict=True)):
         ans = post(url, run, png, "image/png", token, topk=1)
         best = ans["predictions"][0][0]
         correct += int(best["label"] == str(label))

@@ -19,6 +19,7 @@ one work directory.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -28,13 +29,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from serving import httpclient
+from serving.httpclient import NoAnswer
 from serving.java import java_env
 from training.files import atomic_write_text
 
@@ -78,8 +79,7 @@ def render_config(base: str | os.PathLike, out: str | os.PathLike, overrides: di
     if "vmargs" in props:  # -Dlog4j.configurationFile=serving/log4j2.xml
         props["vmargs"] = re.sub(r"(-Dlog4j2?\.configurationFile=)(?!/)(\S+)",
                                  lambda m: m.group(1) + str(REPO / m.group(2)), props["vmargs"])
-    text = "# rendered from {} by serving.server\n".format(base) + \
-        "".join(f"{k}={v}\n" for k, v in props.items())
+    text = f"# rendered from {base} by serving.server\n" + "".join(f"{k}={v}\n" for k, v in props.items())
     atomic_write_text(out, text)
     return props
 
@@ -121,7 +121,7 @@ class Server:
 
     @classmethod
     def from_config(cls, workdir: Path, pid: int, props: dict[str, str], model_log_offset: int = 0,
-                    runtime: str = "torchserve") -> "Server":
+                    runtime: str = "torchserve") -> Server:
         return cls(Path(workdir), pid, props["inference_address"],
                    props["management_address"] if runtime == "torchserve" else None,
                    props["metrics_address"], props.get("disable_token_authorization", "false") != "true",
@@ -238,10 +238,8 @@ def stop_server(workdir: str | os.PathLike, timeout: float = 30.0) -> bool:
             os.killpg(pid, 0)
         except ProcessLookupError:
             break
-        try:  # reap our own child if it is one, so the group can disappear
+        with contextlib.suppress(ChildProcessError):  # reap our own child if it is one, so the group can go
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
         time.sleep(0.2)
     else:
         os.killpg(pid, signal.SIGKILL)
@@ -256,17 +254,6 @@ def warmup_image() -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
-
-
-def http(method: str, url: str, data: bytes | None = None, headers: dict | None = None,
-         timeout: float = 30.0) -> tuple[int, bytes]:
-    """One HTTP call with urllib; returns (status, body) for every status, raising only for no answer."""
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> dict[str, dict]:
@@ -295,18 +282,18 @@ def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> dic
             if token:
                 headers["Authorization"] = f"Bearer {token}"
             try:
-                status, body = http("POST", f"{base}/predictions/{model}", image, headers, timeout=30)
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+                answer = httpclient.request("POST", f"{base}/predictions/{model}", image, headers, timeout=30)
+            except NoAnswer as e:
                 last = f"{model}: {e}"
                 continue
-            if status == 200:
-                answers[model] = json.loads(body)
-            elif status in (404, 503):  # model not registered yet / no worker up yet
-                last = f"{model}: HTTP {status} {body[:200]!r}"
+            if answer.status == 200:
+                answers[model] = json.loads(answer.body)
+            elif answer.status in (404, 503):  # model not registered yet / no worker up yet
+                last = f"{model}: HTTP {answer.status} {answer.body[:200]!r}"
             else:
                 cause = fatal_load_error(server)
-                raise ServerError(f"warm-up of {model} answered HTTP {status} "
-                                  f"({cause or body[:300]!r}); log tail:\n{log_tail(server)}")
+                raise ServerError(f"warm-up of {model} answered HTTP {answer.status} "
+                                  f"({cause or answer.body[:300]!r}); log tail:\n{log_tail(server)}")
         if len(answers) == len(models) and all_workers_up(server):
             return answers
         time.sleep(0.5)
@@ -342,11 +329,8 @@ def fatal_load_error(server: Server) -> str | None:
 
 
 def log_tail(server: Server, lines: int = 30) -> str:
-    texts = []
-    for path in (server.log_file, server.workdir / "logs" / "model_log.log"):
-        if path.is_file():
-            texts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
-    return "\n".join(texts)
+    return "\n".join(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+                     for path in (server.log_file, server.workdir / "logs" / "model_log.log") if path.is_file())
 
 
 def curl_examples(server: Server, models: list[str]) -> str:
@@ -375,15 +359,15 @@ def curl_examples(server: Server, models: list[str]) -> str:
             continue
         lines += [
             f"curl{auth} {base}/predictions/{m} -F file0=@{a} -F file1=@{b}   # several images, one request",
-            *([f"curl{auth} {base}/predictions/{m} -T {photo} -H 'X-Min-Confidence: 0.9'   "
-                f"# a photo, not what it learned: \"abstain\": [true]"]
+            *([(f"curl{auth} {base}/predictions/{m} -T {photo} -H 'X-Min-Confidence: 0.9'   "
+                 f"# a photo, not what it learned: \"abstain\": [true]")]
               if photo.is_file() else []),
-            f"{{ printf '{{\"instances\": [{{\"b64\": \"'; base64 -w0 {photo if photo.is_file() else a}; "
-            f"printf '\"}}]}}'; }} | curl{auth} {base}/predictions/{m} -H 'X-TopK: 3' "
-            f"-H 'Content-Type: application/json' --data-binary @-",
-            f"{{ printf '{{\"inputs\": [{{\"name\": \"images\", \"shape\": [1], \"datatype\": \"BYTES\", "
-            f"\"data\": [\"'; base64 -w0 {a}; printf '\"]}}]}}'; }} | curl{auth} {base}/v2/models/{m}/infer "
-            f"-H 'Content-Type: application/json' --data-binary @-",
+            (f"{{ printf '{{\"instances\": [{{\"b64\": \"'; base64 -w0 {photo if photo.is_file() else a}; "
+             f"printf '\"}}]}}'; }} | curl{auth} {base}/predictions/{m} -H 'X-TopK: 3' "
+             f"-H 'Content-Type: application/json' --data-binary @-"),
+            (f"{{ printf '{{\"inputs\": [{{\"name\": \"images\", \"shape\": [1], \"datatype\": \"BYTES\", "
+             f"\"data\": [\"'; base64 -w0 {a}; printf '\"]}}]}}'; }} | curl{auth} {base}/v2/models/{m}/infer "
+             f"-H 'Content-Type: application/json' --data-binary @-"),
             f"{python} -m serving.client predict --run {m} {a} {b}",
         ]
     if server.management_url is None:  # the oip runtime: no management API; OIP metadata and gRPC instead
@@ -394,8 +378,8 @@ def curl_examples(server: Server, models: list[str]) -> str:
     lines += [f"curl {server.local(server.management_url)}/models          # management (loopback only)",
               f"curl {server.local(server.metrics_url)}/metrics         # Prometheus"]
     if server.token_auth:
-        lines[-2] = lines[-2].replace("curl ", "curl -H \"Authorization: Bearer $(python3 -c 'import json;"
-                                      f"print(json.load(open(\"{server.workdir / KEY_FILE}\"))[\"management\"][\"key\"])')\" ")
+        read = f"import json;print(json.load(open(\"{server.workdir / KEY_FILE}\"))[\"management\"][\"key\"])"
+        lines[-2] = lines[-2].replace("curl ", f"curl -H \"Authorization: Bearer $(python3 -c '{read}')\" ")
     return "\n".join(lines)
 
 
@@ -414,14 +398,14 @@ def worker_pids(server: Server, model: str, token: str | None = None) -> list[tu
     TorchServe: its management API (``token``: the management key when token auth is on). oip: the
     supervisor's ``workers.json`` (every worker serves every model).
     """
-    if server.runtime == "oip":
+    if server.management_url is None:  # the oip runtime: no management API
         doc = json.loads((server.workdir / "workers.json").read_text())
         return sorted((w["slot"], w["pid"], w["started"]) for w in doc["workers"])
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    status, raw = http("GET", f"{server.local(server.management_url)}/models/{model}", headers=headers)
-    if status != 200:
-        raise ServerError(f"describe {model}: HTTP {status} {raw[:200]!r}")
-    return sorted((w["id"], w.get("pid"), w["startTime"]) for w in json.loads(raw)[0]["workers"])
+    answer = httpclient.request("GET", f"{server.local(server.management_url)}/models/{model}", headers=headers)
+    if answer.status != 200:
+        raise ServerError(f"describe {model}: HTTP {answer.status} {answer.body[:200]!r}")
+    return sorted((w["id"], w.get("pid"), w["startTime"]) for w in json.loads(answer.body)[0]["workers"])
 
 
 def worker_deaths(server: Server) -> list[str]:
