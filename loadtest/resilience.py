@@ -406,8 +406,8 @@ def fault_section(r: dict, command: str) -> str:
         f"{r['target_rps']:.0f} req/s (max measured {r['max_rps']:.0f} req/s). Verdict: "
         f"{'PASS' if r['passed'] else 'FAIL'}."), "",
         "| fault | result |", "|---|---|",
-        (f"| SIGKILL 1 of {k['workers']} workers | {k['failed_requests']} failed "
-         f"{k['failed_by_status'] or ''} of {k['requests_after']} requests "
+        (f"| SIGKILL 1 of {k['workers']} workers | {k['failed_requests']} failed"
+         f"{' ' + str(k['failed_by_status']) if k['failed_by_status'] else ''} of {k['requests_after']} requests "
         f"in the {r.get('after_s', '')} s after; worker READY again after {f(k['worker_ready_s'])} s; throughput "
         f"back to 80 % of {k['baseline_rps']:.0f} req/s (no errors) after {f(k['throughput_recovered_s'])} s |"),
         (f"| body over max_request_size ({o['max_request_size']} B, curl) | HTTP {o['body_status']} "
