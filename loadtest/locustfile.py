@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-import urllib.parse
 
 from locust import FastHttpUser, between, events, task
 
@@ -35,7 +34,7 @@ from loadtest.gates import (
 )
 from loadtest.images import ImagePool, load_pool
 from serving.client import DEFAULT_WORKDIR
-from serving.server import DEFAULT_CONFIG, KEY_FILE, read_properties
+from serving.server import DEFAULT_CONFIG, KEY_FILE, management_url_for, read_properties
 
 POOLS: dict[str, ImagePool] = {}
 # make serve's addresses: the server loaded unless --host (and --management-url) name another.
@@ -122,8 +121,7 @@ def _management_url(environment) -> str:
     given = _option(environment, "management_url", None)
     if given:
         return given.rstrip("/")
-    parts = urllib.parse.urlsplit(environment.host or ServedUser.host)
-    return f"{parts.scheme}://{parts.hostname}:{urllib.parse.urlsplit(SERVE_CONFIG['management_address']).port}"
+    return management_url_for(environment.host or ServedUser.host)
 
 
 @events.init.add_listener

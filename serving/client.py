@@ -20,7 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from serving.httpclient import NoAnswer, multipart, request
-from serving.server import DEFAULT_CONFIG, KEY_FILE, port_in_use, read_key, read_properties, running_pid
+from serving.server import (
+    DEFAULT_CONFIG,
+    KEY_FILE,
+    management_url_for,
+    port_in_use,
+    read_key,
+    read_properties,
+    running_pid,
+)
 from training.cli import ArgumentParser, HelpFormatter
 from training.images import encode_png
 
@@ -70,7 +78,7 @@ def _hint(url: str, status: int, doc: dict, token: str | None) -> str:
     if status == 404:
         served = served_models(url)
         return (f"; this server serves: {', '.join(served)} (--run NAME)" if served
-                else "; list what is served: curl http://127.0.0.1:8081/models")
+                else f"; list what is served: curl {management_url_for(url)}/models")
     if status == 401 or doc.get("type") == "InvalidKeyException":  # TorchServe: 400 for a bad key
         return ("; the server wants a token (make serve TOKEN=1): --key-file names its key_file.json"
                 if not token else "; the token in --key-file is not this server's (restarted?)")
@@ -78,11 +86,10 @@ def _hint(url: str, status: int, doc: dict, token: str | None) -> str:
 
 
 def served_models(url: str) -> list[str]:
-    """The models the server at ``url`` serves, from its management API (same host, port 8081:
+    """The models the server at ``url`` serves, from its management API (same host, the port of
     serving/config.properties); empty when that does not answer (another port, token auth)."""
-    host = url.split("://", 1)[-1].rsplit(":", 1)[0].split("/")[0]
     try:
-        answer = request("GET", f"http://{host}:8081/models?limit=100", timeout=5)
+        answer = request("GET", f"{management_url_for(url)}/models?limit=100", timeout=5)
         return [m["modelName"] for m in answer.json().get("models", [])] if answer.status == 200 else []
     except (NoAnswer, AttributeError, KeyError, TypeError):  # no answer, not the management API's JSON
         return []

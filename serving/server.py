@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,14 @@ def render_config(base: str | os.PathLike, out: str | os.PathLike, overrides: di
 def grpc_address(props: dict[str, str]) -> str:
     """host:port of the gRPC inference service a config names (TorchServe's keys, read by both runtimes)."""
     return f"{props.get('grpc_inference_address', '127.0.0.1')}:{props.get('grpc_inference_port', 7070)}"
+
+
+def management_url_for(inference_url: str, config: str | os.PathLike = DEFAULT_CONFIG) -> str:
+    """The management API beside an inference URL: the same scheme and host, the port of ``config``'s
+    management_address (TorchServe's; 8081 in serving/config.properties)."""
+    parts = urllib.parse.urlsplit(inference_url if "://" in inference_url else f"http://{inference_url}")
+    port = urllib.parse.urlsplit(read_properties(config)["management_address"]).port
+    return f"{parts.scheme}://{parts.hostname}:{port}"
 
 
 def free_port() -> int:

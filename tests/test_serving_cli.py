@@ -12,7 +12,8 @@ import pytest
 
 from serving.__main__ import main
 from serving.archive import ArchiveConfig, chosen_variants, model_config, needs_archive
-from serving.server import REPO, Server, curl_examples, read_key, read_properties, render_config
+from serving.server import (DEFAULT_CONFIG, REPO, Server, curl_examples, management_url_for, read_key, read_properties,
+                            render_config)
 
 MANIFEST = {"default_variant": {"cpu": "onnx-int8", "cuda": "torchscript-fp32"},
             "variants": {"onnx-int8": {}, "torchscript-fp32": {}, "onnx-fp32": {}}}
@@ -48,8 +49,15 @@ def test_needs_archive_follows_the_manifest(tmp_path):
     assert needs_archive(art, mar)
 
 
+def test_the_management_url_beside_an_inference_url_takes_the_configs_port(tmp_path):
+    render_config(DEFAULT_CONFIG, tmp_path / "c.properties", {"management_address": "http://127.0.0.1:9191"})
+    assert management_url_for("http://10.0.0.5:8080/predictions/x", tmp_path / "c.properties") == "http://10.0.0.5:9191"
+    port = read_properties(DEFAULT_CONFIG)["management_address"].rsplit(":", 1)[1]
+    assert management_url_for("127.0.0.1:18080") == f"http://127.0.0.1:{port}"
+
+
 def test_render_config_makes_paths_absolute_and_applies_overrides(tmp_path):
-    props = render_config(REPO / "serving" / "config.properties", tmp_path / "c.properties",
+    props = render_config(DEFAULT_CONFIG, tmp_path / "c.properties",
                           {"inference_address": "http://127.0.0.1:1234"})
     written = read_properties(tmp_path / "c.properties")
     assert written == props and written["inference_address"] == "http://127.0.0.1:1234"
@@ -57,7 +65,7 @@ def test_render_config_makes_paths_absolute_and_applies_overrides(tmp_path):
     log4j = written["vmargs"].split("-Dlog4j.configurationFile=")[1].split()[0]
     assert os.path.isabs(log4j) and os.path.isfile(log4j)
     # the shipped settings the README promises
-    base = read_properties(REPO / "serving" / "config.properties")
+    base = read_properties(DEFAULT_CONFIG)
     assert base["enable_model_api"] == "false" and base["metrics_mode"] == "prometheus"
     assert base["management_address"].startswith("http://127.0.0.1:")
     assert base["decode_input_request"] == "false" and int(base["max_request_size"]) == 16 * 2**20
