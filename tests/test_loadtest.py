@@ -238,6 +238,22 @@ def test_rss_growth_after_warmup_and_p99_stability():
     assert p99_stable(ws([10, 11, 10, 12, 10, 11])) and not p99_stable(ws([10, 10, 10, 30, 30, 30]))
 
 
+def test_the_attack_passes_on_fast_refusals_and_recovery_not_on_silence_or_lasting_errors():
+    from loadtest.resilience import attack_passed
+
+    ok_after, bad_after = Window(0, 5, 50, 0, 10.0, 5.0, 9.0), Window(0, 5, 50, 2, 10.0, 5.0, 9.0)
+    attackers = np.array([200, 413, 503])
+    assert attack_passed({"503": 900}, ok_after, False, attackers, 200)
+    assert attack_passed({}, ok_after, False, attackers, 200)
+    assert not attack_passed({"503": 900, "0": 1}, ok_after, False, attackers, 200)  # one left unanswered
+    assert not attack_passed({"500": 1}, ok_after, False, attackers, 200)
+    assert not attack_passed({"503": 9}, bad_after, False, attackers, 200)  # errors after the attack
+    assert not attack_passed({}, Window(0, 5, 0, 0, 0.0, 0.0, 0.0), False, attackers, 200)  # nothing measured
+    assert not attack_passed({}, ok_after, True, attackers, 200)  # a worker died
+    assert not attack_passed({}, ok_after, False, np.array([200, 500]), 200)
+    assert not attack_passed({}, ok_after, False, attackers, 5000)  # a large error body
+
+
 def test_reports_name_the_machine_and_its_load():
     from loadtest.resilience import fault_section, machine_line
 
