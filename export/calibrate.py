@@ -21,9 +21,9 @@ import math
 
 import numpy as np
 
-ECE_BINS = 15           # equal-width confidence bins, as in Guo et al.
+ECE_BINS = 15  # equal-width confidence bins, as in Guo et al.
 T_RANGE = (0.05, 20.0)  # the search interval for T; a fit at either end means the data is degenerate
-PRIOR_SIGMA = 0.5       # log T ~ Normal(0, PRIOR_SIGMA^2); None: the plain maximum-likelihood fit
+PRIOR_SIGMA = 0.5  # log T ~ Normal(0, PRIOR_SIGMA^2); None: the plain maximum-likelihood fit
 
 
 def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -54,8 +54,9 @@ def ece(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0, bins: 
     return float(total)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, iterations: int = 80,
-                    prior_sigma: float | None = PRIOR_SIGMA) -> float:
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, iterations: int = 80, prior_sigma: float | None = PRIOR_SIGMA
+) -> float:
     """The ``T`` in ``T_RANGE`` that minimises the summed NLL of ``softmax(logits / T)`` on (logits,
     labels) plus ``(log T)^2 / (2 prior_sigma^2)`` (no prior term with ``prior_sigma=None``).
 
@@ -68,7 +69,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, iterations: int = 80
     n = len(labels)
 
     def objective(log_t: float) -> float:
-        prior = 0.0 if prior_sigma is None else log_t ** 2 / (2 * prior_sigma ** 2)
+        prior = 0.0 if prior_sigma is None else log_t**2 / (2 * prior_sigma**2)
         return n * nll(logits, labels, math.exp(log_t)) + prior
 
     lo, hi = math.log(T_RANGE[0]), math.log(T_RANGE[1])
@@ -87,14 +88,25 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, iterations: int = 80
     return math.exp((lo + hi) / 2)
 
 
-def calibration_report(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray,
-                       test_labels: np.ndarray, fitted_on: dict) -> dict:
+def calibration_report(
+    val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray, fitted_on: dict
+) -> dict:
     """Fit T on the validation logits; the manifest's ``calibration`` entry with ECE/NLL on the test set."""
     t = fit_temperature(val_logits, val_labels)
-    return {"temperature": t, "fitted_on": {**fitted_on, "samples": len(val_labels),
-                                            "errors": int((val_logits.argmax(1) != val_labels).sum()),
-                                            "prior_sigma": PRIOR_SIGMA},
-            "ece_bins": ECE_BINS,
-            "test": {"samples": len(test_labels),
-                     "ece_before": ece(test_logits, test_labels), "ece_after": ece(test_logits, test_labels, t),
-                     "nll_before": nll(test_logits, test_labels), "nll_after": nll(test_logits, test_labels, t)}}
+    return {
+        "temperature": t,
+        "fitted_on": {
+            **fitted_on,
+            "samples": len(val_labels),
+            "errors": int((val_logits.argmax(1) != val_labels).sum()),
+            "prior_sigma": PRIOR_SIGMA,
+        },
+        "ece_bins": ECE_BINS,
+        "test": {
+            "samples": len(test_labels),
+            "ece_before": ece(test_logits, test_labels),
+            "ece_after": ece(test_logits, test_labels, t),
+            "nll_before": nll(test_logits, test_labels),
+            "nll_after": nll(test_logits, test_labels, t),
+        },
+    }

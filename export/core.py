@@ -69,27 +69,27 @@ class ExportConfig:
     run: str
     runs_dir: str = "runs"
     out_dir: str = "artifacts"
-    checkpoint: str | None = None        # default: <runs_dir>/<run>/best.pt
-    data_dir: str | None = None          # default: the checkpoint's training data_dir
+    checkpoint: str | None = None  # default: <runs_dir>/<run>/best.pt
+    data_dir: str | None = None  # default: the checkpoint's training data_dir
     variants: tuple[str, ...] = VARIANTS
-    calib_size: int = 512                # training images for INT8 calibration
-    check_size: int = 1000               # held-out images for the fp32 parity gate
-    reference_size: int = 256            # of those, shipped as the reference batch every worker checks
-    val_size: int = 0                    # validation images the temperature is fitted on; 0 = all
-    eval_size: int = 0                   # held-out images for accuracy; 0 = the whole test split
-    max_int8_drop: float = 1.0           # accuracy points INT8 may lose against eager fp32
-    atol: float = 1e-3                   # max |logit - eager logit| for fp32 variants
-    quant_backend: str = "x86"           # torch.ao.quantization backend / qconfig
-    ort_reduce_range: bool = True        # 7-bit ORT weights (see variants.quantize_onnx)
-    ort_activation: str = "uint8"        # ORT activation type: uint8 (U8S8) or int8 (S8S8)
+    calib_size: int = 512  # training images for INT8 calibration
+    check_size: int = 1000  # held-out images for the fp32 parity gate
+    reference_size: int = 256  # of those, shipped as the reference batch every worker checks
+    val_size: int = 0  # validation images the temperature is fitted on; 0 = all
+    eval_size: int = 0  # held-out images for accuracy; 0 = the whole test split
+    max_int8_drop: float = 1.0  # accuracy points INT8 may lose against eager fp32
+    atol: float = 1e-3  # max |logit - eager logit| for fp32 variants
+    quant_backend: str = "x86"  # torch.ao.quantization backend / qconfig
+    ort_reduce_range: bool = True  # 7-bit ORT weights (see variants.quantize_onnx)
+    ort_activation: str = "uint8"  # ORT activation type: uint8 (U8S8) or int8 (S8S8)
     latency_threads: tuple[int, ...] = (1, 2)
-    latency_rounds: int = 20             # 0 skips latency (smoke tests)
-    cpu_default: str | None = None       # None: the fastest variant that passed its gates
-    strict: bool = False                 # an INT8 variant rejected by its gate fails the export
+    latency_rounds: int = 20  # 0 skips latency (smoke tests)
+    cpu_default: str | None = None  # None: the fastest variant that passed its gates
+    strict: bool = False  # an INT8 variant rejected by its gate fails the export
     ood_method: str = ood.DEFAULT_METHOD  # the out-of-distribution score (export.ood.METHODS) or "none"
     ood_acceptance: float = ood.DEFAULT_ACCEPTANCE  # validation images the ood threshold accepts
-    ood_fit_size: int = 5000             # training images the detector is fitted on (0: all)
-    ood_knn_k: int = ood.DEFAULT_KNN_K   # the neighbour the knn method measures to
+    ood_fit_size: int = 5000  # training images the detector is fitted on (0: all)
+    ood_knn_k: int = ood.DEFAULT_KNN_K  # the neighbour the knn method measures to
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,8 +97,9 @@ class ExportConfig:
         if unknown or not self.variants:
             raise ValueError(f"unknown variants {unknown or '(none)'}; choose from {', '.join(REGISTRY)}")
         if self.cpu_default is not None and self.cpu_default not in self.variants:
-            raise ValueError(f"--cpu-default {self.cpu_default} is not among the exported variants "
-                             f"{', '.join(self.variants)}")
+            raise ValueError(
+                f"--cpu-default {self.cpu_default} is not among the exported variants {', '.join(self.variants)}"
+            )
         for name in ("calib_size", "check_size", "reference_size", "val_size", "eval_size", "latency_rounds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -109,11 +110,14 @@ class ExportConfig:
         if self.ood_method not in (*ood.METHODS, "none"):
             raise ValueError(f"--ood-method must be one of {', '.join(ood.METHODS)} or none, got {self.ood_method!r}")
         if not 0.5 <= self.ood_acceptance < 1.0:
-            raise ValueError(f"--ood-acceptance is the share of in-distribution images accepted, from 0.5 "
-                             f"to below 1, got {self.ood_acceptance}")
+            raise ValueError(
+                f"--ood-acceptance is the share of in-distribution images accepted, from 0.5 "
+                f"to below 1, got {self.ood_acceptance}"
+            )
         if self.ood_fit_size < 0 or self.ood_knn_k < 1:
-            raise ValueError(f"--ood-fit-size must be >= 0 and --ood-knn-k >= 1, got {self.ood_fit_size}, "
-                             f"{self.ood_knn_k}")
+            raise ValueError(
+                f"--ood-fit-size must be >= 0 and --ood-knn-k >= 1, got {self.ood_fit_size}, {self.ood_knn_k}"
+            )
 
     @property
     def checkpoint_path(self) -> Path:
@@ -131,12 +135,12 @@ class Source:
     sha256: str
     heldout: Pixels
     calibration: Pixels | None
-    validation: Pixels | None                      # the checkpoint's val split (temperature fitting)
-    ood_fit: Pixels | None = None                  # training images the ood detector is fitted on
+    validation: Pixels | None  # the checkpoint's val split (temperature fitting)
+    ood_fit: Pixels | None = None  # training images the ood detector is fitted on
     check_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     ref_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     reference: dict = field(default_factory=dict)  # the manifest's "reference" entry
-    ood: dict = field(default_factory=dict)        # the manifest's "ood" entry ({} without a detector)
+    ood: dict = field(default_factory=dict)  # the manifest's "ood" entry ({} without a detector)
     detector: Detector | None = None
 
 
@@ -151,8 +155,10 @@ def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
     eager = eager_predict(src.model, src.contract)
     eager_logits = predict_all(eager, src.heldout.images)
     eager_acc = accuracy(eager_logits, src.heldout.labels)
-    log(f"{cfg.run}: eager fp32 accuracy {eager_acc:.4f} on {len(src.heldout)} held-out images "
-        f"({src.ckpt['dataset']} test split)")
+    log(
+        f"{cfg.run}: eager fp32 accuracy {eager_acc:.4f} on {len(src.heldout)} held-out images "
+        f"({src.ckpt['dataset']} test split)"
+    )
     calibration = fit_calibration(src, eager, eager_logits, log)
 
     out = Path(cfg.out_dir) / cfg.run
@@ -162,8 +168,7 @@ def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
         eager_scores = fit_ood(cfg, src, calibration["temperature"], staging, log)
         src.reference = write_reference(src, eager_logits, staging, eager_scores)
         model = src.model if src.detector is None else ood.with_features(src.model)  # (logits, features)
-        ctx = BuildContext(model, src.contract, src.calibration.images if src.calibration else None,
-                           staging, cfg)
+        ctx = BuildContext(model, src.contract, src.calibration.images if src.calibration else None, staging, cfg)
         entries, rejected = {}, {}
         for name in (n for n in REGISTRY if n in cfg.variants):  # registry order: fp32 graphs first
             entry, failure = build_and_gate(name, ctx, src, eager_logits, eager_scores, eager_acc, cfg, log)
@@ -173,29 +178,40 @@ def export_run(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict:
                 rejected[name] = {**entry, "reason": failure}
         fp32_failures = [f"{n}: {r['reason']}" for n, r in rejected.items() if REGISTRY[n].precision == "fp32"]
         if fp32_failures or not entries:
-            raise GateError(f"export {cfg.run} failed: " + "; ".join(
-                fp32_failures or [f"{n}: {r['reason']}" for n, r in rejected.items()]) + " (nothing was published)")
+            raise GateError(
+                f"export {cfg.run} failed: "
+                + "; ".join(fp32_failures or [f"{n}: {r['reason']}" for n, r in rejected.items()])
+                + " (nothing was published)"
+            )
         for name, r in rejected.items():
-            log(f"warning: {cfg.run}: {name} rejected, not published: {r['reason']} "
-                f"(tried {len(r['recipes_tried'])} recipes)")
+            log(
+                f"warning: {cfg.run}: {name} rejected, not published: {r['reason']} "
+                f"(tried {len(r['recipes_tried'])} recipes)"
+            )
         if rejected and cfg.strict:
-            raise GateError(f"export {cfg.run} failed (--strict): " + "; ".join(
-                f"{n}: {r['reason']}" for n, r in rejected.items()) + " (nothing was published)")
+            raise GateError(
+                f"export {cfg.run} failed (--strict): "
+                + "; ".join(f"{n}: {r['reason']}" for n, r in rejected.items())
+                + " (nothing was published)"
+            )
         manifest = make_manifest(cfg, src, entries, eager_acc)
         manifest["calibration"] = calibration
-        manifest["rejected"] = {n: {k: v for k, v in r.items() if k not in ("file", "sha256")}
-                                for n, r in rejected.items()}
+        manifest["rejected"] = {
+            n: {k: v for k, v in r.items() if k not in ("file", "sha256")} for n, r in rejected.items()
+        }
         atomic_write_json(staging / MANIFEST_NAME, manifest)
         if cfg.latency_rounds:
             manifest["baseline"]["latency"] = measure_latency(cfg, src, staging, entries, log)
-        manifest["default_variant"] = {"cpu": choose_cpu_default(cfg, entries),
-                                       "cuda": registry.cuda_default(entries)}
+        manifest["default_variant"] = {"cpu": choose_cpu_default(cfg, entries), "cuda": registry.cuda_default(entries)}
         publish(staging, out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log(f"{cfg.run}: wrote {out / MANIFEST_NAME} (version {manifest['version']}, "
+    log(
+        f"{cfg.run}: wrote {out / MANIFEST_NAME} (version {manifest['version']}, "
         f"cpu default {manifest['default_variant']['cpu']}"
-        + (f", rejected {', '.join(manifest['rejected'])}" if manifest["rejected"] else "") + ")")
+        + (f", rejected {', '.join(manifest['rejected'])}" if manifest["rejected"] else "")
+        + ")"
+    )
     return manifest
 
 
@@ -203,21 +219,37 @@ def fit_calibration(src: Source, eager, eager_logits: np.ndarray, log) -> dict:
     """The temperature the served probabilities use (export.calibrate), fitted on the checkpoint's
     validation split, with ECE/NLL before and after on the held-out test images."""
     if src.validation is None or not len(src.validation):
-        log(f"warning: {src.path}: trained without a validation split (val_fraction 0): temperature 1 "
-            f"(probabilities uncalibrated)")
+        log(
+            f"warning: {src.path}: trained without a validation split (val_fraction 0): temperature 1 "
+            f"(probabilities uncalibrated)"
+        )
         return {"temperature": 1.0, "fitted_on": None, "ece_bins": ECE_BINS, "test": None}
-    report = calibration_report(predict_all(eager, src.validation.images), src.validation.labels,
-                                eager_logits, src.heldout.labels, {"dataset": src.ckpt["dataset"], "split": "val"})
+    report = calibration_report(
+        predict_all(eager, src.validation.images),
+        src.validation.labels,
+        eager_logits,
+        src.heldout.labels,
+        {"dataset": src.ckpt["dataset"], "split": "val"},
+    )
     t = report["test"]
-    log(f"calibration: temperature {report['temperature']:.3f} fitted on {report['fitted_on']['samples']} "
+    log(
+        f"calibration: temperature {report['temperature']:.3f} fitted on {report['fitted_on']['samples']} "
         f"validation images; test ECE ({ECE_BINS} bins) {t['ece_before']:.4f} -> {t['ece_after']:.4f}, "
-        f"NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f} on {t['samples']} images")
+        f"NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f} on {t['samples']} images"
+    )
     return report
 
 
-def build_and_gate(name: str, ctx: BuildContext, src: Source, eager_logits: np.ndarray,
-                   eager_scores: np.ndarray | None, eager_acc: float, cfg: ExportConfig, log
-                   ) -> tuple[dict, str | None]:
+def build_and_gate(
+    name: str,
+    ctx: BuildContext,
+    src: Source,
+    eager_logits: np.ndarray,
+    eager_scores: np.ndarray | None,
+    eager_acc: float,
+    cfg: ExportConfig,
+    log,
+) -> tuple[dict, str | None]:
     """Build ``name`` with each of its recipes in turn until one passes its gate.
 
     Returns (manifest entry with the measurements and the recipe chosen or all tried, None) when it
@@ -229,9 +261,16 @@ def build_and_gate(name: str, ctx: BuildContext, src: Source, eager_logits: np.n
     for recipe in variant.recipes:
         log(f"{cfg.run}: building {name}" + (f" ({_recipe_text(recipe)})" if recipe else ""))
         variant.build(ctx, path, recipe)
-        entry: dict = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                 "runtime": variant.runtime, "precision": variant.precision, "devices": list(variant.devices),
-                 "recipe": recipe, "latency": {}}
+        entry: dict = {
+            "file": path.name,
+            "sha256": sha256_file(path),
+            "bytes": path.stat().st_size,
+            "runtime": variant.runtime,
+            "precision": variant.precision,
+            "devices": list(variant.devices),
+            "recipe": recipe,
+            "latency": {},
+        }
         # measured through the server's loader: sha256 check, then the real runtime
         atomic_write_json(ctx.staging / MANIFEST_NAME, make_manifest(cfg, src, {name: entry}, eager_acc))
         logits, scores = infer_all(load_variant(ctx.staging, name), src.heldout.images)
@@ -241,16 +280,26 @@ def build_and_gate(name: str, ctx: BuildContext, src: Source, eager_logits: np.n
             assert src.detector is not None and eager_scores is not None
             entry["ood"] = ood_parity(src.detector, eager_scores, scores)
         # the check every serving worker repeats on its own machine (export.runtime.reference_check)
-        reference = Reference(src.heldout.images[src.ref_idx], src.heldout.labels[src.ref_idx],
-                              eager_logits[src.ref_idx], None if eager_scores is None else eager_scores[src.ref_idx])
+        reference = Reference(
+            src.heldout.images[src.ref_idx],
+            src.heldout.labels[src.ref_idx],
+            eager_logits[src.ref_idx],
+            None if eager_scores is None else eager_scores[src.ref_idx],
+        )
         entry["reference_check"], ref_failure = reference_check(
-            logits[src.ref_idx], reference, variant.precision, export_gates(cfg, src),
-            None if scores is None else scores[src.ref_idx], None if src.detector is None else src.detector.threshold)
-        log(f"{cfg.run}: {name:17s} accuracy {entry['accuracy']:.4f}  "
+            logits[src.ref_idx],
+            reference,
+            variant.precision,
+            export_gates(cfg, src),
+            None if scores is None else scores[src.ref_idx],
+            None if src.detector is None else src.detector.threshold,
+        )
+        log(
+            f"{cfg.run}: {name:17s} accuracy {entry['accuracy']:.4f}  "
             f"top-1 agreement {entry['parity']['top1_agreement']:.4f}  "
-            f"max |diff| {entry['parity']['max_abs_diff']:.2e}  {entry['bytes']:,} bytes")
-        failure = gate_failure(name, entry, eager_acc, cfg) or (
-            ref_failure and f"reference batch: {ref_failure}")
+            f"max |diff| {entry['parity']['max_abs_diff']:.2e}  {entry['bytes']:,} bytes"
+        )
+        failure = gate_failure(name, entry, eager_acc, cfg) or (ref_failure and f"reference batch: {ref_failure}")
         tried.append({"recipe": recipe, "accuracy": entry["accuracy"], "passed": failure is None})
         if failure is None:
             entry["recipes_tried"] = tried
@@ -262,7 +311,7 @@ def build_and_gate(name: str, ctx: BuildContext, src: Source, eager_logits: np.n
 
 def infer_all(runner, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
     """``runner.infer`` over all images in batches: (N, K) logits, (N,) ood scores or None."""
-    parts = [runner.infer(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    parts = [runner.infer(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     scores = None if parts[0][1] is None else np.concatenate([s for _, s in parts])
     return np.concatenate([lg for lg, _ in parts]), scores
 
@@ -270,10 +319,13 @@ def infer_all(runner, images: np.ndarray, batch_size: int = 256) -> tuple[np.nda
 def ood_parity(detector: Detector, eager_scores: np.ndarray, scores: np.ndarray) -> dict:
     """A variant's ood scores on the held-out images against eager fp32's."""
     diff = np.abs(scores - eager_scores)
-    return {"samples": len(scores), "max_score_diff": float(diff.max()),
-            "max_score_diff_of_threshold": float(diff.max() / max(abs(detector.threshold), 1e-12)),
-            "flag_agreement": float((detector.flags(scores) == detector.flags(eager_scores)).mean()),
-            "heldout_ood_share": float(detector.flags(scores).mean())}
+    return {
+        "samples": len(scores),
+        "max_score_diff": float(diff.max()),
+        "max_score_diff_of_threshold": float(diff.max() / max(abs(detector.threshold), 1e-12)),
+        "flag_agreement": float((detector.flags(scores) == detector.flags(eager_scores)).mean()),
+        "heldout_ood_share": float(detector.flags(scores).mean()),
+    }
 
 
 def fit_ood(cfg: ExportConfig, src: Source, temperature: float, staging: Path, log) -> np.ndarray | None:
@@ -293,7 +345,7 @@ def fit_ood(cfg: ExportConfig, src: Source, temperature: float, staging: Path, l
         parts = []
         with torch.inference_mode():
             for i in range(0, len(images), 256):
-                logits, features = eager(torch.from_numpy(images[i:i + 256]))
+                logits, features = eager(torch.from_numpy(images[i : i + 256]))
                 parts.append((logits.float().numpy(), features.float().numpy()))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -303,14 +355,15 @@ def fit_ood(cfg: ExportConfig, src: Source, temperature: float, staging: Path, l
         threshold_px, threshold_on = src.validation, {"dataset": src.ckpt["dataset"], "split": "val"}
     else:
         order = np.random.default_rng(cfg.seed).permutation(len(fit))
-        held = np.sort(order[:max(1, len(fit) // 5)])
-        kept = np.sort(order[len(held):])
+        held = np.sort(order[: max(1, len(fit) // 5)])
+        kept = np.sort(order[len(held) :])
         threshold_px = Pixels(fit.images[held], fit.labels[held])
         fit = Pixels(fit.images[kept], fit.labels[kept])
         threshold_on = {"dataset": src.ckpt["dataset"], "split": "train (held back from the fit: no val split)"}
     _, features = outputs(fit.images)
-    detector = ood.fit_detector(cfg.ood_method, features, fit.labels, src.contract.num_classes, temperature,
-                                cfg.ood_knn_k)
+    detector = ood.fit_detector(
+        cfg.ood_method, features, fit.labels, src.contract.num_classes, temperature, cfg.ood_knn_k
+    )
     threshold_scores = detector.score(*outputs(threshold_px.images))
     detector = detector.with_threshold(ood.threshold_at(threshold_scores, cfg.ood_acceptance))
     heldout_scores = detector.score(*outputs(src.heldout.images))
@@ -318,20 +371,33 @@ def fit_ood(cfg: ExportConfig, src: Source, temperature: float, staging: Path, l
     ood.save_detector(path, detector)
     src.detector = detector
     src.ood = {
-        "file": path.name, "sha256": sha256_file(path), "method": detector.method,
-        "threshold": detector.threshold, "acceptance": cfg.ood_acceptance, "features": int(features.shape[1]),
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "method": detector.method,
+        "threshold": detector.threshold,
+        "acceptance": cfg.ood_acceptance,
+        "features": int(features.shape[1]),
         **({"k": detector.k} if detector.method == "knn" else {}),
         "fitted_on": {"dataset": src.ckpt["dataset"], "split": "train", "samples": len(fit), "seed": cfg.seed},
-        "threshold_on": {**threshold_on, "samples": len(threshold_px),
-                         "accepted": float(1.0 - detector.flags(threshold_scores).mean())},
+        "threshold_on": {
+            **threshold_on,
+            "samples": len(threshold_px),
+            "accepted": float(1.0 - detector.flags(threshold_scores).mean()),
+        },
         # the share of in-distribution images flagged (test split, eager fp32): the drift alert's baseline
-        "heldout": {"dataset": src.ckpt["dataset"], "split": "test", "samples": len(src.heldout),
-                    "ood_share": float(detector.flags(heldout_scores).mean())},
+        "heldout": {
+            "dataset": src.ckpt["dataset"],
+            "split": "test",
+            "samples": len(src.heldout),
+            "ood_share": float(detector.flags(heldout_scores).mean()),
+        },
     }
-    log(f"{cfg.run}: out-of-distribution detector {detector.method} on {src.ood['features']} features of "
+    log(
+        f"{cfg.run}: out-of-distribution detector {detector.method} on {src.ood['features']} features of "
         f"{len(fit)} training images; threshold {detector.threshold:.4g} accepts "
         f"{src.ood['threshold_on']['accepted']:.3f} of {len(threshold_px)} {threshold_on['split']} images, "
-        f"flags {src.ood['heldout']['ood_share']:.3f} of {len(src.heldout)} test images")
+        f"flags {src.ood['heldout']['ood_share']:.3f} of {len(src.heldout)} test images"
+    )
     return heldout_scores
 
 
@@ -347,38 +413,66 @@ def load_source(cfg: ExportConfig) -> Source:
     model, contract = model_from_checkpoint(ckpt)
     train_cfg = ckpt.get("config", {})
     data_dir = cfg.data_dir or train_cfg.get("data_dir")
-    kw = {"dataset": ckpt["dataset"], "data_dir": data_dir, "contract": contract, "seed": cfg.seed,
-          "image_size": train_cfg.get("image_size")}
+    kw = {
+        "dataset": ckpt["dataset"],
+        "data_dir": data_dir,
+        "contract": contract,
+        "seed": cfg.seed,
+        "image_size": train_cfg.get("image_size"),
+    }
     heldout = load_pixels(split="test", limit=cfg.eval_size, **kw)
     needs_calibration = any(REGISTRY[v].precision == "int8" for v in cfg.variants)
     calibration = load_pixels(split="train", limit=cfg.calib_size, **kw) if needs_calibration else None
     val_fraction = train_cfg.get("val_fraction", 0.0)
-    validation = load_pixels(split="val", limit=cfg.val_size, val_fraction=val_fraction,
-                             split_seed=train_cfg.get("seed", 0), **kw) if val_fraction else None
+    validation = (
+        load_pixels(
+            split="val", limit=cfg.val_size, val_fraction=val_fraction, split_seed=train_cfg.get("seed", 0), **kw
+        )
+        if val_fraction
+        else None
+    )
     # the training split without its validation share: the detector's threshold is set on that share
-    ood_fit = None if cfg.ood_method == "none" else load_pixels(
-        split="train", limit=cfg.ood_fit_size, val_fraction=val_fraction, split_seed=train_cfg.get("seed", 0), **kw)
+    ood_fit = (
+        None
+        if cfg.ood_method == "none"
+        else load_pixels(
+            split="train", limit=cfg.ood_fit_size, val_fraction=val_fraction, split_seed=train_cfg.get("seed", 0), **kw
+        )
+    )
     if needs_calibration and not cfg.calib_size:
         raise ValueError("INT8 variants need calibration images: --calib-size must be > 0")
     rng = np.random.default_rng(cfg.seed)
     n_check = len(heldout) if not cfg.check_size else min(cfg.check_size, len(heldout))
     check_idx = np.sort(rng.permutation(len(heldout))[:n_check])
     # the reference batch: a seeded subset of the parity check images (fp32 variants already match there)
-    ref_idx = np.sort(rng.permutation(check_idx)[:max(1, min(cfg.reference_size, len(check_idx)))])
-    return Source(model, contract, ckpt, path, sha256_file(path), heldout, calibration, validation, ood_fit,
-                  check_idx, ref_idx)
+    ref_idx = np.sort(rng.permutation(check_idx)[: max(1, min(cfg.reference_size, len(check_idx)))])
+    return Source(
+        model, contract, ckpt, path, sha256_file(path), heldout, calibration, validation, ood_fit, check_idx, ref_idx
+    )
 
 
-def write_reference(src: Source, eager_logits: np.ndarray, staging: Path,
-                    eager_scores: np.ndarray | None = None) -> dict:
+def write_reference(
+    src: Source, eager_logits: np.ndarray, staging: Path, eager_scores: np.ndarray | None = None
+) -> dict:
     """Save the reference batch (images as served, labels, eager fp32 logits and ood scores); returns
     its manifest entry."""
     path = staging / REFERENCE_NAME
     idx = src.ref_idx
-    save_reference(path, Reference(src.heldout.images[idx], src.heldout.labels[idx], eager_logits[idx],
-                                   None if eager_scores is None else eager_scores[idx]))
-    return {"file": path.name, "sha256": sha256_file(path), "samples": len(idx),
-            "accuracy": accuracy(eager_logits[idx], src.heldout.labels[idx])}
+    save_reference(
+        path,
+        Reference(
+            src.heldout.images[idx],
+            src.heldout.labels[idx],
+            eager_logits[idx],
+            None if eager_scores is None else eager_scores[idx],
+        ),
+    )
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "samples": len(idx),
+        "accuracy": accuracy(eager_logits[idx], src.heldout.labels[idx]),
+    }
 
 
 def gate_failure(name: str, entry: dict, eager_acc: float, cfg: ExportConfig) -> str | None:
@@ -386,13 +480,17 @@ def gate_failure(name: str, entry: dict, eager_acc: float, cfg: ExportConfig) ->
     p = entry["parity"]
     if registry.get(name).precision == "fp32":
         if p["top1_agreement"] < 1.0 or p["max_abs_diff"] > cfg.atol:
-            return (f"parity: top-1 agreement {p['top1_agreement']:.4f} (need 1.0), max |logit diff| "
-                    f"{p['max_abs_diff']:.3g} (allowed {cfg.atol:g}) on {p['samples']} held-out images")
+            return (
+                f"parity: top-1 agreement {p['top1_agreement']:.4f} (need 1.0), max |logit diff| "
+                f"{p['max_abs_diff']:.3g} (allowed {cfg.atol:g}) on {p['samples']} held-out images"
+            )
         return None
     drop = (eager_acc - entry["accuracy"]) * 100.0
     if drop > cfg.max_int8_drop:
-        return (f"accuracy {entry['accuracy']:.4f} is {drop:.2f} points below eager fp32 {eager_acc:.4f} "
-                f"(allowed drop {cfg.max_int8_drop:g} points)")
+        return (
+            f"accuracy {entry['accuracy']:.4f} is {drop:.2f} points below eager fp32 {eager_acc:.4f} "
+            f"(allowed drop {cfg.max_int8_drop:g} points)"
+        )
     return None
 
 
@@ -401,21 +499,33 @@ def measure_latency(cfg: ExportConfig, src: Source, staging: Path, entries: dict
 
     Returns the eager baseline's numbers ({"threads_N": {...}}).
     """
-    table = latency_table(staging, list(entries), src.model, src.contract, cfg.latency_threads,
-                          cfg.latency_rounds, cfg.seed)
+    table = latency_table(
+        staging, list(entries), src.model, src.contract, cfg.latency_threads, cfg.latency_rounds, cfg.seed
+    )
     baseline = {}
     for key, numbers in table.items():
         baseline[key] = numbers.pop("eager-fp32")
         for name, n in numbers.items():
             entries[name]["latency"][key] = n
-        log(f"{cfg.run}: latency, {key.split('_')[1]} thread(s): " + ", ".join(
-            f"{name} {n['batch1_p50_ms']:.3f} ms b1 / {n['batch64_images_per_s']:,.0f} img/s b64"
-            for name, n in {"eager-fp32": baseline[key], **numbers}.items()))
+        log(
+            f"{cfg.run}: latency, {key.split('_')[1]} thread(s): "
+            + ", ".join(
+                f"{name} {n['batch1_p50_ms']:.3f} ms b1 / {n['batch64_images_per_s']:,.0f} img/s b64"
+                for name, n in {"eager-fp32": baseline[key], **numbers}.items()
+            )
+        )
     return baseline
 
 
-def latency_table(artifact_dir: Path, names: list[str], model: torch.nn.Module, contract,
-                  threads_list: tuple[int, ...], rounds: int, seed: int = 0) -> dict[str, dict]:
+def latency_table(
+    artifact_dir: Path,
+    names: list[str],
+    model: torch.nn.Module,
+    contract,
+    threads_list: tuple[int, ...],
+    rounds: int,
+    seed: int = 0,
+) -> dict[str, dict]:
     """{"threads_N": {"eager-fp32": {...}, variant: {...}}}: eager and each variant (loaded through
     ``load_variant``) measured side by side at each thread count. Also used by bench/bench_export.py."""
     saved_threads = torch.get_num_threads()
@@ -441,8 +551,11 @@ def choose_cpu_default(cfg: ExportConfig, entries: dict[str, dict]) -> str:
     """
     if cfg.cpu_default:
         return cfg.cpu_default
-    timed = {n: e["latency"][f"threads_{min(cfg.latency_threads)}"]["batch1_p50_ms"]
-             for n, e in entries.items() if e["latency"]}
+    timed = {
+        n: e["latency"][f"threads_{min(cfg.latency_threads)}"]["batch1_p50_ms"]
+        for n, e in entries.items()
+        if e["latency"]
+    }
     if timed:
         return min(timed, key=timed.__getitem__)
     return "onnx-fp32" if "onnx-fp32" in entries else next(iter(entries))
@@ -454,8 +567,10 @@ def export_gates(cfg: ExportConfig, src: Source | None = None) -> dict:
     INT8 changing the flag of at most as many points of images as it may lose accuracy points."""
     gates = {"fp32_top1_agreement": 1.0, "fp32_atol": cfg.atol, "int8_max_drop_points": cfg.max_int8_drop}
     if src is not None and src.detector is not None:
-        gates.update(ood_fp32_atol=ood.FP32_SCORE_RTOL * abs(src.detector.threshold),
-                     ood_int8_max_flag_change_points=cfg.max_int8_drop)
+        gates.update(
+            ood_fp32_atol=ood.FP32_SCORE_RTOL * abs(src.detector.threshold),
+            ood_int8_max_flag_change_points=cfg.max_int8_drop,
+        )
     return gates
 
 
@@ -470,13 +585,29 @@ def make_manifest(cfg: ExportConfig, src: Source, entries: dict, eager_acc: floa
         # <epoch>.<checkpoint hash>: changes whenever the trained weights do.
         "version": f"{ckpt.get('epoch', 0)}.{src.sha256[:8]}",
         "contract": src.contract.to_dict(),
-        "source": {"checkpoint": str(src.path), "sha256": src.sha256, "arch": ckpt["arch"],
-                   "arch_args": ckpt["arch_args"], "dataset": ckpt["dataset"], "epoch": ckpt.get("epoch"),
-                   "metrics": ckpt.get("metrics", {}), "provenance": ckpt.get("provenance", {})},
-        "provenance": {**provenance(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                       "cpu": cpu_name(), "export_config": _jsonable(asdict(cfg))},
-        "heldout": {"dataset": ckpt["dataset"], "split": "test", "samples": len(src.heldout),
-                    "check_samples": len(src.check_idx)},
+        "source": {
+            "checkpoint": str(src.path),
+            "sha256": src.sha256,
+            "arch": ckpt["arch"],
+            "arch_args": ckpt["arch_args"],
+            "dataset": ckpt["dataset"],
+            "epoch": ckpt.get("epoch"),
+            "metrics": ckpt.get("metrics", {}),
+            "provenance": ckpt.get("provenance", {}),
+        },
+        "provenance": {
+            **provenance(),
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "cpu": cpu_name(),
+            "export_config": _jsonable(asdict(cfg)),
+        },
+        "heldout": {
+            "dataset": ckpt["dataset"],
+            "split": "test",
+            "samples": len(src.heldout),
+            "check_samples": len(src.check_idx),
+        },
         "baseline": {"variant": "eager-fp32", "accuracy": eager_acc},
         "reference": src.reference,
         **({"ood": src.ood} if src.ood else {}),
@@ -494,10 +625,12 @@ def publish(staging: Path, out: Path, manifest: dict) -> None:
         atomic_write_bytes(out / e["file"], lambda f, d=data: f.write(d))
     atomic_write_json(out / MANIFEST_NAME, manifest)
     published = read_manifest(out)
-    for e in [*published["variants"].values(), published["reference"],
-              *([published["ood"]] if "ood" in published else [])]:
+    for e in [
+        *published["variants"].values(),
+        published["reference"],
+        *([published["ood"]] if "ood" in published else []),
+    ]:
         verify_file(out / e["file"], e["sha256"])
-
 
 
 def _jsonable(obj):

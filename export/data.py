@@ -28,9 +28,17 @@ class Pixels:
         return len(self.labels)
 
 
-def load_pixels(dataset: str, data_dir: str | None, contract: Contract, split: str, limit: int = 0,
-                seed: int = 0, image_size: int | None = None, val_fraction: float = 0.0,
-                split_seed: int = 0) -> Pixels:
+def load_pixels(
+    dataset: str,
+    data_dir: str | None,
+    contract: Contract,
+    split: str,
+    limit: int = 0,
+    seed: int = 0,
+    image_size: int | None = None,
+    val_fraction: float = 0.0,
+    split_seed: int = 0,
+) -> Pixels:
     """uint8 pixels and labels of a dataset split, at the contract's size.
 
     Args:
@@ -47,11 +55,20 @@ def load_pixels(dataset: str, data_dir: str | None, contract: Contract, split: s
     """
     if split == "val" and not val_fraction:
         raise ValueError("split 'val' needs the checkpoint's val_fraction > 0 (it was trained without one)")
-    splits = load_splits(dataset, data_dir, augment="none", val_fraction=val_fraction, seed=split_seed,
-                         download=False, image_size=image_size)
+    splits = load_splits(
+        dataset,
+        data_dir,
+        augment="none",
+        val_fraction=val_fraction,
+        seed=split_seed,
+        download=False,
+        image_size=image_size,
+    )
     if splits.contract != contract:
-        raise ValueError(f"dataset {dataset!r} gives contract {splits.contract}, but the checkpoint was "
-                         f"trained for {contract}; pass the dataset it was trained on")
+        raise ValueError(
+            f"dataset {dataset!r} gives contract {splits.contract}, but the checkpoint was "
+            f"trained for {contract}; pass the dataset it was trained on"
+        )
     ds: Dataset = {"test": splits.test, "train": splits.train, "val": splits.val}[split]
     if limit and limit < len(ds):
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]

@@ -33,7 +33,7 @@ def eager_predict(model: nn.Module, contract: Contract, device: str = "cpu") -> 
 
 def predict_all(predict: Predict, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits (N, K) for all images, in batches."""
-    return np.concatenate([predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    return np.concatenate([predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -50,8 +50,15 @@ def parity(reference: np.ndarray, logits: np.ndarray) -> dict:
     }
 
 
-def latency(predicts: dict[str, Predict], contract: Contract, rounds: int = 20, batch1_runs: int = 10,
-            batch64_runs: int = 1, seed: int = 0, big_batch: int = 64) -> dict[str, dict]:
+def latency(
+    predicts: dict[str, Predict],
+    contract: Contract,
+    rounds: int = 20,
+    batch1_runs: int = 10,
+    batch64_runs: int = 1,
+    seed: int = 0,
+    big_batch: int = 64,
+) -> dict[str, dict]:
     """p50 latency at batch 1 and images/s at batch ``big_batch`` (64) for several predictors, measured
     side by side.
 
@@ -84,7 +91,9 @@ def latency(predicts: dict[str, Predict], contract: Contract, rounds: int = 20, 
     out = {}
     for name in predicts:
         p50_64 = statistics.median(b64[name])
-        out[name] = {"batch1_p50_ms": round(statistics.median(b1[name]) * 1e3, 4),
-                     f"batch{big_batch}_p50_ms": round(p50_64 * 1e3, 3),
-                     f"batch{big_batch}_images_per_s": round(big_batch / p50_64, 1)}
+        out[name] = {
+            "batch1_p50_ms": round(statistics.median(b1[name]) * 1e3, 4),
+            f"batch{big_batch}_p50_ms": round(p50_64 * 1e3, 3),
+            f"batch{big_batch}_images_per_s": round(big_batch / p50_64, 1),
+        }
     return out

@@ -38,8 +38,8 @@ OOD_NAME = "ood.npz"
 METHODS = ("msp", "energy", "mahalanobis", "mahalanobis-normalised", "knn")
 DEFAULT_METHOD = "mahalanobis-normalised"
 FEATURES_NAME = "features"  # the second output of every exported graph
-DEFAULT_ACCEPTANCE = 0.95   # share of in-distribution (validation) images the threshold accepts
-DEFAULT_KNN_K = 1           # k of knn: 1 measured best with ~1,300 training digits (bench/bench_ood.py)
+DEFAULT_ACCEPTANCE = 0.95  # share of in-distribution (validation) images the threshold accepts
+DEFAULT_KNN_K = 1  # k of knn: 1 measured best with ~1,300 training digits (bench/bench_ood.py)
 # Scores of one image by two fp32 variants differ by float rounding only: they are gated (at export
 # and by every worker's reference self-check, export.runtime.reference_check) within FP32_SCORE_RTOL
 # of the threshold, a score's natural unit (measured on the demo digits: 4e-7). INT8 moves them by
@@ -64,11 +64,14 @@ def with_features(model):
 
     graph_module = fx.symbolic_trace(model)
     modules = dict(graph_module.named_modules())
-    linears = [n for n in graph_module.graph.nodes
-               if n.op == "call_module" and isinstance(modules[n.target], nn.Linear)]
+    linears = [
+        n for n in graph_module.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.Linear)
+    ]
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer; the out-of-distribution "
-                         f"detector reads the input of the last one")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layer; the out-of-distribution "
+            f"detector reads the input of the last one"
+        )
     output = next(n for n in graph_module.graph.nodes if n.op == "output")
     output.args = ((output.args[0], linears[-1].args[0]),)
     graph_module.recompile()
@@ -126,8 +129,10 @@ class Detector:
             m = z.max(axis=1)
             return -self.temperature * (m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
         if features is None:
-            raise ValueError(f"method {self.method} needs the graph's features output; this variant has "
-                             f"none (exported before the detector existed): re-run make export")
+            raise ValueError(
+                f"method {self.method} needs the graph's features output; this variant has "
+                f"none (exported before the detector existed): re-run make export"
+            )
         if self.method == "knn":
             similarity = _normalise(features) @ self.arrays["bank"].T  # (N, M)
             k = min(self.k, similarity.shape[1])
@@ -136,7 +141,7 @@ class Detector:
         # (f - mu)' P (f - mu) for every class at once: f'Pf - 2 f'P mu + mu'P mu, (N, K), with one
         # matrix product (few numpy calls: at batch 1 their overhead is most of the cost)
         dim = f.shape[1]
-        z = f @ self._projection                                   # (N, D + K): f'P and -2 f'P mu
+        z = f @ self._projection  # (N, D + K): f'P and -2 f'P mu
         d = (z[:, :dim] * f).sum(axis=1, keepdims=True) + z[:, dim:] + self.arrays["mean_terms"]
         return np.maximum(d.min(axis=1), 0.0)
 
@@ -153,8 +158,14 @@ class Detector:
         return Detector(self.method, float(threshold), self.temperature, self.arrays, self.k)
 
 
-def fit_detector(method: str, features: np.ndarray, labels: np.ndarray, num_classes: int,
-                 temperature: float = 1.0, k: int = DEFAULT_KNN_K) -> Detector:
+def fit_detector(
+    method: str,
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    temperature: float = 1.0,
+    k: int = DEFAULT_KNN_K,
+) -> Detector:
     """Fit ``method`` on training features (N, D) and labels (N,); the threshold is set apart
     (``threshold_at``)."""
     if method in ("msp", "energy"):
@@ -162,8 +173,7 @@ def fit_detector(method: str, features: np.ndarray, labels: np.ndarray, num_clas
     if method == "knn":
         if k < 1:
             raise ValueError(f"knn needs k >= 1, got {k}")
-        return Detector(method, temperature=temperature, k=k,
-                        arrays={"bank": _normalise(features).astype(np.float32)})
+        return Detector(method, temperature=temperature, k=k, arrays={"bank": _normalise(features).astype(np.float32)})
     if method not in METHODS:
         raise ValueError(f"unknown out-of-distribution method {method!r}; choose one of {METHODS}")
     from sklearn.covariance import ledoit_wolf
@@ -171,15 +181,17 @@ def fit_detector(method: str, features: np.ndarray, labels: np.ndarray, num_clas
     f = _normalise(features) if method == "mahalanobis-normalised" else features.astype(np.float64)
     missing = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
     if missing:
-        raise ValueError(f"Mahalanobis needs training images of every class; classes {missing} have none "
-                         f"(raise --ood-fit-size)")
+        raise ValueError(
+            f"Mahalanobis needs training images of every class; classes {missing} have none (raise --ood-fit-size)"
+        )
     means = np.stack([f[labels == c].mean(axis=0) for c in range(num_classes)])  # (K, D)
-    covariance, _shrinkage = ledoit_wolf(f - means[labels])                      # (D, D), shared
+    covariance, _shrinkage = ledoit_wolf(f - means[labels])  # (D, D), shared
     precision = np.linalg.pinv(covariance, hermitian=True)
     precision = (precision + precision.T) / 2
     mean_terms = np.einsum("kd,de,ke->k", means, precision, means)
-    return Detector(method, temperature=temperature,
-                    arrays={"means": means, "precision": precision, "mean_terms": mean_terms})
+    return Detector(
+        method, temperature=temperature, arrays={"means": means, "precision": precision, "mean_terms": mean_terms}
+    )
 
 
 def threshold_at(scores: np.ndarray, acceptance: float) -> float:
@@ -194,15 +206,20 @@ def threshold_at(scores: np.ndarray, acceptance: float) -> float:
 # --------------------------------------------------------------------------------------------------
 def save_detector(path: str | os.PathLike, detector: Detector) -> None:
     buf = io.BytesIO()
-    np.savez(buf, method=np.array(detector.method), threshold=np.float64(detector.threshold),
-             temperature=np.float64(detector.temperature), k=np.int64(detector.k),
-             **{f"array_{name}": a for name, a in detector.arrays.items()})
+    np.savez(
+        buf,
+        method=np.array(detector.method),
+        threshold=np.float64(detector.threshold),
+        temperature=np.float64(detector.temperature),
+        k=np.int64(detector.k),
+        **{f"array_{name}": a for name, a in detector.arrays.items()},
+    )
     Path(path).write_bytes(buf.getvalue())
 
 
 def load_detector(path: str | os.PathLike) -> Detector:
     with np.load(path, allow_pickle=False) as z:
-        arrays = {name[len("array_"):]: z[name] for name in z.files if name.startswith("array_")}
+        arrays = {name[len("array_") :]: z[name] for name in z.files if name.startswith("array_")}
         return Detector(str(z["method"]), float(z["threshold"]), float(z["temperature"]), arrays, int(z["k"]))
 
 

@@ -103,42 +103,70 @@ def _calibration(ctx: BuildContext) -> np.ndarray:
 
 def _torchscript_fp32(ctx: BuildContext, path: Path, recipe: dict) -> None:
     from export import variants as V
+
     V.export_torchscript(ctx.model, ctx.contract, path)
 
 
 def _onnx_fp32(ctx: BuildContext, path: Path, recipe: dict) -> None:
     from export import variants as V
+
     V.export_onnx(ctx.model, ctx.contract, path)
 
 
 def _torchscript_int8(ctx: BuildContext, path: Path, recipe: dict) -> None:
     from export import variants as V
-    quantized = V.quantize_torch(ctx.model, ctx.contract, _calibration(ctx), ctx.settings.quant_backend,
-                                 **recipe)
+
+    quantized = V.quantize_torch(ctx.model, ctx.contract, _calibration(ctx), ctx.settings.quant_backend, **recipe)
     V.export_torchscript(quantized, ctx.contract, path)
 
 
 def _onnx_int8(ctx: BuildContext, path: Path, recipe: dict) -> None:
     from export import variants as V
+
     fp32 = ctx.staging / "onnx-fp32.onnx"
     if not fp32.exists():  # onnx-int8 without onnx-fp32: quantize from a temporary fp32 graph
         fp32 = ctx.staging / ".onnx-int8-source.onnx"
         if not fp32.exists():
             V.export_onnx(ctx.model, ctx.contract, fp32)
-    V.quantize_onnx(fp32, _calibration(ctx), path, reduce_range=ctx.settings.ort_reduce_range,
-                    activation_type=ctx.settings.ort_activation, **recipe)
+    V.quantize_onnx(
+        fp32,
+        _calibration(ctx),
+        path,
+        reduce_range=ctx.settings.ort_reduce_range,
+        activation_type=ctx.settings.ort_activation,
+        **recipe,
+    )
 
 
-register(Variant("torchscript-fp32", ".pt", "torchscript", "fp32", ("cpu", "cuda"), _torchscript_fp32,
-                 cuda_rank=0))
+register(Variant("torchscript-fp32", ".pt", "torchscript", "fp32", ("cpu", "cuda"), _torchscript_fp32, cuda_rank=0))
 register(Variant("onnx-fp32", ".onnx", "onnxruntime", "fp32", ("cpu", "cuda"), _onnx_fp32, cuda_rank=1))
 # FX INT8 uses oneDNN/fbgemm quantized kernels, which exist on CPU only.
-register(Variant("torchscript-int8", ".pt", "torchscript", "int8", ("cpu",), _torchscript_int8,
-                 recipes=({"observer": "histogram"}, {"observer": "minmax"},
-                          {"observer": "histogram", "fp32_ends": True})))
-register(Variant("onnx-int8", ".onnx", "onnxruntime", "int8", ("cpu",), _onnx_int8,
-                 recipes=({"calibration_method": "minmax"}, {"calibration_method": "percentile"},
-                          {"calibration_method": "entropy"},
-                          {"calibration_method": "minmax", "fp32_ends": True})))
+register(
+    Variant(
+        "torchscript-int8",
+        ".pt",
+        "torchscript",
+        "int8",
+        ("cpu",),
+        _torchscript_int8,
+        recipes=({"observer": "histogram"}, {"observer": "minmax"}, {"observer": "histogram", "fp32_ends": True}),
+    )
+)
+register(
+    Variant(
+        "onnx-int8",
+        ".onnx",
+        "onnxruntime",
+        "int8",
+        ("cpu",),
+        _onnx_int8,
+        recipes=(
+            {"calibration_method": "minmax"},
+            {"calibration_method": "percentile"},
+            {"calibration_method": "entropy"},
+            {"calibration_method": "minmax", "fp32_ends": True},
+        ),
+    )
+)
 
 VARIANTS = tuple(REGISTRY)  # the built-in ones, in build order (onnx-fp32 before onnx-int8)

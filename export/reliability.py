@@ -21,8 +21,9 @@ from training.data import DataNotFoundError
 from training.files import atomic_write_bytes
 
 
-def bin_stats(logits: np.ndarray, labels: np.ndarray, temperature: float, bins: int = ECE_BINS
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bin_stats(
+    logits: np.ndarray, labels: np.ndarray, temperature: float, bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per confidence bin (as ``export.calibrate.ece`` bins them): (images, accuracy, mean confidence);
     accuracy and confidence are NaN in an empty bin."""
     probs = np.exp(log_softmax(logits, temperature))
@@ -35,10 +36,10 @@ def bin_stats(logits: np.ndarray, labels: np.ndarray, temperature: float, bins: 
     return count, acc, conf
 
 
-def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float, path: Path,
-                     title: str) -> Path:
+def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float, path: Path, title: str) -> Path:
     """Two panels, T = 1 and T = ``temperature``, each with its ECE; written atomically to ``path``."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -49,13 +50,29 @@ def plot_reliability(logits: np.ndarray, labels: np.ndarray, temperature: float,
     for ax, (name, t) in zip(axes, panels, strict=True):
         count, acc, conf = bin_stats(logits, labels, t)
         filled = count > 0
-        ax.bar(edges[:-1][filled], acc[filled], width=width, align="edge", color="#8fb0d9",
-               edgecolor="white", label="accuracy in bin (n: images)")
+        ax.bar(
+            edges[:-1][filled],
+            acc[filled],
+            width=width,
+            align="edge",
+            color="#8fb0d9",
+            edgecolor="white",
+            label="accuracy in bin (n: images)",
+        )
         # the gap between what the model claims (mean confidence) and what it gets (accuracy): hatched,
         # so it reads the same above a bar (over-confident) and inside it (under-confident)
-        ax.bar(edges[:-1][filled], np.abs(conf - acc)[filled], bottom=np.minimum(acc, conf)[filled],
-               width=width, align="edge", fill=False, hatch="///", edgecolor="#c44e52", lw=0.8,
-               label="gap to mean confidence")
+        ax.bar(
+            edges[:-1][filled],
+            np.abs(conf - acc)[filled],
+            bottom=np.minimum(acc, conf)[filled],
+            width=width,
+            align="edge",
+            fill=False,
+            hatch="///",
+            edgecolor="#c44e52",
+            lw=0.8,
+            label="gap to mean confidence",
+        )
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
         for left, n in zip(edges[:-1][filled], count[filled], strict=True):
             ax.text(left + width / 2, 0.02, f"n={n}", ha="center", va="bottom", fontsize=7, rotation=90)
@@ -90,14 +107,17 @@ def reliability_diagram(run: str, artifacts_dir: str | Path = "artifacts", data_
     px = load_pixels(dataset, data_dir, contract, "test", image_size=contract.height)
     logits = predict_all(eager_predict(model, contract), px.images)
     fitted = calibration.get("fitted_on") or {}
-    title = (f"{run} (version {manifest['version']}) on the {dataset} test split, {len(px)} images; "
-             f"T fitted on {fitted.get('samples', 'no')} validation images")
+    title = (
+        f"{run} (version {manifest['version']}) on the {dataset} test split, {len(px)} images; "
+        f"T fitted on {fitted.get('samples', 'no')} validation images"
+    )
     return plot_reliability(logits, px.labels, temperature, artifact / "reliability.png", title)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m export.reliability", description=__doc__.splitlines()[0],
-                       formatter_class=HelpFormatter)
+    p = ArgumentParser(
+        prog="python -m export.reliability", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--run", required=True, help="an exported run: artifacts-dir/RUN/manifest.json")
     p.add_argument("--artifacts-dir", default="artifacts", help="where the exported runs are")
     p.add_argument("--data-dir", default=None, help="the dataset's files (default: the manifest's)")

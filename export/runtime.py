@@ -52,20 +52,22 @@ def verify_file(path: str | os.PathLike, expected_sha256: str) -> None:
     """Raise ``IntegrityError`` unless ``path`` exists and hashes to ``expected_sha256``."""
     path = Path(path)
     if not path.is_file():
-        raise IntegrityError(f"{path}: file missing (expected sha256 {expected_sha256}); "
-                             f"re-run `make export RUN={path.parent.name}`")
+        raise IntegrityError(
+            f"{path}: file missing (expected sha256 {expected_sha256}); re-run `make export RUN={path.parent.name}`"
+        )
     actual = sha256_file(path)
     if actual != expected_sha256:
-        raise IntegrityError(f"{path}: sha256 mismatch: expected {expected_sha256}, actual {actual}; "
-                             f"the file changed after export; re-run `make export RUN={path.parent.name}`")
+        raise IntegrityError(
+            f"{path}: sha256 mismatch: expected {expected_sha256}, actual {actual}; "
+            f"the file changed after export; re-run `make export RUN={path.parent.name}`"
+        )
 
 
 def read_manifest(artifact_dir: str | os.PathLike) -> dict:
     """Parse ``<artifact_dir>/manifest.json`` and check the fields the loader relies on."""
     path = Path(artifact_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; export the run first: "
-                                f"`make export RUN={Path(artifact_dir).name}`")
+        raise FileNotFoundError(f"{path} not found; export the run first: `make export RUN={Path(artifact_dir).name}`")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -82,8 +84,17 @@ class Runner:
     """One loaded variant: ``runner(pixels)`` with ``pixels`` (N, C, H, W) uint8 -> (N, K) float32 logits;
     ``runner.infer(pixels)`` -> (logits, out-of-distribution scores (N,) or None)."""
 
-    def __init__(self, variant: str, runtime: str, precision: str, device: str, contract: Contract,
-                 manifest: dict, predict, detector: Detector | None = None) -> None:
+    def __init__(
+        self,
+        variant: str,
+        runtime: str,
+        precision: str,
+        device: str,
+        contract: Contract,
+        manifest: dict,
+        predict,
+        detector: Detector | None = None,
+    ) -> None:
         self.variant, self.runtime, self.precision, self.device = variant, runtime, precision, device
         self.contract, self.manifest = contract, manifest
         self._predict = predict  # (N, C, H, W) uint8 -> (logits, features or None)
@@ -94,11 +105,13 @@ class Runner:
         """(N, K) float32 logits and (N, D) float32 features (None for a graph exported without them)."""
         c = self.contract
         if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
-            raise ValueError(f"{self.variant} takes a uint8 numpy array, got "
-                             f"{getattr(pixels, 'dtype', type(pixels).__name__)}")
+            raise ValueError(
+                f"{self.variant} takes a uint8 numpy array, got {getattr(pixels, 'dtype', type(pixels).__name__)}"
+            )
         if pixels.ndim != 4 or pixels.shape[1:] != c.input_shape or pixels.shape[0] < 1:
-            raise ValueError(f"{self.variant} takes (N, {c.channels}, {c.height}, {c.width}) pixels "
-                             f"(NCHW), got {pixels.shape}")
+            raise ValueError(
+                f"{self.variant} takes (N, {c.channels}, {c.height}, {c.width}) pixels (NCHW), got {pixels.shape}"
+            )
         return self._predict(np.ascontiguousarray(pixels))
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
@@ -114,12 +127,15 @@ class Runner:
         return logits, self.detector.score(logits, features)
 
     def __repr__(self) -> str:
-        return (f"Runner({self.manifest.get('name')!r} {self.variant} on {self.device}, "
-                f"version {self.manifest.get('version')})")
+        return (
+            f"Runner({self.manifest.get('name')!r} {self.variant} on {self.device}, "
+            f"version {self.manifest.get('version')})"
+        )
 
 
-def load_variant(artifact_dir: str | os.PathLike, variant: str | None = None, device: str = "cpu",
-                 threads: int | None = None) -> Runner:
+def load_variant(
+    artifact_dir: str | os.PathLike, variant: str | None = None, device: str = "cpu", threads: int | None = None
+) -> Runner:
     """Verify and load one variant of an exported run.
 
     Args:
@@ -142,25 +158,40 @@ def load_variant(artifact_dir: str | os.PathLike, variant: str | None = None, de
     if variant is None:
         variant = manifest["default_variant"].get(device_type)
         if variant is None:
-            raise ValueError(f"{artifact_dir / MANIFEST_NAME} names no default variant for {device_type}; "
-                             f"pass a variant, one of {sorted(manifest['variants'])}")
+            raise ValueError(
+                f"{artifact_dir / MANIFEST_NAME} names no default variant for {device_type}; "
+                f"pass a variant, one of {sorted(manifest['variants'])}"
+            )
     if variant not in manifest["variants"]:
         known = sorted(manifest["variants"])
         why = manifest.get("rejected", {}).get(variant, {}).get("reason")
-        raise ValueError(f"variant {variant!r} is not in {artifact_dir / MANIFEST_NAME}"
-                         + (f" (export rejected it: {why})" if why else "") + f"; choose one of {known}")
+        raise ValueError(
+            f"variant {variant!r} is not in {artifact_dir / MANIFEST_NAME}"
+            + (f" (export rejected it: {why})" if why else "")
+            + f"; choose one of {known}"
+        )
     entry = manifest["variants"][variant]
     if device_type not in entry.get("devices", ["cpu"]):
-        raise ValueError(f"variant {variant} runs on {entry.get('devices')} only, not {device}; "
-                         f"pick another variant for {device_type} (e.g. onnx-fp32)")
+        raise ValueError(
+            f"variant {variant} runs on {entry.get('devices')} only, not {device}; "
+            f"pick another variant for {device_type} (e.g. onnx-fp32)"
+        )
     path = artifact_dir / entry["file"]
     verify_file(path, entry["sha256"])
     contract = Contract.from_dict(manifest["contract"])
     if entry["runtime"] not in LOADERS:
         raise ValueError(f"variant {variant}: unknown runtime {entry['runtime']!r} in the manifest")
     predict, device = LOADERS[entry["runtime"]](path, device, threads)
-    return Runner(variant, entry["runtime"], entry["precision"], device, contract, manifest, predict,
-                  load_ood(artifact_dir, manifest))
+    return Runner(
+        variant,
+        entry["runtime"],
+        entry["precision"],
+        device,
+        contract,
+        manifest,
+        predict,
+        load_ood(artifact_dir, manifest),
+    )
 
 
 def load_ood(artifact_dir: str | os.PathLike, manifest: dict) -> Detector | None:
@@ -185,16 +216,17 @@ def _load_onnx(path: Path, device: str, threads: int | None):
     providers = ["CPUExecutionProvider"]
     if device_type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ValueError("device cuda asked for, but this onnxruntime has no CUDAExecutionProvider; "
-                             "install onnxruntime-gpu or use device cpu")
+            raise ValueError(
+                "device cuda asked for, but this onnxruntime has no CUDAExecutionProvider; "
+                "install onnxruntime-gpu or use device cpu"
+            )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     input_name = session.get_inputs()[0].name
 
     def predict(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         out = session.run(None, {input_name: pixels})  # [logits] or [logits, features]
-        return (out[0].astype(np.float32, copy=False),
-                out[1].astype(np.float32, copy=False) if len(out) > 1 else None)
+        return (out[0].astype(np.float32, copy=False), out[1].astype(np.float32, copy=False) if len(out) > 1 else None)
 
     return predict, ("cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu")
 
@@ -247,17 +279,26 @@ def load_reference(artifact_dir: str | os.PathLike, manifest: dict) -> Reference
     """The run's reference batch, sha256-checked against the manifest like every variant file."""
     entry = manifest.get("reference")
     if not entry:
-        raise ValueError(f"{Path(artifact_dir) / MANIFEST_NAME} has no reference batch (exported before "
-                         f"it existed); re-run `make export RUN={manifest.get('name')}`")
+        raise ValueError(
+            f"{Path(artifact_dir) / MANIFEST_NAME} has no reference batch (exported before "
+            f"it existed); re-run `make export RUN={manifest.get('name')}`"
+        )
     path = Path(artifact_dir) / entry["file"]
     verify_file(path, entry["sha256"])
     with np.load(path, allow_pickle=False) as z:
-        return Reference(z["images"], z["labels"].astype(np.int64), z["logits"],
-                         z["ood_scores"] if "ood_scores" in z.files else None)
+        return Reference(
+            z["images"], z["labels"].astype(np.int64), z["logits"], z["ood_scores"] if "ood_scores" in z.files else None
+        )
 
 
-def reference_check(logits: np.ndarray, ref: Reference, precision: str, gates: dict,
-                    scores: np.ndarray | None = None, threshold: float | None = None) -> tuple[dict, str | None]:
+def reference_check(
+    logits: np.ndarray,
+    ref: Reference,
+    precision: str,
+    gates: dict,
+    scores: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> tuple[dict, str | None]:
     """A variant's logits (and out-of-distribution scores) on the reference batch against the
     export's gates.
 
@@ -269,40 +310,54 @@ def reference_check(logits: np.ndarray, ref: Reference, precision: str, gates: d
     Returns (the numbers, why it fails or None).
     """
     top1, ref_top1 = logits.argmax(axis=1), ref.logits.argmax(axis=1)
-    numbers = {"samples": len(ref.labels),
-               "top1_agreement": float((top1 == ref_top1).mean()),
-               "max_abs_diff": float(np.abs(logits.astype(np.float64) - ref.logits).max()),
-               "accuracy": float((top1 == ref.labels).mean()),
-               "reference_accuracy": float((ref_top1 == ref.labels).mean())}
+    numbers = {
+        "samples": len(ref.labels),
+        "top1_agreement": float((top1 == ref_top1).mean()),
+        "max_abs_diff": float(np.abs(logits.astype(np.float64) - ref.logits).max()),
+        "accuracy": float((top1 == ref.labels).mean()),
+        "reference_accuracy": float((ref_top1 == ref.labels).mean()),
+    }
     numbers["drop_points"] = (numbers["reference_accuracy"] - numbers["accuracy"]) * 100.0
     if scores is not None and ref.ood_scores is not None and "ood_fp32_atol" in gates:
         numbers["ood_max_score_diff"] = float(np.abs(scores.astype(np.float64) - ref.ood_scores).max())
-        numbers["ood_flag_change_points"] = float(((scores > threshold) != (ref.ood_scores > threshold)).mean()
-                                                  * 100.0)
+        numbers["ood_flag_change_points"] = float(((scores > threshold) != (ref.ood_scores > threshold)).mean() * 100.0)
         if precision == "fp32" and numbers["ood_max_score_diff"] > gates["ood_fp32_atol"]:
-            return numbers, (f"out-of-distribution score differs from eager fp32's by up to "
-                             f"{numbers['ood_max_score_diff']:.3g} (allowed {gates['ood_fp32_atol']:.3g}) on "
-                             f"{numbers['samples']} reference images")
+            return numbers, (
+                f"out-of-distribution score differs from eager fp32's by up to "
+                f"{numbers['ood_max_score_diff']:.3g} (allowed {gates['ood_fp32_atol']:.3g}) on "
+                f"{numbers['samples']} reference images"
+            )
         allowed = gates["ood_int8_max_flag_change_points"]
         if precision != "fp32" and numbers["ood_flag_change_points"] > allowed + 1e-9:
-            return numbers, (f"out-of-distribution flag differs from eager fp32's on "
-                             f"{numbers['ood_flag_change_points']:.2f} % of {numbers['samples']} reference "
-                             f"images (allowed {allowed:g} points)")
+            return numbers, (
+                f"out-of-distribution flag differs from eager fp32's on "
+                f"{numbers['ood_flag_change_points']:.2f} % of {numbers['samples']} reference "
+                f"images (allowed {allowed:g} points)"
+            )
     if precision == "fp32":
         if numbers["top1_agreement"] < gates["fp32_top1_agreement"] or numbers["max_abs_diff"] > gates["fp32_atol"]:
-            return numbers, (f"top-1 agreement {numbers['top1_agreement']:.4f} (need "
-                             f"{gates['fp32_top1_agreement']:g}), max |logit diff| {numbers['max_abs_diff']:.3g} "
-                             f"(allowed {gates['fp32_atol']:g}) on {numbers['samples']} reference images")
+            return numbers, (
+                f"top-1 agreement {numbers['top1_agreement']:.4f} (need "
+                f"{gates['fp32_top1_agreement']:g}), max |logit diff| {numbers['max_abs_diff']:.3g} "
+                f"(allowed {gates['fp32_atol']:g}) on {numbers['samples']} reference images"
+            )
     # a little slack for float rounding: 0.98 - 0.97 is 1.0000000000000009 points, not over a 1-point gate
     elif numbers["drop_points"] > gates["int8_max_drop_points"] + 1e-9:
-        return numbers, (f"accuracy {numbers['accuracy']:.4f} is {numbers['drop_points']:.2f} points below eager "
-                         f"fp32 {numbers['reference_accuracy']:.4f} (allowed {gates['int8_max_drop_points']:g}), "
-                         f"top-1 agreement {numbers['top1_agreement']:.4f} on {numbers['samples']} reference images")
+        return numbers, (
+            f"accuracy {numbers['accuracy']:.4f} is {numbers['drop_points']:.2f} points below eager "
+            f"fp32 {numbers['reference_accuracy']:.4f} (allowed {gates['int8_max_drop_points']:g}), "
+            f"top-1 agreement {numbers['top1_agreement']:.4f} on {numbers['samples']} reference images"
+        )
     return numbers, None
 
 
-def load_checked_variant(artifact_dir: str | os.PathLike, variant: str | None = None, device: str = "cpu",
-                         threads: int | None = None, on_failure=None) -> Runner:
+def load_checked_variant(
+    artifact_dir: str | os.PathLike,
+    variant: str | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    on_failure=None,
+) -> Runner:
     """``load_variant``, then the reference check on this machine before the variant takes traffic.
 
     A variant outside the export's gates on the reference batch (another CPU's INT8 kernels, a GPU's
@@ -319,15 +374,25 @@ def load_checked_variant(artifact_dir: str | os.PathLike, variant: str | None = 
     ref = load_reference(artifact_dir, manifest)
     runner = load_variant(artifact_dir, variant, device, threads)
     device_type = device.split(":")[0]
-    fallbacks = sorted((v for v, e in manifest["variants"].items()
-                        if v != runner.variant and device_type in e.get("devices", ["cpu"])
-                        and (artifact_dir / e["file"]).is_file()),
-                       key=lambda v: manifest["variants"][v]["precision"] == "fp32")
+    fallbacks = sorted(
+        (
+            v
+            for v, e in manifest["variants"].items()
+            if v != runner.variant and device_type in e.get("devices", ["cpu"]) and (artifact_dir / e["file"]).is_file()
+        ),
+        key=lambda v: manifest["variants"][v]["precision"] == "fp32",
+    )
     failures = []
     while True:
         logits, scores = runner.infer(ref.images)
-        numbers, why = reference_check(logits, ref, runner.precision, manifest["gates"], scores,
-                                       None if runner.detector is None else runner.detector.threshold)
+        numbers, why = reference_check(
+            logits,
+            ref,
+            runner.precision,
+            manifest["gates"],
+            scores,
+            None if runner.detector is None else runner.detector.threshold,
+        )
         if why is None:
             runner.reference_check = numbers
             return runner
@@ -335,9 +400,12 @@ def load_checked_variant(artifact_dir: str | os.PathLike, variant: str | None = 
         if on_failure is not None:
             on_failure(runner.variant, runner.device, numbers, why)
         if not fallbacks:
-            raise SelfCheckError(f"no variant of {manifest.get('name')!r} in {artifact_dir} reproduces the "
-                                 f"export's answers on this machine: " + "; ".join(failures)
-                                 + " -- re-export on this hardware or pack an fp32 variant")
+            raise SelfCheckError(
+                f"no variant of {manifest.get('name')!r} in {artifact_dir} reproduces the "
+                f"export's answers on this machine: "
+                + "; ".join(failures)
+                + " -- re-export on this hardware or pack an fp32 variant"
+            )
         runner = load_variant(artifact_dir, fallbacks.pop(0), device, threads)
 
 

@@ -35,8 +35,13 @@ def sample_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._") or "class"
 
 
-def write_samples(run: str, artifacts_dir: str | Path = "artifacts", out_dir: str | Path = "samples",
-                  data_dir: str | None = None, seed: int = 0) -> list[Path]:
+def write_samples(
+    run: str,
+    artifacts_dir: str | Path = "artifacts",
+    out_dir: str | Path = "samples",
+    data_dir: str | None = None,
+    seed: int = 0,
+) -> list[Path]:
     """Write one held-out image per class of ``run`` to ``out_dir/run/`` and the photos to
     ``out_dir/photos/``; returns the written paths. The dataset and contract come from the run's
     manifest (what is served), not from flags."""
@@ -46,15 +51,17 @@ def write_samples(run: str, artifacts_dir: str | Path = "artifacts", out_dir: st
     contract = Contract.from_dict(manifest["contract"])
     dataset = manifest["source"]["dataset"]
     data_dir = data_dir or manifest.get("provenance", {}).get("export_config", {}).get("data_dir")
-    px = load_pixels(dataset, data_dir, contract, "test",
-                     limit=POOL, seed=seed, image_size=contract.height)
+    px = load_pixels(dataset, data_dir, contract, "test", limit=POOL, seed=seed, image_size=contract.height)
     out = Path(out_dir) / run
     written = []
     for index, label in enumerate(contract.class_names):
         hits = np.flatnonzero(px.labels == index)
         if len(hits):
-            written.append(atomic_write_bytes(out / f"{sample_name(label)}.png",
-                                              lambda f, x=px.images[hits[0]]: f.write(encode_png(x))))
+            written.append(
+                atomic_write_bytes(
+                    out / f"{sample_name(label)}.png", lambda f, x=px.images[hits[0]]: f.write(encode_png(x))
+                )
+            )
     for stale in set(out.glob("*.png")) - set(written):  # from an earlier model with other classes
         stale.unlink()
     return written + write_photos(Path(out_dir) / "photos")
@@ -65,13 +72,13 @@ def write_photos(out: Path) -> list[Path]:
     import sklearn.datasets
 
     images = Path(sklearn.datasets.__file__).parent / "images"
-    return [atomic_write_bytes(out / name, lambda f, p=images / name: f.write(p.read_bytes()))
-            for name in PHOTOS]
+    return [atomic_write_bytes(out / name, lambda f, p=images / name: f.write(p.read_bytes())) for name in PHOTOS]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m export.samples", description=__doc__.splitlines()[0],
-                       formatter_class=HelpFormatter)
+    p = ArgumentParser(
+        prog="python -m export.samples", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--run", required=True, help="an exported run: artifacts-dir/RUN/manifest.json")
     p.add_argument("--artifacts-dir", default="artifacts", help="where the exported runs are")
     p.add_argument("--out-dir", default="samples", help="where RUN/ and photos/ go")

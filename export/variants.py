@@ -48,8 +48,9 @@ def quiet_deprecations():
 
 def example_pixels(contract: Contract, n: int = 2) -> torch.Tensor:
     """A uint8 example batch for tracing; batch 2 so the exporters keep the batch dimension dynamic."""
-    return torch.randint(0, 256, (n, *contract.input_shape), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(0))
+    return torch.randint(
+        0, 256, (n, *contract.input_shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def export_torchscript(model: nn.Module, contract: Contract, path: Path) -> None:
@@ -68,9 +69,18 @@ def export_onnx(model: nn.Module, contract: Contract, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The dynamo exporter prints its progress to stdout; the export log has its own lines.
     with quiet_deprecations(), contextlib.redirect_stdout(io.StringIO()):
-        torch.onnx.export(wrapped, (example_pixels(contract),), str(path), dynamo=True,
-                          external_data=False, opset_version=ONNX_OPSET, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), verbose=False)
+        torch.onnx.export(
+            wrapped,
+            (example_pixels(contract),),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
@@ -81,8 +91,14 @@ def end_layers(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(names[:1] + names[-1:]))
 
 
-def quantize_torch(model: nn.Module, contract: Contract, calibration: np.ndarray,
-                   backend: str = "x86", observer: str = "histogram", fp32_ends: bool = False) -> nn.Module:
+def quantize_torch(
+    model: nn.Module,
+    contract: Contract,
+    calibration: np.ndarray,
+    backend: str = "x86",
+    observer: str = "histogram",
+    fp32_ends: bool = False,
+) -> nn.Module:
     """FX static PTQ of the float model, calibrated on uint8 training pixels (normalised here).
 
     The ``x86`` qconfig observes activations with ``reduce_range=True`` (7-bit), which keeps the
@@ -103,8 +119,7 @@ def quantize_torch(model: nn.Module, contract: Contract, calibration: np.ndarray
     mapping = get_default_qconfig_mapping(backend)
     if observer == "minmax":
         default = mapping.global_qconfig
-        mapping.set_global(QConfig(activation=MinMaxObserver.with_args(reduce_range=True),
-                                   weight=default.weight))
+        mapping.set_global(QConfig(activation=MinMaxObserver.with_args(reduce_range=True), weight=default.weight))
     if fp32_ends:
         for name in end_layers(model):
             mapping.set_module_name(name, None)
@@ -117,9 +132,15 @@ def quantize_torch(model: nn.Module, contract: Contract, calibration: np.ndarray
         return convert_fx(prepared).eval()
 
 
-def quantize_onnx(fp32_path: Path, calibration: np.ndarray, path: Path, reduce_range: bool = True,
-                  activation_type: str = "uint8", calibration_method: str = "minmax",
-                  fp32_ends: bool = False) -> None:
+def quantize_onnx(
+    fp32_path: Path,
+    calibration: np.ndarray,
+    path: Path,
+    reduce_range: bool = True,
+    activation_type: str = "uint8",
+    calibration_method: str = "minmax",
+    fp32_ends: bool = False,
+) -> None:
     """ORT static INT8: pre-process the fp32 graph, then QDQ per-channel quantization.
 
     Args:
@@ -148,8 +169,11 @@ def quantize_onnx(fp32_path: Path, calibration: np.ndarray, path: Path, reduce_r
 
     import onnx
 
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
     if calibration_method not in methods:
         raise ValueError(f"calibration method must be one of {sorted(methods)}, got {calibration_method!r}")
     activation = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
@@ -158,15 +182,23 @@ def quantize_onnx(fp32_path: Path, calibration: np.ndarray, path: Path, reduce_r
         quant_pre_process(str(fp32_path), str(prepped))
         exclude = []
         if fp32_ends:
-            weighted = [n.name for n in onnx.load(str(prepped)).graph.node
-                        if n.op_type in ("Conv", "Gemm", "MatMul")]
+            weighted = [n.name for n in onnx.load(str(prepped)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
             exclude = list(dict.fromkeys(weighted[:1] + weighted[-1:]))
-        quantize_static(str(prepped), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=reduce_range, activation_type=activation,
-                        weight_type=QuantType.QInt8, calibrate_method=methods[calibration_method],
-                        nodes_to_exclude=exclude)
+        quantize_static(
+            str(prepped),
+            str(path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=activation,
+            weight_type=QuantType.QInt8,
+            calibrate_method=methods[calibration_method],
+            nodes_to_exclude=exclude,
+        )
 
 
 def _copy(model: nn.Module) -> nn.Module:
     import copy
+
     return copy.deepcopy(model)

@@ -62,7 +62,7 @@ def admitted(make, pixels: int, limits: Limits) -> bytes:
 def image_cases(limits: Limits) -> dict[str, bytes]:
     """One costliest admitted image per format and mode, at ``min(max_pixels, max_request_pixels)``."""
     n = min(limits.max_pixels, limits.max_request_pixels)
-    side = int(n ** 0.5)
+    side = int(n**0.5)
     square = (side, n // side)
     webp = (16383, n // 16383)  # WebP's largest side
     cases = {
@@ -81,8 +81,9 @@ def image_cases(limits: Limits) -> dict[str, bytes]:
     for name, make in cases.items():
         data = admitted(make, n, limits)
         if len(data) <= limits.max_image_bytes:
-            out[f"{name} {square[0] if 'WebP' not in name else webp[0]}x"
-                f"{square[1] if 'WebP' not in name else webp[1]}"] = data
+            out[
+                f"{name} {square[0] if 'WebP' not in name else webp[0]}x{square[1] if 'WebP' not in name else webp[1]}"
+            ] = data
     return out
 
 
@@ -90,21 +91,27 @@ def request_cases(limits: Limits, contract: Contract) -> dict[str, dict]:
     """TorchServe parameters of the costliest admitted requests."""
     out = {name: {"body": data} for name, data in image_cases(limits).items()}
     per = limits.max_request_pixels // limits.max_images
-    side = int(per ** 0.5)
+    side = int(per**0.5)
     small = admitted(lambda r: _encode(_noisy("RGB", (side, per // side), r), "PNG"), per, limits)
-    out[f"{limits.max_images} x PNG RGB {side}x{per // side} (JSON base64)"] = {"body": json.dumps(
-        {"instances": [{"b64": base64.b64encode(small).decode()}] * limits.max_images}).encode()}
+    out[f"{limits.max_images} x PNG RGB {side}x{per // side} (JSON base64)"] = {
+        "body": json.dumps({"instances": [{"b64": base64.b64encode(small).decode()}] * limits.max_images}).encode()
+    }
     pixels = np.random.default_rng(0).integers(0, 256, (limits.max_images, *contract.input_shape))
     out[f"v2 UINT8 {limits.max_images} x {'x'.join(map(str, contract.input_shape))} (JSON ints)"] = {
-        "body": json.dumps({"inputs": [{"name": "x", "shape": list(pixels.shape), "datatype": "UINT8",
-                                        "data": pixels.tolist()}]}).encode()}
+        "body": json.dumps(
+            {"inputs": [{"name": "x", "shape": list(pixels.shape), "datatype": "UINT8", "data": pixels.tolist()}]}
+        ).encode()
+    }
     # Bodies as large as TorchServe's max_request_size lets through (16 MiB), refused only after parsing.
     n = (16 * 2**20 - 100) // 2
-    out["v2 UINT8, 16 MiB of JSON ints (refused)"] = {"body": (
-        '{"inputs": [{"name": "x", "shape": [1, 1, 1, 1], "datatype": "UINT8", "data": ['
-        + "0," * (n - 1) + "0]}]}").encode()}
-    out["16 MiB base64 string (refused)"] = {"body": (
-        '{"instances": [{"b64": "' + "A" * (16 * 2**20 - 100) + '"}]}').encode()}
+    out["v2 UINT8, 16 MiB of JSON ints (refused)"] = {
+        "body": (
+            '{"inputs": [{"name": "x", "shape": [1, 1, 1, 1], "datatype": "UINT8", "data": [' + "0," * (n - 1) + "0]}]}"
+        ).encode()
+    }
+    out["16 MiB base64 string (refused)"] = {
+        "body": ('{"instances": [{"b64": "' + "A" * (16 * 2**20 - 100) + '"}]}').encode()
+    }
     return out
 
 

@@ -54,15 +54,21 @@ class Point:
 @dataclass
 class Search:
     capacity: Point | None  # the highest passing offered rate; None: even the lowest rate failed
-    points: list[Point]     # in the order measured
+    points: list[Point]  # in the order measured
 
     @property
     def capacity_rps(self) -> float:
         return self.capacity.offered_rps if self.capacity else 0.0
 
 
-def capacity_steps(start_rps: float, slo: SLO = SLO(), step: float = 1.4, resolution: float = 0.05,
-                   max_points: int = 8, min_rps: float = 1.0) -> Generator[float, Point, Search]:
+def capacity_steps(
+    start_rps: float,
+    slo: SLO = SLO(),
+    step: float = 1.4,
+    resolution: float = 0.05,
+    max_points: int = 8,
+    min_rps: float = 1.0,
+) -> Generator[float, Point, Search]:
     """The search as a generator: yields the next rate to measure, is sent its ``Point``, returns the
     ``Search`` (see ``search_capacity``). Several searches can so be stepped in turn (``search_lockstep``)."""
     if start_rps <= 0 or step <= 1 or max_points < 1:
@@ -97,9 +103,15 @@ def capacity_steps(start_rps: float, slo: SLO = SLO(), step: float = 1.4, resolu
     return Search(max(passing, key=lambda p: p.offered_rps) if passing else None, points)
 
 
-def search_capacity(measure: Callable[[float], Point], start_rps: float, slo: SLO = SLO(),
-                    step: float = 1.4, resolution: float = 0.05, max_points: int = 8,
-                    min_rps: float = 1.0) -> Search:
+def search_capacity(
+    measure: Callable[[float], Point],
+    start_rps: float,
+    slo: SLO = SLO(),
+    step: float = 1.4,
+    resolution: float = 0.05,
+    max_points: int = 8,
+    min_rps: float = 1.0,
+) -> Search:
     """Find the highest offered rate that passes ``slo``.
 
     Args:
@@ -114,14 +126,20 @@ def search_capacity(measure: Callable[[float], Point], start_rps: float, slo: SL
     return search_lockstep({"_": (measure, start_rps)}, slo, step, resolution, max_points, min_rps)["_"]
 
 
-def search_lockstep(systems: dict[str, tuple[Callable[[float], Point], float]], slo: SLO = SLO(),
-                    step: float = 1.4, resolution: float = 0.05, max_points: int = 8,
-                    min_rps: float = 1.0) -> dict[str, Search]:
+def search_lockstep(
+    systems: dict[str, tuple[Callable[[float], Point], float]],
+    slo: SLO = SLO(),
+    step: float = 1.4,
+    resolution: float = 0.05,
+    max_points: int = 8,
+    min_rps: float = 1.0,
+) -> dict[str, Search]:
     """One search per system (``name -> (measure, start_rps)``), their measurements taken in turn,
     one rate of each system per round: on a machine whose background load drifts, every system sees
     the same drift instead of one getting a quiet minute and the next a busy one."""
-    gens = {name: capacity_steps(start, slo, step, resolution, max_points, min_rps)
-            for name, (_, start) in systems.items()}
+    gens = {
+        name: capacity_steps(start, slo, step, resolution, max_points, min_rps) for name, (_, start) in systems.items()
+    }
     rates = {name: next(g) for name, g in gens.items()}
     results: dict[str, Search] = {}
     while rates:

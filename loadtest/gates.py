@@ -51,8 +51,10 @@ def check_gates(totals: Totals, thresholds: Thresholds) -> list[str]:
         return ["no request completed: is the server up and the host right?"]
     broken = []
     if totals.error_rate > thresholds.max_error_rate:
-        broken.append(f"error rate {totals.error_rate:.2%} ({totals.failures}/{totals.requests}) > "
-                      f"max {thresholds.max_error_rate:.2%}")
+        broken.append(
+            f"error rate {totals.error_rate:.2%} ({totals.failures}/{totals.requests}) > "
+            f"max {thresholds.max_error_rate:.2%}"
+        )
     if totals.p95_ms > thresholds.p95_ms:
         broken.append(f"p95 {totals.p95_ms:.0f} ms > {thresholds.p95_ms:.0f} ms")
     if totals.p99_ms > thresholds.p99_ms:
@@ -63,21 +65,28 @@ def check_gates(totals: Totals, thresholds: Thresholds) -> list[str]:
 def gate_report(totals: Totals, thresholds: Thresholds, **extra) -> dict:
     """A JSON-able record of the run, its thresholds and the verdict."""
     broken = check_gates(totals, thresholds)
-    return {"passed": not broken, "violations": broken, "totals": asdict(totals),
-            "error_rate": totals.error_rate, "thresholds": asdict(thresholds), **extra}
+    return {
+        "passed": not broken,
+        "violations": broken,
+        "totals": asdict(totals),
+        "error_rate": totals.error_rate,
+        "thresholds": asdict(thresholds),
+        **extra,
+    }
 
 
 def format_summary(report: dict) -> str:
     t, th = report["totals"], report["thresholds"]
     lines = [
-        (f"requests {t['requests']}  failures {t['failures']} ({report['error_rate']:.2%})  "
-         f"{t['rps']:.1f} req/s"),
+        (f"requests {t['requests']}  failures {t['failures']} ({report['error_rate']:.2%})  {t['rps']:.1f} req/s"),
         f"latency p50 {t['p50_ms']:.0f} ms  p95 {t['p95_ms']:.0f} ms  p99 {t['p99_ms']:.0f} ms",
         f"gates: p95 <= {th['p95_ms']:.0f} ms, p99 <= {th['p99_ms']:.0f} ms, "
         f"errors <= {th['max_error_rate']:.2%}: " + ("PASS" if report["passed"] else "FAIL"),
     ]
     lines += [f"  broken: {v}" for v in report["violations"]]
     for name, e in sorted(report.get("requests_by_name", {}).items()):
-        lines.append(f"  {name:24s} {e['requests']:7d} requests {e['failures']:5d} failures  "
-                     f"p50 {e['p50_ms'] or 0:.0f} ms  p99 {e['p99_ms'] or 0:.0f} ms")
+        lines.append(
+            f"  {name:24s} {e['requests']:7d} requests {e['failures']:5d} failures  "
+            f"p50 {e['p50_ms'] or 0:.0f} ms  p99 {e['p99_ms'] or 0:.0f} ms"
+        )
     return "\n".join(lines)

@@ -26,16 +26,17 @@ class ImagePool:
     """Encoded images ready to post, with their labels (None for synthesised images)."""
 
     run: str
-    images: tuple[bytes, ...]   # PNG files
+    images: tuple[bytes, ...]  # PNG files
     labels: tuple[int | None, ...]
-    source: str                 # where the images came from, said in every report
+    source: str  # where the images came from, said in every report
 
     def __len__(self) -> int:
         return len(self.images)
 
 
-def held_out_pixels(dataset: str, data_dir: str | os.PathLike | None = None,
-                    limit: int = 256) -> tuple[np.ndarray, np.ndarray, Contract]:
+def held_out_pixels(
+    dataset: str, data_dir: str | os.PathLike | None = None, limit: int = 256
+) -> tuple[np.ndarray, np.ndarray, Contract]:
     """The first ``limit`` images of a dataset's test split as uint8 pixels at the contract's size.
 
     Returns:
@@ -65,8 +66,9 @@ def _chw(image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def run_facts(run: str, artifacts_dir: str | os.PathLike = "artifacts",
-              runs_dir: str | os.PathLike = "runs") -> tuple[str | None, Contract | None]:
+def run_facts(
+    run: str, artifacts_dir: str | os.PathLike = "artifacts", runs_dir: str | os.PathLike = "runs"
+) -> tuple[str | None, Contract | None]:
     """(dataset, contract) of a run, from its export manifest ``<artifacts_dir>/<RUN>/manifest.json``,
     else its checkpoint ``<runs_dir>/<RUN>/best.pt``; (None, None) when neither exists."""
     manifest = Path(artifacts_dir) / run / "manifest.json"
@@ -76,6 +78,7 @@ def run_facts(run: str, artifacts_dir: str | os.PathLike = "artifacts",
     ckpt = Path(runs_dir) / run / "best.pt"
     if ckpt.is_file():
         from training.checkpoint import load_checkpoint
+
         doc = load_checkpoint(ckpt)
         return doc.get("dataset"), Contract.from_dict(doc["contract"])
     return None, None
@@ -96,8 +99,13 @@ def synthetic_pixels(contract: Contract, n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def load_pool(run: str, data_dir: str | os.PathLike | None = None, limit: int = 256,
-              artifacts_dir: str | os.PathLike = "artifacts", runs_dir: str | os.PathLike = "runs") -> ImagePool:
+def load_pool(
+    run: str,
+    data_dir: str | os.PathLike | None = None,
+    limit: int = 256,
+    artifacts_dir: str | os.PathLike = "artifacts",
+    runs_dir: str | os.PathLike = "runs",
+) -> ImagePool:
     """Images for ``run``: the test split of the dataset it was trained on (its manifest says which;
     a run named after a dataset needs none) when available, else synthesised in its contract's shape.
 
@@ -110,9 +118,11 @@ def load_pool(run: str, data_dir: str | os.PathLike | None = None, limit: int = 
     dataset, contract = run_facts(run, artifacts_dir, runs_dir)
     dataset = dataset or (run if run in DATASETS else None)
     if dataset is None:
-        raise FileNotFoundError(f"nothing says what run {run!r} was trained on: neither "
-                                f"{Path(artifacts_dir) / run / 'manifest.json'} nor {Path(runs_dir) / run / 'best.pt'} "
-                                f"exists; pass --artifacts-dir (where make export wrote it)")
+        raise FileNotFoundError(
+            f"nothing says what run {run!r} was trained on: neither "
+            f"{Path(artifacts_dir) / run / 'manifest.json'} nor {Path(runs_dir) / run / 'best.pt'} "
+            f"exists; pass --artifacts-dir (where make export wrote it)"
+        )
     try:
         pixels, labels, _ = held_out_pixels(dataset, data_dir, limit)
         where = "embedded scikit-learn digits" if dataset == "digits" else str(data_dir)
@@ -122,8 +132,10 @@ def load_pool(run: str, data_dir: str | os.PathLike | None = None, limit: int = 
         if contract is None:
             raise
         pixels = synthetic_pixels(contract, limit)
-        source = (f"SYNTHESISED: {limit} random {contract.width}x{contract.height}x{contract.channels} "
-                  f"images ({dataset} test split not found; pass --data-dir DIR holding its files "
-                  f"to post real test images)")
+        source = (
+            f"SYNTHESISED: {limit} random {contract.width}x{contract.height}x{contract.channels} "
+            f"images ({dataset} test split not found; pass --data-dir DIR holding its files "
+            f"to post real test images)"
+        )
         label_list = (None,) * limit
     return ImagePool(run, tuple(encode_png(p) for p in pixels), label_list, source)

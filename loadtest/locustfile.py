@@ -49,29 +49,75 @@ FORM_WEIGHTS = {"raw": 0.6, "multipart": 0.2, "b64": 0.2}
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
     group = parser.add_argument_group("visionpipe load test")
-    group.add_argument("--data-dir", default=None, env_var="LOADTEST_DATA_DIR",
-                       help="directory with the test split's files (cifar-10-batches-py for cifarnet)")
-    group.add_argument("--artifacts-dir", default="artifacts", env_var="LOADTEST_ARTIFACTS_DIR",
-                       help="where <run>/manifest.json gives the contract of synthesised images")
-    group.add_argument("--runs", default="", env_var="LOADTEST_RUNS",
-                       help="comma-separated runs to load (default: every model the server serves)")
-    group.add_argument("--management-url", default=None, env_var="LOADTEST_MANAGEMENT_URL",
-                       help="TorchServe's management API, asked which models it serves (default: the "
-                            "--host's host on the management port of serving/config.properties)")
-    group.add_argument("--key-file", default=SERVE_KEY_FILE, env_var="LOADTEST_KEY_FILE",
-                       help="TorchServe's key_file.json: its keys are sent when the server has token auth on")
-    group.add_argument("--malformed-share", type=float, default=MALFORMED_SHARE, env_var="LOADTEST_MALFORMED_SHARE",
-                       help="fraction of requests that are malformed and must be answered 4xx")
-    group.add_argument("--batch-images", type=int, default=BATCH_IMAGES, env_var="LOADTEST_BATCH_IMAGES",
-                       help="images per base64 JSON batch request")
-    group.add_argument("--p95-ms", type=float, default=DEFAULT_P95_MS, env_var="LOADTEST_P95_MS",
-                       help="gate: p95 latency at most this (ms; default %(default)g)")
-    group.add_argument("--p99-ms", type=float, default=DEFAULT_P99_MS, env_var="LOADTEST_P99_MS",
-                       help="gate: p99 latency at most this (ms; default %(default)g)")
-    group.add_argument("--max-error-rate", type=float, default=DEFAULT_MAX_ERROR_RATE,
-                       env_var="LOADTEST_MAX_ERROR_RATE", help="gate: failed share at most this (default %(default)g)")
-    group.add_argument("--gate-file", default=None, env_var="LOADTEST_GATE_FILE",
-                       help="write the gate verdict and totals as JSON here")
+    group.add_argument(
+        "--data-dir",
+        default=None,
+        env_var="LOADTEST_DATA_DIR",
+        help="directory with the test split's files (cifar-10-batches-py for cifarnet)",
+    )
+    group.add_argument(
+        "--artifacts-dir",
+        default="artifacts",
+        env_var="LOADTEST_ARTIFACTS_DIR",
+        help="where <run>/manifest.json gives the contract of synthesised images",
+    )
+    group.add_argument(
+        "--runs",
+        default="",
+        env_var="LOADTEST_RUNS",
+        help="comma-separated runs to load (default: every model the server serves)",
+    )
+    group.add_argument(
+        "--management-url",
+        default=None,
+        env_var="LOADTEST_MANAGEMENT_URL",
+        help="TorchServe's management API, asked which models it serves (default: the "
+        "--host's host on the management port of serving/config.properties)",
+    )
+    group.add_argument(
+        "--key-file",
+        default=SERVE_KEY_FILE,
+        env_var="LOADTEST_KEY_FILE",
+        help="TorchServe's key_file.json: its keys are sent when the server has token auth on",
+    )
+    group.add_argument(
+        "--malformed-share",
+        type=float,
+        default=MALFORMED_SHARE,
+        env_var="LOADTEST_MALFORMED_SHARE",
+        help="fraction of requests that are malformed and must be answered 4xx",
+    )
+    group.add_argument(
+        "--batch-images",
+        type=int,
+        default=BATCH_IMAGES,
+        env_var="LOADTEST_BATCH_IMAGES",
+        help="images per base64 JSON batch request",
+    )
+    group.add_argument(
+        "--p95-ms",
+        type=float,
+        default=DEFAULT_P95_MS,
+        env_var="LOADTEST_P95_MS",
+        help="gate: p95 latency at most this (ms; default %(default)g)",
+    )
+    group.add_argument(
+        "--p99-ms",
+        type=float,
+        default=DEFAULT_P99_MS,
+        env_var="LOADTEST_P99_MS",
+        help="gate: p99 latency at most this (ms; default %(default)g)",
+    )
+    group.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=DEFAULT_MAX_ERROR_RATE,
+        env_var="LOADTEST_MAX_ERROR_RATE",
+        help="gate: failed share at most this (default %(default)g)",
+    )
+    group.add_argument(
+        "--gate-file", default=None, env_var="LOADTEST_GATE_FILE", help="write the gate verdict and totals as JSON here"
+    )
     group.add_argument("--step-users", type=int, default=4, help="StepLoadShape: users added per step")
     group.add_argument("--step-seconds", type=float, default=10.0, help="StepLoadShape: seconds per step")
 
@@ -97,19 +143,29 @@ def served_runs(management_url: str, headers: dict | None = None) -> list[str]:
     runs, token = [], ""
     while True:
         try:
-            answer = request("GET", f"{management_url}/models?limit=100"
-                             + (f"&next_page_token={token}" if token else ""), headers=headers, timeout=10)
+            answer = request(
+                "GET",
+                f"{management_url}/models?limit=100" + (f"&next_page_token={token}" if token else ""),
+                headers=headers,
+                timeout=10,
+            )
         except NoAnswer as e:
-            raise SystemExit(f"error: no server answers at {management_url} ({e}); "
-                             f"start one with make serve (or name another with HOST= and MANAGEMENT=)") from None
+            raise SystemExit(
+                f"error: no server answers at {management_url} ({e}); "
+                f"start one with make serve (or name another with HOST= and MANAGEMENT=)"
+            ) from None
         status, body = answer.status, answer.body
         if status == 401 or b"InvalidKeyException" in body:  # TorchServe answers a bad key with 400
-            raise SystemExit(f"error: {management_url} wants a token (make serve TOKEN=1) and the key file "
-                             f"has none it accepts; point --key-file (LOADTEST_KEY_FILE) at the "
-                             f"key_file.json that server wrote")
+            raise SystemExit(
+                f"error: {management_url} wants a token (make serve TOKEN=1) and the key file "
+                f"has none it accepts; point --key-file (LOADTEST_KEY_FILE) at the "
+                f"key_file.json that server wrote"
+            )
         if status != 200:
-            raise SystemExit(f"error: GET {management_url}/models answered HTTP {status}: {body[:200]!r}; "
-                             f"name the runs with --runs (LOADTEST_RUNS=)")
+            raise SystemExit(
+                f"error: GET {management_url}/models answered HTTP {status}: {body[:200]!r}; "
+                f"name the runs with --runs (LOADTEST_RUNS=)"
+            )
         doc = json.loads(body)
         runs += [m["modelName"] for m in doc.get("models", [])]
         token = doc.get("nextPageToken")
@@ -142,6 +198,7 @@ def _load_images(environment, **_kw) -> None:
     # seconds on a busy machine); locust then arms --run-time from that stale clock and the run ended
     # that many seconds early (a 5 s run sent nothing). Refresh it.
     import gevent
+
     gevent.get_hub().loop.update_now()
 
 
@@ -176,13 +233,22 @@ class ServedUser(FastHttpUser):
             self._post(f"{self.served_run} multipart", body, ctype, expect=1)
         else:
             images = [self._image() for _ in range(self.batch_images)]
-            self._post(f"{self.served_run} b64x{self.batch_images}", b64_batch_body(images), "application/json",
-                       expect=self.batch_images)
+            self._post(
+                f"{self.served_run} b64x{self.batch_images}",
+                b64_batch_body(images),
+                "application/json",
+                expect=self.batch_images,
+            )
 
     def _post(self, name: str, body: bytes, ctype: str, expect: int) -> None:
         # locust annotates data as str | dict; its docstring and code take bytes too
-        with self.client.post(f"/predictions/{self.served_run}", data=body,  # type: ignore[arg-type]
-                              headers={"Content-Type": ctype, **self.auth}, name=name, catch_response=True) as resp:
+        with self.client.post(
+            f"/predictions/{self.served_run}",
+            data=body,  # type: ignore[arg-type]
+            headers={"Content-Type": ctype, **self.auth},
+            name=name,
+            catch_response=True,
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
                 return
@@ -197,9 +263,13 @@ class ServedUser(FastHttpUser):
     def _post_malformed(self) -> None:
         kind, body, ctype = malformed_request(self.rng, self._image())
         # locust annotates data as str | dict; its docstring and code take bytes too
-        with self.client.post(f"/predictions/{self.served_run}", data=body,  # type: ignore[arg-type]
-                              headers={"Content-Type": ctype, **self.auth}, name=f"{self.served_run} malformed",
-                              catch_response=True) as resp:
+        with self.client.post(
+            f"/predictions/{self.served_run}",
+            data=body,  # type: ignore[arg-type]
+            headers={"Content-Type": ctype, **self.auth},
+            name=f"{self.served_run} malformed",
+            catch_response=True,
+        ) as resp:
             if 400 <= resp.status_code < 500:
                 resp.success()
             else:
@@ -220,31 +290,52 @@ def dominant_failure(errors) -> tuple[str, int]:
 def _apply_gates(environment, **_kw) -> None:
     """Decide the exit code from the SLO gates (locust's own rule would fail on any single error)."""
     total = environment.stats.total
-    totals = Totals(requests=total.num_requests, failures=total.num_failures,
-                    p50_ms=total.get_response_time_percentile(0.50) or 0.0,
-                    p95_ms=total.get_response_time_percentile(0.95) or 0.0,
-                    p99_ms=total.get_response_time_percentile(0.99) or 0.0,
-                    rps=total.total_rps)
-    thresholds = Thresholds(p95_ms=float(_option(environment, "p95_ms", DEFAULT_P95_MS)),
-                            p99_ms=float(_option(environment, "p99_ms", DEFAULT_P99_MS)),
-                            max_error_rate=float(_option(environment, "max_error_rate", DEFAULT_MAX_ERROR_RATE)))
-    per_name = {e.name: {"requests": e.num_requests, "failures": e.num_failures,
-                         "p50_ms": e.get_response_time_percentile(0.50),
-                         "p99_ms": e.get_response_time_percentile(0.99)}
-                for e in environment.stats.entries.values()}
-    report = gate_report(totals, thresholds, requests_by_name=per_name,
-                         image_sources={run: pool.source for run, pool in POOLS.items()},
-                         failures_by_message={f"{e.name}: {e.error}": e.occurrences
-                                              for e in environment.stats.errors.values()})
+    totals = Totals(
+        requests=total.num_requests,
+        failures=total.num_failures,
+        p50_ms=total.get_response_time_percentile(0.50) or 0.0,
+        p95_ms=total.get_response_time_percentile(0.95) or 0.0,
+        p99_ms=total.get_response_time_percentile(0.99) or 0.0,
+        rps=total.total_rps,
+    )
+    thresholds = Thresholds(
+        p95_ms=float(_option(environment, "p95_ms", DEFAULT_P95_MS)),
+        p99_ms=float(_option(environment, "p99_ms", DEFAULT_P99_MS)),
+        max_error_rate=float(_option(environment, "max_error_rate", DEFAULT_MAX_ERROR_RATE)),
+    )
+    per_name = {
+        e.name: {
+            "requests": e.num_requests,
+            "failures": e.num_failures,
+            "p50_ms": e.get_response_time_percentile(0.50),
+            "p99_ms": e.get_response_time_percentile(0.99),
+        }
+        for e in environment.stats.entries.values()
+    }
+    report = gate_report(
+        totals,
+        thresholds,
+        requests_by_name=per_name,
+        image_sources={run: pool.source for run, pool in POOLS.items()},
+        failures_by_message={f"{e.name}: {e.error}": e.occurrences for e in environment.stats.errors.values()},
+    )
     print("\n" + format_summary(report), file=sys.stderr, flush=True)
     reason, count = dominant_failure(environment.stats.errors.values())
     if count:  # the one reason to read first when the error gate broke
-        print(f"  most failures: {count} of {total.num_failures} ({count / total.num_failures:.0%}): {reason}"
-              + (f"  (the server wants a token: make serve TOKEN=1 writes {SERVE_KEY_FILE}, read by "
-                 "default; --key-file names another)" if "InvalidKeyException" in reason or "HTTP 401" in reason
-                 else ""), file=sys.stderr, flush=True)
+        print(
+            f"  most failures: {count} of {total.num_failures} ({count / total.num_failures:.0%}): {reason}"
+            + (
+                f"  (the server wants a token: make serve TOKEN=1 writes {SERVE_KEY_FILE}, read by "
+                "default; --key-file names another)"
+                if "InvalidKeyException" in reason or "HTTP 401" in reason
+                else ""
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     gate_file = _option(environment, "gate_file", None)
     if gate_file:
         from training.files import atomic_write_json
+
         atomic_write_json(gate_file, report)
     environment.process_exit_code = 0 if report["passed"] else 1

@@ -76,8 +76,9 @@ def arrival_times(rate_rps: float, duration_s: float, process: str = "poisson", 
     return t[t < duration_s]
 
 
-def arrival_chunks(rate_rps: float, process: str = "poisson", seed: int = 0,
-                   chunk_s: float = CHUNK_S) -> Iterator[np.ndarray]:
+def arrival_chunks(
+    rate_rps: float, process: str = "poisson", seed: int = 0, chunk_s: float = CHUNK_S
+) -> Iterator[np.ndarray]:
     """Intended send times without an end, ``chunk_s`` seconds at a time (each array shifted to its
     place). Poisson arrivals in disjoint intervals are independent, so the chunks join into one
     Poisson process; constant ones keep their gap when ``rate_rps * chunk_s`` is whole."""
@@ -96,8 +97,13 @@ class Target:
     requests: tuple[bytes, ...]
 
     @classmethod
-    def post(cls, url: str, bodies: Sequence[bytes], headers: dict[str, str] | None = None,
-             content_type: Callable[[bytes], str] | None = None) -> Target:
+    def post(
+        cls,
+        url: str,
+        bodies: Sequence[bytes],
+        headers: dict[str, str] | None = None,
+        content_type: Callable[[bytes], str] | None = None,
+    ) -> Target:
         """POSTs of ``bodies`` to ``url``; ``content_type`` names each body's type where they differ."""
         u = urlsplit(url)
         if u.scheme != "http" or not u.hostname:
@@ -108,8 +114,13 @@ class Target:
         reqs = []
         for body in bodies:
             own = {"Content-Type": content_type(body)} if content_type else {}
-            lines = [f"POST {path} HTTP/1.1", *(f"{k}: {v}" for k, v in {**head, **own}.items()),
-                     f"Content-Length: {len(body)}", "", ""]
+            lines = [
+                f"POST {path} HTTP/1.1",
+                *(f"{k}: {v}" for k, v in {**head, **own}.items()),
+                f"Content-Length: {len(body)}",
+                "",
+                "",
+            ]
             reqs.append("\r\n".join(lines).encode("latin-1") + body)
         if not reqs:
             raise ValueError("no request bodies to send")
@@ -120,12 +131,12 @@ class Target:
 class RunResult:
     """One run. Latency percentiles in ms from the intended send time, over the measured window."""
 
-    mode: str                 # "open" (scheduled arrivals) or "closed" (back-to-back per connection)
+    mode: str  # "open" (scheduled arrivals) or "closed" (back-to-back per connection)
     arrivals: str
-    offered_rps: float        # scheduled requests per second (closed loop: what it managed to send)
-    achieved_rps: float       # successful answers per second completed inside the measured window
+    offered_rps: float  # scheduled requests per second (closed loop: what it managed to send)
+    achieved_rps: float  # successful answers per second completed inside the measured window
     duration_s: float
-    sent: int                 # requests intended inside the measured window
+    sent: int  # requests intended inside the measured window
     ok: int
     errors: int
     error_kinds: dict = field(default_factory=dict)
@@ -134,10 +145,10 @@ class RunResult:
     p99_ms: float = 0.0
     p999_ms: float = 0.0
     max_ms: float = 0.0
-    send_lag_p99_ms: float = 0.0   # how late the generator itself sent (its own CPU starvation)
-    generator_cpu: float = 0.0     # % of one core used by this process during the run
-    connections: int = 0           # connections opened
-    hdr: str = ""                  # the latency histogram, HdrHistogram's compressed base64 encoding
+    send_lag_p99_ms: float = 0.0  # how late the generator itself sent (its own CPU starvation)
+    generator_cpu: float = 0.0  # % of one core used by this process during the run
+    connections: int = 0  # connections opened
+    hdr: str = ""  # the latency histogram, HdrHistogram's compressed base64 encoding
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,7 +195,7 @@ class _Conn(asyncio.Protocol):
             status = int(head[0].split(" ", 2)[1])
         except (IndexError, ValueError):
             status = 0
-        del self.buf[:end + 4 + length]
+        del self.buf[: end + 4 + length]
         if self.job is None:  # an answer to no request: this connection is out of step, drop it
             self._fail("unsolicited_response")
             return
@@ -369,9 +380,15 @@ def latency_histogram(latencies_s: np.ndarray) -> HdrHistogram:
 def _percentiles(client: _Client) -> dict:
     h = client.hist
     n = h.get_total_count()
-    return {"p50_ms": percentile_ms(h, 50), "p90_ms": percentile_ms(h, 90), "p99_ms": percentile_ms(h, 99),
-            "p999_ms": percentile_ms(h, 99.9), "max_ms": h.get_max_value() / 1e3 if n else 0.0,
-            "send_lag_p99_ms": percentile_ms(client.lag, 99), "hdr": h.encode().decode() if n else ""}
+    return {
+        "p50_ms": percentile_ms(h, 50),
+        "p90_ms": percentile_ms(h, 90),
+        "p99_ms": percentile_ms(h, 99),
+        "p999_ms": percentile_ms(h, 99.9),
+        "max_ms": h.get_max_value() / 1e3 if n else 0.0,
+        "send_lag_p99_ms": percentile_ms(client.lag, 99),
+        "hdr": h.encode().decode() if n else "",
+    }
 
 
 def _cpu_s() -> float:
@@ -379,8 +396,9 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def _send_on_schedule(client: _Client, t0: float, schedule: Iterable[np.ndarray],
-                            stop: threading.Event | None = None) -> int:
+async def _send_on_schedule(
+    client: _Client, t0: float, schedule: Iterable[np.ndarray], stop: threading.Event | None = None
+) -> int:
     """Submit each request when its time comes (``schedule``: arrays of seconds after ``t0``), until
     the schedule ends or ``stop`` is set; returns how many were sent."""
     loop = client.loop
@@ -416,8 +434,16 @@ async def _drain(client: _Client, timeout_s: float) -> None:
         client.expire()
 
 
-async def _open_loop(target: Target, rate_rps: float, duration_s: float, warmup_s: float, arrivals: str,
-                     max_connections: int, timeout_s: float, seed: int) -> RunResult:
+async def _open_loop(
+    target: Target,
+    rate_rps: float,
+    duration_s: float,
+    warmup_s: float,
+    arrivals: str,
+    max_connections: int,
+    timeout_s: float,
+    seed: int,
+) -> RunResult:
     loop = asyncio.get_running_loop()
     offsets = arrival_times(rate_rps, warmup_s + duration_s, arrivals, seed)
     t0 = loop.time() + 0.05
@@ -428,13 +454,25 @@ async def _open_loop(target: Target, rate_rps: float, duration_s: float, warmup_
     cpu, wall = _cpu_s() - cpu0, time.monotonic() - wall0
     client.close()
     sent = int(np.count_nonzero((offsets >= warmup_s) & (offsets < warmup_s + duration_s)))
-    return RunResult("open", arrivals, sent / duration_s, client.ok_completed_in_window / duration_s, duration_s,
-                     sent, client.ok, client.errors, dict(client.error_kinds),
-                     generator_cpu=100 * cpu / wall, connections=client.opened, **_percentiles(client))
+    return RunResult(
+        "open",
+        arrivals,
+        sent / duration_s,
+        client.ok_completed_in_window / duration_s,
+        duration_s,
+        sent,
+        client.ok,
+        client.errors,
+        dict(client.error_kinds),
+        generator_cpu=100 * cpu / wall,
+        connections=client.opened,
+        **_percentiles(client),
+    )
 
 
-async def _closed_loop(target: Target, connections: int, duration_s: float, warmup_s: float,
-                       timeout_s: float) -> RunResult:
+async def _closed_loop(
+    target: Target, connections: int, duration_s: float, warmup_s: float, timeout_s: float
+) -> RunResult:
     """``connections`` requests in flight, each sent when the previous answer arrived; latency from
     the actual send (what wrk/locust report). Used to show what a closed loop hides."""
     loop = asyncio.get_running_loop()
@@ -462,23 +500,40 @@ async def _closed_loop(target: Target, connections: int, duration_s: float, warm
         await asyncio.sleep(0.01)
     cpu, wall = _cpu_s() - cpu0, time.monotonic() - wall0
     client.close()
-    return RunResult("closed", f"{connections} connections", sent_in_window / duration_s,
-                     client.ok_completed_in_window / duration_s, duration_s, sent_in_window, client.ok,
-                     client.errors, dict(client.error_kinds), generator_cpu=100 * cpu / wall,
-                     connections=client.opened, **_percentiles(client))
+    return RunResult(
+        "closed",
+        f"{connections} connections",
+        sent_in_window / duration_s,
+        client.ok_completed_in_window / duration_s,
+        duration_s,
+        sent_in_window,
+        client.ok,
+        client.errors,
+        dict(client.error_kinds),
+        generator_cpu=100 * cpu / wall,
+        connections=client.opened,
+        **_percentiles(client),
+    )
 
 
-def run_open_loop(target: Target, rate_rps: float, duration_s: float, warmup_s: float = 2.0,
-                  arrivals: str = "poisson", max_connections: int = MAX_CONNECTIONS, timeout_s: float = 10.0,
-                  seed: int = 0) -> RunResult:
+def run_open_loop(
+    target: Target,
+    rate_rps: float,
+    duration_s: float,
+    warmup_s: float = 2.0,
+    arrivals: str = "poisson",
+    max_connections: int = MAX_CONNECTIONS,
+    timeout_s: float = 10.0,
+    seed: int = 0,
+) -> RunResult:
     """Send ``rate_rps`` requests/s for ``warmup_s + duration_s`` seconds on a fixed schedule; only
     requests intended after the warm-up are measured."""
-    return asyncio.run(_open_loop(target, rate_rps, duration_s, warmup_s, arrivals, max_connections,
-                                  timeout_s, seed))
+    return asyncio.run(_open_loop(target, rate_rps, duration_s, warmup_s, arrivals, max_connections, timeout_s, seed))
 
 
-def run_closed_loop(target: Target, connections: int, duration_s: float, warmup_s: float = 1.0,
-                    timeout_s: float = 10.0) -> RunResult:
+def run_closed_loop(
+    target: Target, connections: int, duration_s: float, warmup_s: float = 1.0, timeout_s: float = 10.0
+) -> RunResult:
     return asyncio.run(_closed_loop(target, connections, duration_s, warmup_s, timeout_s))
 
 
@@ -525,8 +580,15 @@ class Records:
         good = mine & self.ok
         completed = np.count_nonzero(self.ok & (self.done >= start) & (self.done < end))
         h = latency_histogram(self.latency_s[good])
-        return Window(start, end, int(np.count_nonzero(mine)), int(np.count_nonzero(mine & ~self.ok)),
-                      float(completed / max(end - start, 1e-9)), percentile_ms(h, 50), percentile_ms(h, 99))
+        return Window(
+            start,
+            end,
+            int(np.count_nonzero(mine)),
+            int(np.count_nonzero(mine & ~self.ok)),
+            float(completed / max(end - start, 1e-9)),
+            percentile_ms(h, 50),
+            percentile_ms(h, 99),
+        )
 
     def windows(self, start: float, end: float, width: float) -> list[Window]:
         """Back-to-back windows of ``width`` s from ``start``; the last one ends by ``end``."""
@@ -552,8 +614,7 @@ class _Recorder:
 
     def snapshot(self) -> Records:
         with self._lock:
-            return Records(np.array(self._intended), np.array(self._done), np.array(self._status),
-                           np.array(self._size))
+            return Records(np.array(self._intended), np.array(self._done), np.array(self._status), np.array(self._size))
 
 
 class BackgroundLoad:
@@ -564,9 +625,17 @@ class BackgroundLoad:
     flight, each sent when the previous one was answered or failed, as ``run_closed_loop``.
     """
 
-    def __init__(self, target: Target, *, rate_rps: float | None = None, connections: int | None = None,
-                 arrivals: str = "poisson", max_connections: int = MAX_CONNECTIONS, timeout_s: float = 10.0,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        target: Target,
+        *,
+        rate_rps: float | None = None,
+        connections: int | None = None,
+        arrivals: str = "poisson",
+        max_connections: int = MAX_CONNECTIONS,
+        timeout_s: float = 10.0,
+        seed: int = 0,
+    ) -> None:
         if (rate_rps is None) == (connections is None):
             raise ValueError("give exactly one of rate_rps (open loop) or connections (closed loop)")
         if (rate_rps is not None and rate_rps <= 0) or (connections is not None and connections < 1):
@@ -641,8 +710,9 @@ class BackgroundLoad:
         cpu0 = _cpu_s()
         self._started.set()
         if self.rate_rps is not None:
-            sent = await _send_on_schedule(client, self.t0, arrival_chunks(self.rate_rps, self.arrivals, self.seed),
-                                           self._stop)
+            sent = await _send_on_schedule(
+                client, self.t0, arrival_chunks(self.rate_rps, self.arrivals, self.seed), self._stop
+            )
         else:
             sent = 0
 
@@ -665,9 +735,19 @@ class BackgroundLoad:
         client.close()
         mode = ("open", self.arrivals) if self.rate_rps is not None else ("closed", f"{self.connections} connections")
         duration = max(duration, 1e-9)
-        return RunResult(*mode, sent / duration, client.ok_completed_in_window / duration, duration, sent,
-                         client.ok, client.errors, dict(client.error_kinds), generator_cpu=100 * cpu / wall,
-                         connections=client.opened, **_percentiles(client))
+        return RunResult(
+            *mode,
+            sent / duration,
+            client.ok_completed_in_window / duration,
+            duration,
+            sent,
+            client.ok,
+            client.errors,
+            dict(client.error_kinds),
+            generator_cpu=100 * cpu / wall,
+            connections=client.opened,
+            **_percentiles(client),
+        )
 
 
 async def _call(f: Callable[[], bool]) -> bool:
@@ -676,16 +756,21 @@ async def _call(f: Callable[[], bool]) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.openloop", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.openloop", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     p.add_argument("--url", required=True, help="http://HOST:PORT/PATH to POST to")
     p.add_argument("--rate", type=float, help="requests/s (open loop); omit with --closed")
     p.add_argument("--closed", type=int, metavar="CONNECTIONS", help="closed loop instead, for comparison")
     p.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="inter-arrival distribution")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds sent before measuring")
-    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
-                   help="open connections at most; a request that finds none waits (and its latency counts)")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="open connections at most; a request that finds none waits (and its latency counts)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as failed")
     p.add_argument("--images-run", default="digits", help="post held-out PNGs of this run (loadtest.images)")
     p.add_argument("--body", action="append", default=[], help="a file to post instead (repeatable)")
@@ -696,10 +781,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         bodies = [Path(f).read_bytes() for f in a.body]
     else:
         from loadtest.images import load_pool
+
         bodies = list(load_pool(a.images_run, limit=128).images)
     target = Target.post(a.url, bodies)
-    r = (run_closed_loop(target, a.closed, a.duration, a.warmup, a.timeout) if a.closed
-         else run_open_loop(target, a.rate, a.duration, a.warmup, a.arrivals, a.max_connections, a.timeout))
+    r = (
+        run_closed_loop(target, a.closed, a.duration, a.warmup, a.timeout)
+        if a.closed
+        else run_open_loop(target, a.rate, a.duration, a.warmup, a.arrivals, a.max_connections, a.timeout)
+    )
     doc = r.to_dict()
     doc.pop("hdr")
     print(json.dumps(doc, indent=2))

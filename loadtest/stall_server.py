@@ -12,8 +12,12 @@ import time
 from typing import Self
 
 _REPLY = b'{"ok": true}'
-_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-             + str(len(_REPLY)).encode() + b"\r\n\r\n" + _REPLY)
+_RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(_REPLY)).encode()
+    + b"\r\n\r\n"
+    + _REPLY
+)
 
 
 class StallServer:

@@ -91,8 +91,9 @@ class PrivateServer:
     def start(self) -> Self:
         """Start and block until every model answered a real prediction; records ``ready_s``."""
         t0 = time.monotonic()
-        self.server = start_server(self.model_store, self.models, self._dir, overrides=self.overrides,
-                                   runtime=self.runtime)
+        self.server = start_server(
+            self.model_store, self.models, self._dir, overrides=self.overrides, runtime=self.runtime
+        )
         try:
             wait_ready(self.server, self.models, timeout=self.ready_timeout_s)
         except BaseException:
@@ -113,8 +114,11 @@ class PrivateServer:
     def worker_pids(self, model: str) -> list[int]:
         if self.runtime == "oip":
             return [pid for _, pid, _ in worker_pids(self._started, model)]
-        return [int(w["pid"]) for w in self.describe(model).get("workers", [])
-                if w.get("pid") and w.get("status") == "READY"]
+        return [
+            int(w["pid"])
+            for w in self.describe(model).get("workers", [])
+            if w.get("pid") and w.get("status") == "READY"
+        ]
 
     def __enter__(self) -> Self:
         return self.start()
@@ -125,20 +129,48 @@ class PrivateServer:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def baseline_archive(handler: Path, name: str, model_store: Path, *, batch_size: int = 1,
-                     max_batch_delay_ms: int = 0, workers: int = 1, serialized_file: Path | None = None
-                     ) -> Path:
+def baseline_archive(
+    handler: Path,
+    name: str,
+    model_store: Path,
+    *,
+    batch_size: int = 1,
+    max_batch_delay_ms: int = 0,
+    workers: int = 1,
+    serialized_file: Path | None = None,
+) -> Path:
     """``<model_store>/<name>.mar`` for a baseline handler, with the same TorchServe batch and worker
     keys in its model-config.yaml as ``serving.archive`` writes for the real model."""
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=model_store, prefix=f".{name}.staging-") as tmp:
         config = Path(tmp) / "model-config.yaml"
-        config.write_text(yaml.safe_dump({"minWorkers": workers, "maxWorkers": workers,
-                                          "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
-                                          "responseTimeout": 30}))
-        cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name,
-               "--version", "1.0", "--handler", str(handler), "--config-file", str(config),
-               "--export-path", tmp, "--force"]
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "minWorkers": workers,
+                    "maxWorkers": workers,
+                    "batchSize": batch_size,
+                    "maxBatchDelay": max_batch_delay_ms,
+                    "responseTimeout": 30,
+                }
+            )
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",
+            "--model-name",
+            name,
+            "--version",
+            "1.0",
+            "--handler",
+            str(handler),
+            "--config-file",
+            str(config),
+            "--export-path",
+            tmp,
+            "--force",
+        ]
         if serialized_file:
             cmd += ["--serialized-file", str(serialized_file)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # its stderr in our error

@@ -48,8 +48,9 @@ class TritonConfig:
     threads: int = 1  # intra-op threads per instance
 
     def label(self) -> str:
-        return (f"i{self.instances}/b{self.max_batch}/p{self.preferred_batch}/q{self.queue_delay_us}us/"
-                f"h{self.http_threads}")
+        return (
+            f"i{self.instances}/b{self.max_batch}/p{self.preferred_batch}/q{self.queue_delay_us}us/h{self.http_threads}"
+        )
 
 
 def triton_paths(venv: Path) -> tuple[Path, Path]:
@@ -58,29 +59,43 @@ def triton_paths(venv: Path) -> tuple[Path, Path]:
         server = site_dir / "pytriton" / "tritonserver"
         if (server / "bin" / "tritonserver").is_file():
             return server, site_dir / "nvidia_pytriton.libs"
-    raise FileNotFoundError(f"no tritonserver in {venv}; make it with: make {venv}/.stamp "
-                            f"(/usr/bin/python3.11 -m venv {venv} && {venv}/bin/pip install --no-deps "
-                            f"nvidia-pytriton==0.7.0)")
+    raise FileNotFoundError(
+        f"no tritonserver in {venv}; make it with: make {venv}/.stamp "
+        f"(/usr/bin/python3.11 -m venv {venv} && {venv}/bin/pip install --no-deps "
+        f"nvidia-pytriton==0.7.0)"
+    )
 
 
-def write_repository(root: Path, model: str, artifact_dir: Path, variant: str | None, cfg: TritonConfig,
-                     topk: int) -> Path:
+def write_repository(
+    root: Path, model: str, artifact_dir: Path, variant: str | None, cfg: TritonConfig, topk: int
+) -> Path:
     """A Triton model repository ``root/<model>/{config.pbtxt, 1/model.py}``; returns ``root``."""
-    params = {"artifact_dir": str(Path(artifact_dir).resolve()), "variant": variant or "",
-              "threads": str(cfg.threads), "topk": str(topk)}
-    pbtxt = "\n".join([
-        f'name: "{model}"', 'backend: "python"', f"max_batch_size: {cfg.max_batch}",
-        'input [{ name: "IMAGE" data_type: TYPE_STRING dims: [1] }]',
-        "output [",
-        f'  {{ name: "LABEL" data_type: TYPE_STRING dims: [{topk}] }},',
-        f'  {{ name: "INDEX" data_type: TYPE_INT64 dims: [{topk}] }},',
-        f'  {{ name: "PROBABILITY" data_type: TYPE_FP32 dims: [{topk}] }}',
-        "]",
-        (f"dynamic_batching {{ preferred_batch_size: [{cfg.preferred_batch}] "
-         f"max_queue_delay_microseconds: {cfg.queue_delay_us} }}"),
-        f"instance_group [{{ count: {cfg.instances} kind: KIND_CPU }}]",
-        *(f'parameters: {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items()),
-        ""])
+    params = {
+        "artifact_dir": str(Path(artifact_dir).resolve()),
+        "variant": variant or "",
+        "threads": str(cfg.threads),
+        "topk": str(topk),
+    }
+    pbtxt = "\n".join(
+        [
+            f'name: "{model}"',
+            'backend: "python"',
+            f"max_batch_size: {cfg.max_batch}",
+            'input [{ name: "IMAGE" data_type: TYPE_STRING dims: [1] }]',
+            "output [",
+            f'  {{ name: "LABEL" data_type: TYPE_STRING dims: [{topk}] }},',
+            f'  {{ name: "INDEX" data_type: TYPE_INT64 dims: [{topk}] }},',
+            f'  {{ name: "PROBABILITY" data_type: TYPE_FP32 dims: [{topk}] }}',
+            "]",
+            (
+                f"dynamic_batching {{ preferred_batch_size: [{cfg.preferred_batch}] "
+                f"max_queue_delay_microseconds: {cfg.queue_delay_us} }}"
+            ),
+            f"instance_group [{{ count: {cfg.instances} kind: KIND_CPU }}]",
+            *(f'parameters: {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items()),
+            "",
+        ]
+    )
     version = root / model / "1"
     version.mkdir(parents=True, exist_ok=True)
     (root / model / "config.pbtxt").write_text(pbtxt)
@@ -90,9 +105,19 @@ def write_repository(root: Path, model: str, artifact_dir: Path, variant: str | 
 
 def infer_request(image: bytes) -> tuple[bytes, dict[str, str]]:
     """An HTTP v2 ``/infer`` body with the image as a binary BYTES tensor (4-byte length + bytes)."""
-    header = json.dumps({"inputs": [{"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": 4 + len(image)}}],
-                         "outputs": [{"name": n} for n in ("LABEL", "INDEX", "PROBABILITY")]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "IMAGE",
+                    "shape": [1, 1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": 4 + len(image)},
+                }
+            ],
+            "outputs": [{"name": n} for n in ("LABEL", "INDEX", "PROBABILITY")],
+        }
+    ).encode()
     return header + struct.pack("<I", len(image)) + image, {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -104,8 +129,9 @@ def top1_index(body: bytes) -> int:
 class TritonServer:
     """``tritonserver`` on free ports serving one model repository; a context manager."""
 
-    def __init__(self, venv: Path, repository: Path, model: str, cfg: TritonConfig,
-                 ready_timeout_s: float = 180.0) -> None:
+    def __init__(
+        self, venv: Path, repository: Path, model: str, cfg: TritonConfig, ready_timeout_s: float = 180.0
+    ) -> None:
         self.venv, self.repository, self.model, self.cfg = Path(venv), repository, model, cfg
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
@@ -134,27 +160,42 @@ class TritonServer:
         # Pillow, torch and the project come from the bench's virtualenv and checkout, through a .pth.
         paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], str(REPO)])
         (server_dir.parents[1] / "visionpipe-bench.pth").write_text("\n".join(paths) + "\n")
-        env = {**os.environ, "LD_LIBRARY_PATH": f"{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}",
-               "OMP_NUM_THREADS": str(self.cfg.threads), "PYTHONNOUSERSITE": "1",
-               "PATH": f"{self.venv.resolve() / 'bin'}:{os.environ['PATH']}"}
+        env = {
+            **os.environ,
+            "LD_LIBRARY_PATH": f"{libs}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+            "OMP_NUM_THREADS": str(self.cfg.threads),
+            "PYTHONNOUSERSITE": "1",
+            "PATH": f"{self.venv.resolve() / 'bin'}:{os.environ['PATH']}",
+        }
         env.pop("PYTHONHOME", None)
         env.pop("PYTHONPATH", None)
-        cmd = [str(server_dir / "bin" / "tritonserver"), f"--model-repository={self.repository}",
-               f"--backend-directory={backends}", f"--http-port={self.port}", "--allow-grpc=false",
-               "--allow-metrics=false", f"--http-thread-count={self.cfg.http_threads}",
-               "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0"]
+        cmd = [
+            str(server_dir / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            f"--http-port={self.port}",
+            "--allow-grpc=false",
+            "--allow-metrics=false",
+            f"--http-thread-count={self.cfg.http_threads}",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--log-verbose=0",
+        ]
         self.log = open(self.workdir / "tritonserver.log", "wb")  # noqa: SIM115 -- the server's lifetime; stop() closes it
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"tritonserver exited ({self.proc.returncode}): "
-                                       f"{(self.workdir / 'tritonserver.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"tritonserver exited ({self.proc.returncode}): "
+                        f"{(self.workdir / 'tritonserver.log').read_text()[-2000:]}"
+                    )
                 if time.monotonic() - t0 > self.ready_timeout_s:
-                    raise RuntimeError(f"tritonserver not ready in {self.ready_timeout_s:.0f} s; log: "
-                                       f"{self.workdir / 'tritonserver.log'}")
+                    raise RuntimeError(
+                        f"tritonserver not ready in {self.ready_timeout_s:.0f} s; log: "
+                        f"{self.workdir / 'tritonserver.log'}"
+                    )
                 try:
                     status = request("GET", f"{self.url}/v2/models/{self.model}/ready", timeout=2).status
                 except NoAnswer:

@@ -38,8 +38,9 @@ end
 """
 
 
-def write_images(run: str, data_dir: str | None, out: Path, artifacts_dir: Path = Path("artifacts"),
-                 runs_dir: Path = Path("runs")) -> tuple[list[Path], str]:
+def write_images(
+    run: str, data_dir: str | None, out: Path, artifacts_dir: Path = Path("artifacts"), runs_dir: Path = Path("runs")
+) -> tuple[list[Path], str]:
     """Held-out images of ``run`` as PNG files in ``out`` (wrk reads bodies from files); returns the
     paths and where the images came from."""
     from loadtest.images import load_pool
@@ -63,21 +64,39 @@ def wrk_binary() -> str:
     """wrk's path; FileNotFoundError with one line naming the install command when it is not on PATH."""
     found = shutil.which("wrk")
     if not found:
-        raise FileNotFoundError("wrk not found on PATH (the load generator of make bench-serve, soak and "
-                                f"fault); install it: {WRK_INSTALL} (Debian/Ubuntu)")
+        raise FileNotFoundError(
+            "wrk not found on PATH (the load generator of make bench-serve, soak and "
+            f"fault); install it: {WRK_INSTALL} (Debian/Ubuntu)"
+        )
     return found
 
 
 def run_wrk(url: str, images: list[Path], connections: int, duration_s: float, script: Path) -> dict:
     """One wrk run; returns its JSON summary plus the CPU seconds wrk used."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([wrk_binary(), "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
-                           "--timeout", "10s", "-s", str(script), url, "--", *map(str, images)],
-                          capture_output=True, text=True, timeout=duration_s + 60, check=False)
+    proc = subprocess.run(
+        [
+            wrk_binary(),
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration_s))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url,
+            "--",
+            *map(str, images),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration_s + 60,
+        check=False,
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()[-300:] or proc.stdout[-300:]}")
-    out = json.loads(line[len("WRKJSON "):])
+    out = json.loads(line[len("WRKJSON ") :])
     out["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return out

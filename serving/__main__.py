@@ -28,13 +28,23 @@ from training.cli import HelpFormatter
 def _archive_config(a, run: str):
     from serving.archive import ArchiveConfig
 
-    return ArchiveConfig(run=run, artifacts_dir=a.artifacts_dir, model_store=a.model_store,
-                         variant_cpu=a.variant_cpu, variant_cuda=a.variant_cuda, batch_size=a.batch_size,
-                         max_batch_delay_ms=a.max_batch_delay, min_workers=a.workers, max_workers=a.workers,
-                         response_timeout_s=a.response_timeout, threads=a.threads,
-                         job_queue_size=a.job_queue_size, min_confidence=a.min_confidence,
-                         ood_abstain=not a.no_ood_abstain,
-                         limits=Limits(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Limits)}))
+    return ArchiveConfig(
+        run=run,
+        artifacts_dir=a.artifacts_dir,
+        model_store=a.model_store,
+        variant_cpu=a.variant_cpu,
+        variant_cuda=a.variant_cuda,
+        batch_size=a.batch_size,
+        max_batch_delay_ms=a.max_batch_delay,
+        min_workers=a.workers,
+        max_workers=a.workers,
+        response_timeout_s=a.response_timeout,
+        threads=a.threads,
+        job_queue_size=a.job_queue_size,
+        min_confidence=a.min_confidence,
+        ood_abstain=not a.no_ood_abstain,
+        limits=Limits(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Limits)}),
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,39 +62,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     arch.add_argument("--variant-cpu", default=None, help="default: the manifest's CPU default")
     arch.add_argument("--variant-cuda", default=None, help="default: the manifest's CUDA default")
     arch.add_argument("--batch-size", type=int, default=ad["batch_size"], help="TorchServe batchSize (requests)")
-    arch.add_argument("--max-batch-delay", type=int, default=ad["max_batch_delay_ms"],
-                      help="TorchServe maxBatchDelay (ms)")
-    arch.add_argument("--workers", type=int, default=ad["max_workers"],
-                      help="workers per model (the sweep's best on 2 cores)")
+    arch.add_argument(
+        "--max-batch-delay", type=int, default=ad["max_batch_delay_ms"], help="TorchServe maxBatchDelay (ms)"
+    )
+    arch.add_argument(
+        "--workers", type=int, default=ad["max_workers"], help="workers per model (the sweep's best on 2 cores)"
+    )
     arch.add_argument("--response-timeout", type=int, default=ad["response_timeout_s"], help="seconds")
     arch.add_argument("--threads", type=int, default=ad["threads"], help="intra-op threads per worker")
-    arch.add_argument("--min-confidence", type=float, default=ad["min_confidence"],
-                      help="answers whose calibrated top probability is below this say \"abstain\": true "
-                           "(0: never; a request's min_confidence overrides it)")
-    arch.add_argument("--no-ood-abstain", action="store_true",
-                      help="an image the out-of-distribution detector flags keeps \"abstain\": false "
-                           "(its \"ood\": true still says so)")
-    arch.add_argument("--job-queue-size", type=int, default=ad["job_queue_size"],
-                      help="requests queued per model before TorchServe answers 503 at once")
+    arch.add_argument(
+        "--min-confidence",
+        type=float,
+        default=ad["min_confidence"],
+        help='answers whose calibrated top probability is below this say "abstain": true '
+        "(0: never; a request's min_confidence overrides it)",
+    )
+    arch.add_argument(
+        "--no-ood-abstain",
+        action="store_true",
+        help='an image the out-of-distribution detector flags keeps "abstain": false (its "ood": true still says so)',
+    )
+    arch.add_argument(
+        "--job-queue-size",
+        type=int,
+        default=ad["job_queue_size"],
+        help="requests queued per model before TorchServe answers 503 at once",
+    )
     limits = common.add_argument_group("request limits (serving.core.Limits documents each)")
     for f in dataclasses.fields(Limits):
-        limits.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=getattr(d, f.name),
-                            help=f"handler limit {f.name}")
+        limits.add_argument(
+            f"--{f.name.replace('_', '-')}", type=int, default=getattr(d, f.name), help=f"handler limit {f.name}"
+        )
 
     a = sub.add_parser("archive", parents=[common], help="build model_store/RUN.mar", formatter_class=HelpFormatter)
     a.add_argument("--run", required=True, help="the exported run (artifacts-dir/RUN/) = served model name")
-    s = sub.add_parser("serve", parents=[common], help="start a server in the background",
-                       formatter_class=HelpFormatter)
-    s.add_argument("--runtime", choices=RUNTIMES, default="torchserve",
-                   help="torchserve (Java frontend) or oip (no Java; OIP over HTTP and gRPC)")
-    s.add_argument("--config", default=str(DEFAULT_CONFIG),
-                   help=f"config.properties (default: this checkout's {DEFAULT_CONFIG.relative_to(REPO)}; "
-                        "the oip runtime reads its addresses and limits too)")
+    s = sub.add_parser(
+        "serve", parents=[common], help="start a server in the background", formatter_class=HelpFormatter
+    )
+    s.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torchserve",
+        help="torchserve (Java frontend) or oip (no Java; OIP over HTTP and gRPC)",
+    )
+    s.add_argument(
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help=f"config.properties (default: this checkout's {DEFAULT_CONFIG.relative_to(REPO)}; "
+        "the oip runtime reads its addresses and limits too)",
+    )
     s.add_argument("--workdir", default=DEFAULT_WORKDIR, help="logs, pid file, key file")
     s.add_argument("--token", action="store_true", help="turn token authorization on (as in the container)")
     s.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every warm-up")
-    s.add_argument("--no-examples", action="store_true",
-                   help="do not print curl commands (for a caller that stops the server right after)")
+    s.add_argument(
+        "--no-examples",
+        action="store_true",
+        help="do not print curl commands (for a caller that stops the server right after)",
+    )
     t = sub.add_parser("stop", help="stop the server `serve` started", formatter_class=HelpFormatter)
     t.add_argument("--workdir", default=DEFAULT_WORKDIR, help="the one `serve` used")
     return p.parse_args(argv)
@@ -108,14 +142,16 @@ def cmd_serve(a) -> int:
             build_archive(_archive_config(a, run))
     models = sorted(p.stem for p in Path(a.model_store).glob("*.mar"))
     if not models:
-        print(f"error: no archives in {a.model_store}/ and no exports in {a.artifacts_dir}/; run "
-              f"`make train export` (or `make export RUN=...`) first", file=sys.stderr)
+        print(
+            f"error: no archives in {a.model_store}/ and no exports in {a.artifacts_dir}/; run "
+            f"`make train export` (or `make export RUN=...`) first",
+            file=sys.stderr,
+        )
         return 2
     overrides = {"disable_token_authorization": "false"} if a.token else {}
     server = start_server(a.model_store, models, a.workdir, a.config, overrides, runtime=a.runtime)
     name = {"torchserve": "TorchServe", "oip": "The oip runtime"}[a.runtime]
-    print(f"{name} starting (pid {server.pid}, log {server.log_file}); "
-          f"warming up {', '.join(models)} ...", flush=True)
+    print(f"{name} starting (pid {server.pid}, log {server.log_file}); warming up {', '.join(models)} ...", flush=True)
     try:
         answers = wait_ready(server, models, timeout=a.timeout)
     except BaseException:
@@ -126,8 +162,10 @@ def cmd_serve(a) -> int:
     if a.no_examples:
         print(f"{name} is up at {server.local(server.inference_url)}.")
         return 0
-    print(f"\n{name} is up at {server.local(server.inference_url)} (stop it with `make stop`). "
-          f"Try:\n{curl_examples(server, models)}")
+    print(
+        f"\n{name} is up at {server.local(server.inference_url)} (stop it with `make stop`). "
+        f"Try:\n{curl_examples(server, models)}"
+    )
     return 0
 
 

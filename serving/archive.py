@@ -74,8 +74,18 @@ class ArchiveConfig:
             v = getattr(self, key)
             if v is not None and v not in REGISTRY:
                 raise ValueError(f"{key} {v!r} is not one of {', '.join(REGISTRY)}")
-        if min(self.batch_size, self.min_workers, self.max_workers, self.response_timeout_s,
-               self.threads, self.job_queue_size) < 1 or self.max_batch_delay_ms < 0:
+        if (
+            min(
+                self.batch_size,
+                self.min_workers,
+                self.max_workers,
+                self.response_timeout_s,
+                self.threads,
+                self.job_queue_size,
+            )
+            < 1
+            or self.max_batch_delay_ms < 0
+        ):
             raise ValueError(f"archive settings must be positive: {self}")
         if self.min_workers > self.max_workers:
             raise ValueError(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
@@ -96,8 +106,9 @@ def chosen_variants(manifest: dict, cfg: ArchiveConfig) -> tuple[str, str | None
     cuda = cfg.variant_cuda or manifest["default_variant"].get("cuda")
     for v in (cpu, cuda):
         if v is not None and v not in manifest["variants"]:
-            raise ValueError(f"variant {v} is not in {cfg.artifact_dir / MANIFEST_NAME}; exported: "
-                             f"{', '.join(manifest['variants'])}")
+            raise ValueError(
+                f"variant {v} is not in {cfg.artifact_dir / MANIFEST_NAME}; exported: {', '.join(manifest['variants'])}"
+            )
     if cpu is None:
         raise ValueError(f"{cfg.artifact_dir / MANIFEST_NAME} names no CPU variant; pass --variant-cpu")
     return cpu, cuda
@@ -108,8 +119,9 @@ def packed_variants(manifest: dict, cpu: str, cuda: str | None) -> list[str]:
     the reference check on the machine that serves it (onnx-fp32 first: the faster fp32 on CPU)."""
     chosen = [v for v in (cpu, cuda) if v is not None]
     if manifest["variants"][cpu]["precision"] != "fp32":
-        fp32 = sorted((v for v, e in manifest["variants"].items() if e["precision"] == "fp32"),
-                      key=lambda v: v != "onnx-fp32")
+        fp32 = sorted(
+            (v for v, e in manifest["variants"].items() if e["precision"] == "fp32"), key=lambda v: v != "onnx-fp32"
+        )
         chosen += fp32[:1]
     return list(dict.fromkeys(chosen))
 
@@ -123,9 +135,14 @@ def model_config(cfg: ArchiveConfig, cpu: str, cuda: str | None) -> dict:
         "maxBatchDelay": cfg.max_batch_delay_ms,
         "responseTimeout": cfg.response_timeout_s,
         "jobQueueSize": cfg.job_queue_size,
-        "handler": {"variant_cpu": cpu, "variant_cuda": cuda, "threads": cfg.threads,
-                    "min_confidence": cfg.min_confidence, "ood_abstain": cfg.ood_abstain,
-                    **dataclasses.asdict(cfg.limits)},
+        "handler": {
+            "variant_cpu": cpu,
+            "variant_cuda": cuda,
+            "threads": cfg.threads,
+            "min_confidence": cfg.min_confidence,
+            "ood_abstain": cfg.ood_abstain,
+            **dataclasses.asdict(cfg.limits),
+        },
     }
 
 
@@ -134,13 +151,18 @@ def build_archive(cfg: ArchiveConfig, log=print) -> Path:
     manifest = read_manifest(cfg.artifact_dir)
     cpu, cuda = chosen_variants(manifest, cfg)
     if "reference" not in manifest:
-        raise ValueError(f"{cfg.artifact_dir / MANIFEST_NAME} has no reference batch (exported before it "
-                         f"existed); re-run `make export RUN={cfg.run}`")
+        raise ValueError(
+            f"{cfg.artifact_dir / MANIFEST_NAME} has no reference batch (exported before it "
+            f"existed); re-run `make export RUN={cfg.run}`"
+        )
     files = []
     # the variants, the reference batch and the out-of-distribution detector (absent from exports made
     # before it existed: such an archive serves without the ood flag)
-    for entry in [*(manifest["variants"][v] for v in packed_variants(manifest, cpu, cuda)), manifest["reference"],
-                  *([manifest["ood"]] if "ood" in manifest else [])]:
+    for entry in [
+        *(manifest["variants"][v] for v in packed_variants(manifest, cpu, cuda)),
+        manifest["reference"],
+        *([manifest["ood"]] if "ood" in manifest else []),
+    ]:
         verify_file(cfg.artifact_dir / entry["file"], entry["sha256"])
         files.append(cfg.artifact_dir / entry["file"])
     store = Path(cfg.model_store)
@@ -151,22 +173,38 @@ def build_archive(cfg: ArchiveConfig, log=print) -> Path:
         shutil.copyfile(cfg.artifact_dir / MANIFEST_NAME, staging / MANIFEST_NAME)
         for f in files:
             shutil.copyfile(f, staging / f.name)
-        (staging / "model-config.yaml").write_text(yaml.safe_dump(model_config(cfg, cpu, cuda),
-                                                                  sort_keys=False))
+        (staging / "model-config.yaml").write_text(yaml.safe_dump(model_config(cfg, cpu, cuda), sort_keys=False))
         extra = [str(staging / MANIFEST_NAME), *(str(staging / f.name) for f in files)]
-        cmd = [sys.executable, "-m", "model_archiver.model_packaging",
-               "--model-name", cfg.run, "--version", str(manifest["version"]),
-               "--handler", str(staging / "handler.py"), "--extra-files", ",".join(extra),
-               "--config-file", str(staging / "model-config.yaml"), "--export-path", str(staging),
-               "--force"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "model_archiver.model_packaging",
+            "--model-name",
+            cfg.run,
+            "--version",
+            str(manifest["version"]),
+            "--handler",
+            str(staging / "handler.py"),
+            "--extra-files",
+            ",".join(extra),
+            "--config-file",
+            str(staging / "model-config.yaml"),
+            "--export-path",
+            str(staging),
+            "--force",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # its stderr in our error
         if proc.returncode != 0:
-            raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}): "
-                               f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+            raise RuntimeError(
+                f"torch-model-archiver failed ({proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+            )
         os.replace(staging / f"{cfg.run}.mar", cfg.mar_path)  # same filesystem: atomic
-    log(f"{cfg.run}: wrote {cfg.mar_path} (version {manifest['version']}, cpu {cpu}, cuda {cuda}, "
+    log(
+        f"{cfg.run}: wrote {cfg.mar_path} (version {manifest['version']}, cpu {cpu}, cuda {cuda}, "
         f"batch {cfg.batch_size} / {cfg.max_batch_delay_ms} ms, {cfg.max_workers} worker(s) x "
-        f"{cfg.threads} thread(s))")
+        f"{cfg.threads} thread(s))"
+    )
     return cfg.mar_path
 
 

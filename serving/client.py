@@ -51,8 +51,9 @@ def heldout_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return px.images, px.labels
 
 
-def post(url: str, model: str, body: bytes, content_type: str, token: str | None = None,
-         topk: int | None = None) -> dict:
+def post(
+    url: str, model: str, body: bytes, content_type: str, token: str | None = None, topk: int | None = None
+) -> dict:
     """POST one request to ``/predictions/<model>``; returns the JSON answer or raises ClientError."""
     headers = {"Content-Type": content_type}
     if topk is not None:
@@ -68,8 +69,9 @@ def post(url: str, model: str, body: bytes, content_type: str, token: str | None
     if not isinstance(doc, dict):  # a proxy's HTML page, a plain-text 500
         doc = {"message": answer.body[:200].decode(errors="replace")}
     if answer.status != 200:
-        raise ClientError(f"{target} answered HTTP {answer.status}: {doc.get('message', doc)}"
-                          f"{_hint(url, answer.status, doc, token)}")
+        raise ClientError(
+            f"{target} answered HTTP {answer.status}: {doc.get('message', doc)}{_hint(url, answer.status, doc, token)}"
+        )
     return doc
 
 
@@ -77,11 +79,17 @@ def _hint(url: str, status: int, doc: dict, token: str | None) -> str:
     """What to do about an error answer, for the two a user meets first."""
     if status == 404:
         served = served_models(url)
-        return (f"; this server serves: {', '.join(served)} (--run NAME)" if served
-                else f"; list what is served: curl {management_url_for(url)}/models")
+        return (
+            f"; this server serves: {', '.join(served)} (--run NAME)"
+            if served
+            else f"; list what is served: curl {management_url_for(url)}/models"
+        )
     if status == 401 or doc.get("type") == "InvalidKeyException":  # TorchServe: 400 for a bad key
-        return ("; the server wants a token (make serve TOKEN=1): --key-file names its key_file.json"
-                if not token else "; the token in --key-file is not this server's (restarted?)")
+        return (
+            "; the server wants a token (make serve TOKEN=1): --key-file names its key_file.json"
+            if not token
+            else "; the token in --key-file is not this server's (restarted?)"
+        )
     return ""
 
 
@@ -95,8 +103,7 @@ def served_models(url: str) -> list[str]:
         return []
 
 
-def busy_reason(workdir: str | os.PathLike = DEFAULT_WORKDIR, config: str | os.PathLike = DEFAULT_CONFIG
-                ) -> str | None:
+def busy_reason(workdir: str | os.PathLike = DEFAULT_WORKDIR, config: str | os.PathLike = DEFAULT_CONFIG) -> str | None:
     """Why a new server could not start here (or would be replaced under a running one), or None:
     a server started from ``workdir`` still runs, or a port of ``config`` answers."""
     pid = running_pid(workdir)
@@ -119,23 +126,31 @@ def demo(url: str, run: str, count: int, token: str | None, seed: int = 0) -> in
         ans = post(url, run, png, "image/png", token, topk=1)
         best = ans["predictions"][0][0]
         correct += int(best["label"] == str(label))
-        print(f"  image {i}: true {label}  predicted {best['label']}  p={best['probability']:.3f}  "
-              f"{'ok' if best['label'] == str(label) else 'WRONG'}")
+        print(
+            f"  image {i}: true {label}  predicted {best['label']}  p={best['probability']:.3f}  "
+            f"{'ok' if best['label'] == str(label) else 'WRONG'}"
+        )
     body, ctype = multipart({f"file{i}": (f"digit{i}.png", p, "image/png") for i, p in enumerate(pngs)})
     batch = post(url, run, body, ctype, token, topk=1)
     same = [row[0]["label"] for row in batch["predictions"]]
-    print(f"{correct}/{len(pngs)} correct; model {batch['model']} version {batch['version']}, "
-          f"{batch['variant']} on {batch['device']}; one multipart request with all {len(pngs)} images "
-          f"answered {' '.join(same)}")
+    print(
+        f"{correct}/{len(pngs)} correct; model {batch['model']} version {batch['version']}, "
+        f"{batch['variant']} on {batch['device']}; one multipart request with all {len(pngs)} images "
+        f"answered {' '.join(same)}"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="python -m serving.client", description=__doc__.splitlines()[0],
-                       formatter_class=HelpFormatter)
-    p.add_argument("command", choices=("demo", "predict", "idle"),
-                   help="demo: post held-out digits one by one, then as one batch; predict: post FILES; "
-                        "idle: succeed only when no server runs here")
+    p = ArgumentParser(
+        prog="python -m serving.client", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
+    p.add_argument(
+        "command",
+        choices=("demo", "predict", "idle"),
+        help="demo: post held-out digits one by one, then as one batch; predict: post FILES; "
+        "idle: succeed only when no server runs here",
+    )
     p.add_argument("files", nargs="*", help="image files (predict)")
     p.add_argument("--run", default="digits", help="model name (the RUN it was trained as)")
     p.add_argument("--url", default=DEFAULT_URL, help="TorchServe inference address")
@@ -147,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "idle":
         reason = busy_reason()
         if reason:
-            print(f"error: {reason}; it would keep answering with the model this replaces: "
-                  f"stop it first (make stop)", file=sys.stderr)
+            print(
+                f"error: {reason}; it would keep answering with the model this replaces: stop it first (make stop)",
+                file=sys.stderr,
+            )
             return 2
         return 0
     token = read_key(a.key_file) if a.key_file else None
@@ -158,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.files:
             p.error("predict needs at least one image file")
         for f in a.files:
-            print(json.dumps(post(a.url, a.run, Path(f).read_bytes(), "application/octet-stream", token,
-                                  topk=a.topk)))
+            print(json.dumps(post(a.url, a.run, Path(f).read_bytes(), "application/octet-stream", token, topk=a.topk)))
         return 0
     except (ClientError, OSError) as e:  # OSError: a FILE that is missing, a folder, unreadable
         print(f"error: {e}", file=sys.stderr)

@@ -51,7 +51,7 @@ def clip(value) -> str:
     characters, whatever the value holds."""
     if isinstance(value, (str, bytes, bytearray)) and len(value) > MAX_ECHO:
         return f"{_ECHO.repr(value[:MAX_ECHO])}... ({len(value)} long)"
-    return _ECHO.repr(value)[:2 * MAX_ECHO]
+    return _ECHO.repr(value)[: 2 * MAX_ECHO]
 
 
 # Pillow's decoders signal bad bytes with OSError, SyntaxError, ValueError, EOFError, and on crafted
@@ -71,7 +71,7 @@ class InputError(ValueError):
 
     def __init__(self, code: int, reason: str, message: str) -> None:
         if len(message) > MAX_MESSAGE:
-            message = message[:MAX_MESSAGE - 3] + "..."
+            message = message[: MAX_MESSAGE - 3] + "..."
         super().__init__(message)
         self.code, self.type, self.message = code, reason, message
 
@@ -151,8 +151,11 @@ def open_image(data: bytes, limits: Limits, contract: Contract | None = None) ->
     if not data:
         raise InputError(400, "empty_body", "the request carries no image bytes")
     if len(data) > limits.max_image_bytes:
-        raise InputError(413, "file_too_large", f"image file is {len(data)} bytes, over the limit of "
-                                                f"{limits.max_image_bytes}; recompress or downscale it")
+        raise InputError(
+            413,
+            "file_too_large",
+            f"image file is {len(data)} bytes, over the limit of {limits.max_image_bytes}; recompress or downscale it",
+        )
     Image.MAX_IMAGE_PIXELS = limits.max_pixels  # Pillow raises DecompressionBombError above 2x this
     try:
         with warnings.catch_warnings():
@@ -161,26 +164,32 @@ def open_image(data: bytes, limits: Limits, contract: Contract | None = None) ->
             warnings.simplefilter("ignore")
             img = images.open_image(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise InputError(413, "decompression_bomb",
-                         f"image refused as a decompression bomb: {clip(str(e))}") from None
+        raise InputError(413, "decompression_bomb", f"image refused as a decompression bomb: {clip(str(e))}") from None
     except UnidentifiedImageError:
-        raise InputError(415, "not_an_image",
-                         f"the {len(data)} bytes sent are not an image in a supported format "
-                         f"({', '.join(ALLOWED_FORMATS)})") from None
+        raise InputError(
+            415,
+            "not_an_image",
+            f"the {len(data)} bytes sent are not an image in a supported format ({', '.join(ALLOWED_FORMATS)})",
+        ) from None
     except Exception as e:  # noqa: BLE001 -- see the note above InputError
         raise InputError(400, "corrupt_image", f"the image header is corrupt: {clip(str(e))}") from None
     w, h = img.size
     if w < 1 or h < 1:
         raise InputError(400, "corrupt_image", f"image has an empty size {w}x{h}")
     if w * h > limits.max_pixels:
-        raise InputError(413, "image_too_large",
-                         f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}; "
-                         f"downscale it before sending")
+        raise InputError(
+            413,
+            "image_too_large",
+            f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}; downscale it before sending",
+        )
     if w * h > RATIO_FREE_PIXELS and w * h > limits.max_pixels_per_byte * len(data):
-        raise InputError(413, "bomb_like_image",
-                         f"image is {w}x{h} pixels in {len(data)} bytes ({w * h // len(data)} pixels per "
-                         f"byte, limit {limits.max_pixels_per_byte}): refused as a decompression bomb; "
-                         f"send it at the size the model needs")
+        raise InputError(
+            413,
+            "bomb_like_image",
+            f"image is {w}x{h} pixels in {len(data)} bytes ({w * h // len(data)} pixels per "
+            f"byte, limit {limits.max_pixels_per_byte}): refused as a decompression bomb; "
+            f"send it at the size the model needs",
+        )
     if contract is not None:
         try:
             images.draft(img, contract)
@@ -206,9 +215,11 @@ def decode(img: Image.Image) -> Image.Image:
             return images.load(img)
     except Exception as e:  # noqa: BLE001 -- see the note above InputError
         truncated = isinstance(e, EOFError) or "truncated" in str(e)
-        raise InputError(400, "truncated_image" if truncated else "corrupt_image",
-                         f"could not decode the {img.format} image: {clip(str(e) or type(e).__name__)}"
-                         ) from None
+        raise InputError(
+            400,
+            "truncated_image" if truncated else "corrupt_image",
+            f"could not decode the {img.format} image: {clip(str(e) or type(e).__name__)}",
+        ) from None
 
 
 def decode_image(data: bytes, limits: Limits, contract: Contract | None = None) -> Image.Image:
@@ -272,8 +283,10 @@ def top_k(logits: np.ndarray, k: int, class_names: Sequence[str], temperature: f
     probs = softmax(logits.astype(np.float64) / temperature)
     k = min(k, probs.shape[1])
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[{"label": class_names[j], "index": int(j), "probability": round(float(p[j]), 6)}
-             for j in row] for p, row in zip(probs, order, strict=True)]
+    return [
+        [{"label": class_names[j], "index": int(j), "probability": round(float(p[j]), 6)} for j in row]
+        for p, row in zip(probs, order, strict=True)
+    ]
 
 
 def check_min_confidence(value: float) -> float:
@@ -314,8 +327,9 @@ class InferenceCore:
         calibration = (getattr(runner, "manifest", None) or {}).get("calibration") or {}
         self.temperature = float(calibration.get("temperature", 1.0))
         if not self.temperature > 0:
-            raise ValueError(f"manifest calibration temperature must be > 0, got {self.temperature}; "
-                             f"re-run make export")
+            raise ValueError(
+                f"manifest calibration temperature must be > 0, got {self.temperature}; re-run make export"
+            )
 
     def check_topk(self, topk: int | None) -> int:
         k = self.limits.default_topk if topk is None else topk
@@ -329,8 +343,9 @@ class InferenceCore:
         c = self.contract
         if isinstance(item, np.ndarray):  # already pixels (KServe v2 UINT8 tensors): only validated
             if item.dtype != np.uint8 or item.shape != c.input_shape:
-                raise InputError(400, "bad_tensor", f"pixels must be uint8 {c.input_shape} (C, H, W), "
-                                                    f"got {item.dtype} {item.shape}")
+                raise InputError(
+                    400, "bad_tensor", f"pixels must be uint8 {c.input_shape} (C, H, W), got {item.dtype} {item.shape}"
+                )
             return item
         return open_image(item, self.limits, c)
 
@@ -344,13 +359,17 @@ class InferenceCore:
         opened = [self.open(x) for x in items]
         cost = sum(pixel_cost(o) for o in opened if isinstance(o, Image.Image))
         if cost > self.limits.max_request_pixels:
-            raise InputError(413, "request_too_large",
-                             f"the {len(opened)} images of this request decode to {cost} pixels, over "
-                             f"the limit of {self.limits.max_request_pixels}; send fewer or smaller images")
+            raise InputError(
+                413,
+                "request_too_large",
+                f"the {len(opened)} images of this request decode to {cost} pixels, over "
+                f"the limit of {self.limits.max_request_pixels}; send fewer or smaller images",
+            )
         return opened, cost
 
-    def finish(self, opened: Image.Image | np.ndarray, invert: str = "auto",
-               times: StageTimes | None = None) -> np.ndarray:
+    def finish(
+        self, opened: Image.Image | np.ndarray, invert: str = "auto", times: StageTimes | None = None
+    ) -> np.ndarray:
         """An opened image -> (C, H, W) uint8 at the contract (decode, convert, invert)."""
         if isinstance(opened, np.ndarray):
             return opened
@@ -368,8 +387,7 @@ class InferenceCore:
         times.preprocess_ms += (time.perf_counter() - t1) * 1e3
         return pixels
 
-    def to_pixels(self, item: bytes | np.ndarray, invert: str = "auto",
-                  times: StageTimes | None = None) -> np.ndarray:
+    def to_pixels(self, item: bytes | np.ndarray, invert: str = "auto", times: StageTimes | None = None) -> np.ndarray:
         """One encoded image (or contract-shaped uint8 pixels) -> (C, H, W) uint8 at the contract."""
         t0 = time.perf_counter()
         opened = self.open(item)
@@ -381,8 +399,7 @@ class InferenceCore:
         """(N, C, H, W) uint8 -> (N, K) float32 logits."""
         return self.predict(pixels, times)[0]
 
-    def predict(self, pixels: np.ndarray, times: StageTimes | None = None
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(self, pixels: np.ndarray, times: StageTimes | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(N, C, H, W) uint8 -> (N, K) float32 logits and (N,) out-of-distribution scores (None
         without a detector). The score is the runner's (``export.runtime.Runner.infer``): the same
         code export measured it with."""
@@ -402,8 +419,9 @@ class InferenceCore:
             return None
         return [bool(f) for f in self.detector.flags(scores)]
 
-    def classify(self, items: Sequence[bytes | np.ndarray], topk: int | None = None,
-                 invert: str = "auto") -> list[list[dict]]:
+    def classify(
+        self, items: Sequence[bytes | np.ndarray], topk: int | None = None, invert: str = "auto"
+    ) -> list[list[dict]]:
         """Encoded images -> top-k per image. The handler batches across requests instead."""
         k = self.check_topk(topk)
         opened, _ = self.open_request(items)

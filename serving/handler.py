@@ -69,8 +69,14 @@ class HandlerConfig:
         ood_abstain = section.get("ood_abstain", True)
         if not isinstance(ood_abstain, bool):
             raise ValueError(f"model-config.yaml handler.ood_abstain must be true or false, got {ood_abstain!r}")
-        return cls(section.get("variant_cpu"), section.get("variant_cuda"),
-                   None if threads is None else int(threads), limits, min_confidence, ood_abstain)
+        return cls(
+            section.get("variant_cpu"),
+            section.get("variant_cuda"),
+            None if threads is None else int(threads),
+            limits,
+            min_confidence,
+            ood_abstain,
+        )
 
 
 def pick_device(gpu_id) -> str:
@@ -99,29 +105,53 @@ class ClassifierHandler(BaseHandler):
             emit.fallback(name)
 
         try:  # the variant proves itself on the reference batch on this device before taking traffic
-            runner = load_checked_variant(props["model_dir"], variant, device=device,
-                                          threads=self.config.threads, on_failure=fell_back)
+            runner = load_checked_variant(
+                props["model_dir"], variant, device=device, threads=self.config.threads, on_failure=fell_back
+            )
         except IntegrityError as e:  # fail the worker loudly, naming the archive and the fix
-            raise IntegrityError(f"archive of model {context.model_name!r} is corrupt: {e} -- rebuild it: "
-                                 f"make archive RUN={context.model_name}") from e
-        self.setup(runner, self.config.limits, context.model_name, context.metrics, self.config.min_confidence,
-                   self.config.ood_abstain)
+            raise IntegrityError(
+                f"archive of model {context.model_name!r} is corrupt: {e} -- rebuild it: "
+                f"make archive RUN={context.model_name}"
+            ) from e
+        self.setup(
+            runner,
+            self.config.limits,
+            context.model_name,
+            context.metrics,
+            self.config.min_confidence,
+            self.config.ood_abstain,
+        )
         ood_entry = runner.manifest.get("ood")
         if ood_entry:
             emit.ood_baseline(ood_entry["heldout"]["ood_share"])
         else:
-            logger.warning("%r was exported without an out-of-distribution detector: its answers carry no "
-                           "ood flag (re-export and re-archive it for one)", context.model_name)
-        logger.info("loaded %r: %s on %s, %s threads, limits %s, reference check %s", self.info.name,
-                    runner.variant, runner.device, self.config.threads, self.config.limits, runner.reference_check)
+            logger.warning(
+                "%r was exported without an out-of-distribution detector: its answers carry no "
+                "ood flag (re-export and re-archive it for one)",
+                context.model_name,
+            )
+        logger.info(
+            "loaded %r: %s on %s, %s threads, limits %s, reference check %s",
+            self.info.name,
+            runner.variant,
+            runner.device,
+            self.config.threads,
+            self.config.limits,
+            runner.reference_check,
+        )
 
-    def setup(self, runner, limits: Limits, model_name: str, metrics, min_confidence: float = 0.0,
-              ood_abstain: bool = True) -> None:
+    def setup(
+        self, runner, limits: Limits, model_name: str, metrics, min_confidence: float = 0.0, ood_abstain: bool = True
+    ) -> None:
         """Wire a loaded runner in (``initialize`` does this; unit tests pass a fake runner)."""
         self.core = InferenceCore(runner, limits, min_confidence)
         self.ood_abstain = ood_abstain
-        self.info = ModelInfo(name=model_name, version=str(runner.manifest.get("version", "")),
-                              variant=runner.variant, device=runner.device)
+        self.info = ModelInfo(
+            name=model_name,
+            version=str(runner.manifest.get("version", "")),
+            variant=runner.variant,
+            device=runner.device,
+        )
         self._init_metrics(metrics)
         self.initialized = True
 
@@ -164,9 +194,15 @@ class ClassifierHandler(BaseHandler):
         Returns {request index: (Request, opened images, topk, pixel cost)}; refused requests get
         their answer in ``responses``.
         """
+
         def plan(i: int, params: dict) -> tuple:
-            req = parse_request(params, self.core.contract, self.core.limits,
-                                self._content_types(context, i, params), self._headers(context, i))
+            req = parse_request(
+                params,
+                self.core.contract,
+                self.core.limits,
+                self._content_types(context, i, params),
+                self._headers(context, i),
+            )
             k = self.core.check_topk(req.topk)
             opened, cost = self.core.open_request(req.items)
             return req, opened, k, cost
@@ -174,8 +210,7 @@ class ClassifierHandler(BaseHandler):
         plans = {i: self._guarded(context, i, responses, plan, i, params) for i, params in enumerate(data)}
         return {i: p for i, p in plans.items() if p is not None}
 
-    def _decode_within_budget(self, plans: dict, context, responses: list, times: StageTimes
-                              ) -> dict[int, tuple]:
+    def _decode_within_budget(self, plans: dict, context, responses: list, times: StageTimes) -> dict[int, tuple]:
         """Decode the requests cheapest first while the batch's pixel budget lasts.
 
         A request that no longer fits is answered 503 (retry later): with every request under
@@ -187,10 +222,16 @@ class ClassifierHandler(BaseHandler):
         for i in sorted(plans, key=lambda j: plans[j][3]):
             req, opened, k, cost = plans[i]
             if spent and spent + cost > self.core.limits.max_batch_pixels:
-                responses[i] = self._reject(context, i, InputError(
-                    503, "batch_budget_spent",
-                    f"this model call already decodes {spent} pixels and this request needs {cost} more, "
-                    f"over the batch limit of {self.core.limits.max_batch_pixels}; retry in a moment"))
+                responses[i] = self._reject(
+                    context,
+                    i,
+                    InputError(
+                        503,
+                        "batch_budget_spent",
+                        f"this model call already decodes {spent} pixels and this request needs {cost} more, "
+                        f"over the batch limit of {self.core.limits.max_batch_pixels}; retry in a moment",
+                    ),
+                )
                 continue
             spent += cost
             pixels = self._guarded(context, i, responses, self._finish, req, opened, times)
@@ -240,8 +281,9 @@ class ClassifierHandler(BaseHandler):
                 abstain = [a or o for a, o in zip(abstain, ood, strict=True)]
             body = format_response(req, self.info, best, abstain, ood, None if scores is None else scores[rows])
             responses[i] = self._reply(context, i, 200, body)
-        self.emit.answered_images(offset, None if flags is None else sum(flags),
-                                  context.get_request_id(0) if context is not None else None)
+        self.emit.answered_images(
+            offset, None if flags is None else sum(flags), context.get_request_id(0) if context is not None else None
+        )
         return len(order)
 
     @staticmethod
@@ -269,10 +311,16 @@ class ClassifierHandler(BaseHandler):
     def _reply(self, context, idx: int, code: int, body: dict) -> str:
         text = json.dumps(body)
         if len(text) > self.core.limits.max_response_bytes:  # bounded by the limits; a last guard
-            code, body = 413, {"code": 413, "type": "response_too_large",
-                               "message": f"the answer would be {len(text)} bytes, over the limit of "
-                                          f"{self.core.limits.max_response_bytes}; ask for fewer images "
-                                          f"or a smaller topk"}
+            code, body = (
+                413,
+                {
+                    "code": 413,
+                    "type": "response_too_large",
+                    "message": f"the answer would be {len(text)} bytes, over the limit of "
+                    f"{self.core.limits.max_response_bytes}; ask for fewer images "
+                    f"or a smaller topk",
+                },
+            )
             text = json.dumps(body)
         if context is not None:
             context.set_response_status(code, "OK" if code == 200 else body.get("type", ""), idx)
@@ -285,14 +333,23 @@ class ClassifierHandler(BaseHandler):
         return self._reply(context, idx, err.code, error_response(err))
 
     def _internal_error(self, context, idx: int, what: str, err: Exception) -> str:
-        return self._reply(context, idx, 500, {"code": 500, "type": "internal_error",
-                                               "message": f"{what} ({type(err).__name__}); see its log"})
+        return self._reply(
+            context,
+            idx,
+            500,
+            {"code": 500, "type": "internal_error", "message": f"{what} ({type(err).__name__}); see its log"},
+        )
 
     @staticmethod
     def _log_unexpected(where: str, err: Exception) -> None:
         # The traceback's code lines, and the message cut short: it may quote client data.
-        logger.error("%s: unexpected %s: %s\n%s", where, type(err).__name__, clip(str(err)),
-                     "".join(traceback.format_tb(err.__traceback__)))
+        logger.error(
+            "%s: unexpected %s: %s\n%s",
+            where,
+            type(err).__name__,
+            clip(str(err)),
+            "".join(traceback.format_tb(err.__traceback__)),
+        )
 
     def _emit_times(self, times: StageTimes, context, answered_200: int, n_requests: int, start: float) -> None:
         """The batch's size; its stage times and each 200's latency when the model ran."""

@@ -58,8 +58,14 @@ class Session:
         self.timeout = timeout
         self._conn: http.client.HTTPConnection | None = None
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None, timeout: float | None = None) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Response:
         """``path`` is below the base URL (``/predictions/digits``); returns every status."""
         target = self.prefix + path
         sent = {**self.headers, **(headers or {})}
@@ -102,8 +108,9 @@ class Session:
         self.close()
 
 
-def request(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-            timeout: float = 30.0) -> Response:
+def request(
+    method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30.0
+) -> Response:
     """One request on a connection of its own (closed after the answer)."""
     parts = urllib.parse.urlsplit(url)
     path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
@@ -116,8 +123,10 @@ def multipart(files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     out = io.BytesIO()
     for field, (filename, data, ctype) in files.items():
-        out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; "
-                  f"filename=\"{filename}\"\r\nContent-Type: {ctype}\r\n\r\n".encode())
+        out.write(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{filename}"\r\nContent-Type: {ctype}\r\n\r\n'.encode()
+        )
         out.write(data + b"\r\n")
     out.write(f"--{boundary}--\r\n".encode())
     return out.getvalue(), f"multipart/form-data; boundary={boundary}"

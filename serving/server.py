@@ -69,8 +69,9 @@ def read_properties(path: str | os.PathLike) -> dict[str, str]:
     return props
 
 
-def render_config(base: str | os.PathLike, out: str | os.PathLike, overrides: dict[str, str] | None = None
-                  ) -> dict[str, str]:
+def render_config(
+    base: str | os.PathLike, out: str | os.PathLike, overrides: dict[str, str] | None = None
+) -> dict[str, str]:
     """Write ``base`` with ``overrides`` applied and relative file paths made absolute (against the repo
     root, where the base file's paths point), since TorchServe runs in the work directory."""
     props = {**read_properties(base), **(overrides or {})}
@@ -78,8 +79,9 @@ def render_config(base: str | os.PathLike, out: str | os.PathLike, overrides: di
         if key in props and not Path(props[key]).is_absolute():
             props[key] = str(REPO / props[key])
     if "vmargs" in props:  # -Dlog4j.configurationFile=serving/log4j2.xml
-        props["vmargs"] = re.sub(r"(-Dlog4j2?\.configurationFile=)(?!/)(\S+)",
-                                 lambda m: m.group(1) + str(REPO / m.group(2)), props["vmargs"])
+        props["vmargs"] = re.sub(
+            r"(-Dlog4j2?\.configurationFile=)(?!/)(\S+)", lambda m: m.group(1) + str(REPO / m.group(2)), props["vmargs"]
+        )
     text = f"# rendered from {base} by serving.server\n" + "".join(f"{k}={v}\n" for k, v in props.items())
     atomic_write_text(out, text)
     return props
@@ -129,12 +131,20 @@ class Server:
     grpc_address: str = ""  # host:port of the gRPC inference service
 
     @classmethod
-    def from_config(cls, workdir: Path, pid: int, props: dict[str, str], model_log_offset: int = 0,
-                    runtime: str = "torchserve") -> Server:
-        return cls(Path(workdir), pid, props["inference_address"],
-                   props["management_address"] if runtime == "torchserve" else None,
-                   props["metrics_address"], props.get("disable_token_authorization", "false") != "true",
-                   model_log_offset, runtime, grpc_address(props))
+    def from_config(
+        cls, workdir: Path, pid: int, props: dict[str, str], model_log_offset: int = 0, runtime: str = "torchserve"
+    ) -> Server:
+        return cls(
+            Path(workdir),
+            pid,
+            props["inference_address"],
+            props["management_address"] if runtime == "torchserve" else None,
+            props["metrics_address"],
+            props.get("disable_token_authorization", "false") != "true",
+            model_log_offset,
+            runtime,
+            grpc_address(props),
+        )
 
     @property
     def log_file(self) -> Path:
@@ -162,9 +172,14 @@ def read_key(path: str | os.PathLike, kind: str = "inference") -> str | None:
 # --------------------------------------------------------------------------------------------------
 # start / ready / stop
 # --------------------------------------------------------------------------------------------------
-def start_server(model_store: str | os.PathLike, models: list[str], workdir: str | os.PathLike,
-                 config: str | os.PathLike = DEFAULT_CONFIG, overrides: dict[str, str] | None = None,
-                 runtime: str = "torchserve") -> Server:
+def start_server(
+    model_store: str | os.PathLike,
+    models: list[str],
+    workdir: str | os.PathLike,
+    config: str | os.PathLike = DEFAULT_CONFIG,
+    overrides: dict[str, str] | None = None,
+    runtime: str = "torchserve",
+) -> Server:
     """Launch ``runtime`` in the background serving ``<model_store>/<name>.mar`` as ``name``.
 
     Returns at once; call ``wait_ready`` next. Raises ServerBusyError if one is already running in
@@ -175,48 +190,92 @@ def start_server(model_store: str | os.PathLike, models: list[str], workdir: str
     workdir = Path(workdir).resolve()
     (workdir / "tmp").mkdir(parents=True, exist_ok=True)
     if running_pid(workdir) is not None:
-        raise ServerBusyError(f"a server started from {workdir} is already running (pid "
-                              f"{running_pid(workdir)}); stop it first: make stop")
+        raise ServerBusyError(
+            f"a server started from {workdir} is already running (pid {running_pid(workdir)}); stop it first: make stop"
+        )
     store = Path(model_store).resolve()
     # The only URL TorchServe may "download": a .mar already in this store (see config.properties).
     # (\\Q..\\E quotes the path in the regex; the doubled backslash survives Java's .properties reader)
     store_only = {"allowed_urls": f"file://\\\\Q{store}\\\\E/[A-Za-z0-9_.-]+[.]mar"}
     props = render_config(config, workdir / CONFIG_FILE, {**store_only, **(overrides or {})})
-    listeners = {"inference_address": props["inference_address"], "metrics_address": props["metrics_address"],
-                 "grpc_inference_port": f"http://{grpc_address(props)}"}
+    listeners = {
+        "inference_address": props["inference_address"],
+        "metrics_address": props["metrics_address"],
+        "grpc_inference_port": f"http://{grpc_address(props)}",
+    }
     if runtime == "torchserve":
-        listeners.update(management_address=props["management_address"], grpc_management_port=(
-            f"http://{props.get('grpc_management_address', '127.0.0.1')}:{props.get('grpc_management_port', 7071)}"))
+        listeners.update(
+            management_address=props["management_address"],
+            grpc_management_port=(
+                f"http://{props.get('grpc_management_address', '127.0.0.1')}:{props.get('grpc_management_port', 7071)}"
+            ),
+        )
     for key, url in listeners.items():
         if port_in_use(url):
-            raise ServerBusyError(f"{key} {url} is already in use; stop what listens there "
-                                  f"(make stop) or change it in {config}")
+            raise ServerBusyError(
+                f"{key} {url} is already in use; stop what listens there (make stop) or change it in {config}"
+            )
     (workdir / KEY_FILE).unlink(missing_ok=True)
     model_log = workdir / "logs" / "model_log.log"  # log4j appends across runs
     offset = model_log.stat().st_size if model_log.is_file() else 0
     token = props.get("disable_token_authorization", "false") != "true"
     if runtime == "torchserve":
         torchserve = Path(sys.executable).parent / "torchserve"
-        cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(workdir / CONFIG_FILE),
-               "--model-store", str(store),
-               "--models", *[f"{m}={m}.mar" for m in models]]
-        env = {**java_env(),  # JAVA_HOME: the user's, else the venv's Java 17 (serving/java.py)
-               # TorchServe's pid file and the unpacked archives go to the temp dir; keep them ours so
-               # that parallel servers (tests, make serve) never see each other.
-               "TMPDIR": str(workdir / "tmp"), "TEMP": str(workdir / "tmp"),
-               "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs")}
+        cmd = [
+            str(torchserve),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--ts-config",
+            str(workdir / CONFIG_FILE),
+            "--model-store",
+            str(store),
+            "--models",
+            *[f"{m}={m}.mar" for m in models],
+        ]
+        env = {
+            **java_env(),  # JAVA_HOME: the user's, else the venv's Java 17 (serving/java.py)
+            # TorchServe's pid file and the unpacked archives go to the temp dir; keep them ours so
+            # that parallel servers (tests, make serve) never see each other.
+            "TMPDIR": str(workdir / "tmp"),
+            "TEMP": str(workdir / "tmp"),
+            "LOG_LOCATION": str(workdir / "logs"),
+            "METRICS_LOCATION": str(workdir / "logs"),
+        }
     else:
         hostport = lambda url: url.split("://", 1)[-1]  # noqa: E731
-        cmd = [sys.executable, "-m", "serving.oip", "--model-store", str(store), "--models", *models,
-               "--http", hostport(props["inference_address"]), "--metrics", hostport(props["metrics_address"]),
-               "--grpc", grpc_address(props), "--workdir", str(workdir),
-               "--max-request-bytes", props.get("max_request_size", str(16 * 2**20)),
-               *(["--token"] if token else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "serving.oip",
+            "--model-store",
+            str(store),
+            "--models",
+            *models,
+            "--http",
+            hostport(props["inference_address"]),
+            "--metrics",
+            hostport(props["metrics_address"]),
+            "--grpc",
+            grpc_address(props),
+            "--workdir",
+            str(workdir),
+            "--max-request-bytes",
+            props.get("max_request_size", str(16 * 2**20)),
+            *(["--token"] if token else []),
+        ]
         env = dict(os.environ)
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     with open(workdir / LOG_FILES[runtime], "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     atomic_write_text(workdir / PID_FILE, str(proc.pid))
     return Server.from_config(workdir, proc.pid, props, offset, runtime)
 
@@ -301,8 +360,10 @@ def wait_ready(server: Server, models: list[str], timeout: float = 180.0) -> dic
                 last = f"{model}: HTTP {answer.status} {answer.body[:200]!r}"
             else:
                 cause = fatal_load_error(server)
-                raise ServerError(f"warm-up of {model} answered HTTP {answer.status} "
-                                  f"({cause or answer.body[:300]!r}); log tail:\n{log_tail(server)}")
+                raise ServerError(
+                    f"warm-up of {model} answered HTTP {answer.status} "
+                    f"({cause or answer.body[:300]!r}); log tail:\n{log_tail(server)}"
+                )
         if len(answers) == len(models) and all_workers_up(server):
             return answers
         time.sleep(0.5)
@@ -338,8 +399,11 @@ def fatal_load_error(server: Server) -> str | None:
 
 
 def log_tail(server: Server, lines: int = 30) -> str:
-    return "\n".join(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-                     for path in (server.log_file, server.workdir / "logs" / "model_log.log") if path.is_file())
+    return "\n".join(
+        f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        for path in (server.log_file, server.workdir / "logs" / "model_log.log")
+        if path.is_file()
+    )
 
 
 def curl_examples(server: Server, models: list[str]) -> str:
@@ -349,14 +413,13 @@ def curl_examples(server: Server, models: list[str]) -> str:
     lines = []
     if server.token_auth:
         key = server.workdir / KEY_FILE
-        lines.append(f"TOKEN=$(python3 -c 'import json;print(json.load(open(\"{key}\"))[\"inference\"][\"key\"])')")
+        lines.append(f'TOKEN=$(python3 -c \'import json;print(json.load(open("{key}"))["inference"]["key"])\')')
         auth = ' -H "Authorization: Bearer $TOKEN"'
     # Files that exist: make demo / make export write samples/<RUN>/<label>.png (held-out images) and
     # samples/photos/ (export.samples). The base64 bodies are streamed through a pipe (--data-binary @-):
     # a photo's base64 in one shell argument passes the kernel's 128 KiB limit ("Argument list too long").
     photo = Path("samples/photos/china.jpg")
-    python = os.path.relpath(sys.executable) if Path(sys.executable).is_relative_to(Path.cwd()) \
-        else sys.executable
+    python = os.path.relpath(sys.executable) if Path(sys.executable).is_relative_to(Path.cwd()) else sys.executable
     for i, m in enumerate(models):
         pngs = sorted(Path("samples", m).glob("*.png"))
         if not pngs:
@@ -368,26 +431,41 @@ def curl_examples(server: Server, models: list[str]) -> str:
             continue
         lines += [
             f"curl{auth} {base}/predictions/{m} -F file0=@{a} -F file1=@{b}   # several images, one request",
-            *([(f"curl{auth} {base}/predictions/{m} -T {photo} -H 'X-Min-Confidence: 0.9'   "
-                 f"# a photo, not what it learned: \"abstain\": [true]")]
-              if photo.is_file() else []),
-            (f"{{ printf '{{\"instances\": [{{\"b64\": \"'; base64 -w0 {photo if photo.is_file() else a}; "
-             f"printf '\"}}]}}'; }} | curl{auth} {base}/predictions/{m} -H 'X-TopK: 3' "
-             f"-H 'Content-Type: application/json' --data-binary @-"),
-            (f"{{ printf '{{\"inputs\": [{{\"name\": \"images\", \"shape\": [1], \"datatype\": \"BYTES\", "
-             f"\"data\": [\"'; base64 -w0 {a}; printf '\"]}}]}}'; }} | curl{auth} {base}/v2/models/{m}/infer "
-             f"-H 'Content-Type: application/json' --data-binary @-"),
+            *(
+                [
+                    (
+                        f"curl{auth} {base}/predictions/{m} -T {photo} -H 'X-Min-Confidence: 0.9'   "
+                        f'# a photo, not what it learned: "abstain": [true]'
+                    )
+                ]
+                if photo.is_file()
+                else []
+            ),
+            (
+                f'{{ printf \'{{"instances": [{{"b64": "\'; base64 -w0 {photo if photo.is_file() else a}; '
+                f"printf '\"}}]}}'; }} | curl{auth} {base}/predictions/{m} -H 'X-TopK: 3' "
+                f"-H 'Content-Type: application/json' --data-binary @-"
+            ),
+            (
+                f'{{ printf \'{{"inputs": [{{"name": "images", "shape": [1], "datatype": "BYTES", '
+                f'"data": ["\'; base64 -w0 {a}; printf \'"]}}]}}\'; }} | curl{auth} {base}/v2/models/{m}/infer '
+                f"-H 'Content-Type: application/json' --data-binary @-"
+            ),
             f"{python} -m serving.client predict --run {m} {a} {b}",
         ]
     if server.management_url is None:  # the oip runtime: no management API; OIP metadata and gRPC instead
-        lines += [f"curl{auth} {base}/v2/models/{models[0]}          # Open Inference Protocol model metadata",
-                  f"# gRPC (inference.GRPCInferenceService) on {server.grpc_address}",
-                  f"curl {server.local(server.metrics_url)}/metrics         # Prometheus"]
+        lines += [
+            f"curl{auth} {base}/v2/models/{models[0]}          # Open Inference Protocol model metadata",
+            f"# gRPC (inference.GRPCInferenceService) on {server.grpc_address}",
+            f"curl {server.local(server.metrics_url)}/metrics         # Prometheus",
+        ]
         return "\n".join(lines)
-    lines += [f"curl {server.local(server.management_url)}/models          # management (loopback only)",
-              f"curl {server.local(server.metrics_url)}/metrics         # Prometheus"]
+    lines += [
+        f"curl {server.local(server.management_url)}/models          # management (loopback only)",
+        f"curl {server.local(server.metrics_url)}/metrics         # Prometheus",
+    ]
     if server.token_auth:
-        read = f"import json;print(json.load(open(\"{server.workdir / KEY_FILE}\"))[\"management\"][\"key\"])"
+        read = f'import json;print(json.load(open("{server.workdir / KEY_FILE}"))["management"]["key"])'
         lines[-2] = lines[-2].replace("curl ", f"curl -H \"Authorization: Bearer $(python3 -c '{read}')\" ")
     return "\n".join(lines)
 
@@ -396,8 +474,10 @@ def curl_examples(server: Server, models: list[str]) -> str:
 # workers: which processes serve a model, and whether one died (either runtime)
 # --------------------------------------------------------------------------------------------------
 # TorchServe's frontend log lines when a worker dies or is restarted; the oip supervisor's one line.
-DEATH_MARKS = {"torchserve": ("Worker disconnected", "died", "Auto recovery", "Retry worker"),
-               "oip": ("died with code",)}
+DEATH_MARKS = {
+    "torchserve": ("Worker disconnected", "died", "Auto recovery", "Retry worker"),
+    "oip": ("died with code",),
+}
 DEATH_LOGS = {"torchserve": ("logs", "ts_log.log"), "oip": (LOG_FILES["oip"],)}
 
 

@@ -34,8 +34,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint {path} does not exist; train first (make train RUN=...)")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a format-{FORMAT_VERSION} checkpoint of this project "
-                         f"(keys: {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+        raise ValueError(
+            f"{path} is not a format-{FORMAT_VERSION} checkpoint of this project "
+            f"(keys: {sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__})"
+        )
     return ckpt
 
 
@@ -51,11 +53,25 @@ def provenance() -> dict:
     import torchvision
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                                timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, check=False,
-                               cwd=Path(__file__).resolve().parent).stdout.strip() != ""
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            != ""
+        )
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "", False
     return {

@@ -29,11 +29,11 @@ class TrainConfig:
     data_dir: str | None = None
     runs_dir: str = "runs"
     epochs: int = 10
-    batch_size: int = 128            # per process
+    batch_size: int = 128  # per process
     optimizer: str = "adamw"
-    lr: float = 3e-3                 # peak learning rate (after warmup)
-    momentum: float = 0.9            # SGD only
-    nesterov: bool = False           # SGD only
+    lr: float = 3e-3  # peak learning rate (after warmup)
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     warmup_steps: int | None = None  # linear warmup (onecycle: rising phase); None = 10 % of the steps
@@ -42,21 +42,21 @@ class TrainConfig:
     # (docs/benchmarks.md, "few epochs on small data").
     min_steps: int = 1000
     label_smoothing: float = 0.0
-    accum_steps: int = 1             # optimizer step every N batches
-    clip_grad_norm: float = 0.0      # 0 = off
-    precision: str = "fp32"          # autocast dtype; fp16 needs CUDA (GradScaler)
+    accum_steps: int = 1  # optimizer step every N batches
+    clip_grad_norm: float = 0.0  # 0 = off
+    precision: str = "fp32"  # autocast dtype; fp16 needs CUDA (GradScaler)
     channels_last: bool | None = None  # None = on CUDA only, where it is faster
-    augment: str | None = None       # None = the dataset's default policy
+    augment: str | None = None  # None = the dataset's default policy
     val_fraction: float = 0.1
-    image_size: int | None = None    # imagefolder / transfer learning only
+    image_size: int | None = None  # imagefolder / transfer learning only
     pretrained_weights: str | None = None
     freeze_backbone: bool = False
     seed: int = 0
     pipeline: str = "auto"
-    workers: int = 2                 # DataLoader workers (loader pipeline only)
+    workers: int = 2  # DataLoader workers (loader pipeline only)
     device: str = "auto"
     resume: bool = False
-    overwrite: bool = False          # replace a run trained on another dataset or model
+    overwrite: bool = False  # replace a run trained on another dataset or model
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -68,21 +68,31 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"unknown --precision {self.precision!r}; choose one of {PRECISIONS}"),
             (self.pipeline in PIPELINES, f"unknown --pipeline {self.pipeline!r}; choose one of {PIPELINES}"),
             (self.min_steps >= 0, f"--min-steps must be >= 0, got {self.min_steps}"),
-            (self.warmup_steps is None or self.warmup_steps >= 0,
-             f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
-            (self.augment is None or self.augment in AUGMENTATIONS,
-             f"unknown --augment {self.augment!r}; choose one of {AUGMENTATIONS}"),
+            (
+                self.warmup_steps is None or self.warmup_steps >= 0,
+                f"--warmup-steps must be >= 0, got {self.warmup_steps}",
+            ),
+            (
+                self.augment is None or self.augment in AUGMENTATIONS,
+                f"unknown --augment {self.augment!r}; choose one of {AUGMENTATIONS}",
+            ),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.accum_steps >= 1, f"--accum-steps must be >= 1, got {self.accum_steps}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.run and "/" not in self.run, (f"--run must be a plain name (it becomes the served "
-                                                f"model name), got {self.run!r}")),
-            (self.model not in MODELS or not MODELS[self.model].pretrained or self.pretrained_weights,
-             (f"--model {self.model} fine-tunes pretrained weights: pass --pretrained-weights FILE (a "
-              f"torchvision state_dict saved with torch.save); nothing is downloaded from a hub")),
+            (
+                self.run and "/" not in self.run,
+                (f"--run must be a plain name (it becomes the served model name), got {self.run!r}"),
+            ),
+            (
+                self.model not in MODELS or not MODELS[self.model].pretrained or self.pretrained_weights,
+                (
+                    f"--model {self.model} fine-tunes pretrained weights: pass --pretrained-weights FILE (a "
+                    f"torchvision state_dict saved with torch.save); nothing is downloaded from a hub"
+                ),
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -106,7 +116,7 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
         "val_fraction": "share of the training split held out for model selection",
         "image_size": "imagefolder / transfer learning only: square side the images are resized to",
         "pipeline": "tensor: dataset as uint8 on the device, batches augmented there; loader: DataLoader "
-                    "workers with PIL transforms (data that does not fit); auto: tensor when it fits",
+        "workers with PIL transforms (data that does not fit); auto: tensor when it fits",
         "workers": "DataLoader workers (loader pipeline only)",
         "augment": f"one of {', '.join(AUGMENTATIONS)} (default: the dataset's policy)",
     },

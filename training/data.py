@@ -36,10 +36,19 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 DIGIT_NAMES = tuple(str(i) for i in range(10))
-FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                 "Sneaker", "Bag", "Ankle boot")
-CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                 "truck")
+FASHION_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class DataNotFoundError(RuntimeError):
@@ -69,8 +78,7 @@ def augmentation(policy: str, contract: Contract) -> list[Callable]:
     if policy == "affine":  # handwriting: small rotation, shift and scale; never flip a digit
         return [v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
     if policy == "resized-crop":  # photos (ImageFolder / transfer learning)
-        return [v2.RandomResizedCrop((h, w), scale=(0.5, 1.0), antialias=True),
-                v2.RandomHorizontalFlip()]
+        return [v2.RandomResizedCrop((h, w), scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
     raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {AUGMENTATIONS}")
 
 
@@ -86,14 +94,12 @@ def to_contract(contract: Contract) -> list[Callable]:
 def normalize_float(contract: Contract) -> list[Callable]:
     """PIL -> uint8 (C, H, W) -> float normalised with the contract's mean/std (the same map as
     ``contract.Normalize``, which exported graphs apply to uint8 input)."""
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(contract.mean, contract.std)]
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(contract.mean, contract.std)]
 
 
 def build_transform(contract: Contract, augment: str = "none") -> v2.Compose:
     """The one input pipeline: contract mode and size, optional augmentation, normalisation."""
-    return v2.Compose([*to_contract(contract), *augmentation(augment, contract),
-                       *normalize_float(contract)])
+    return v2.Compose([*to_contract(contract), *augmentation(augment, contract), *normalize_float(contract)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,9 +123,16 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     return perm[n_val:], perm[:n_val]
 
 
-def load_splits(name: str, data_dir: str | os.PathLike | None = None, *, augment: str | None = None,
-                val_fraction: float = 0.1, seed: int = 0, download: bool = True,
-                image_size: int | None = None) -> Splits:
+def load_splits(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    augment: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    download: bool = True,
+    image_size: int | None = None,
+) -> Splits:
     """Load a dataset by name.
 
     Args:
@@ -138,8 +151,7 @@ def load_splits(name: str, data_dir: str | os.PathLike | None = None, *, augment
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     spec = DATASETS[name]
-    make_train, make_test, contract = spec.load(data_dir=data_dir, download=download,
-                                                image_size=image_size)
+    make_train, make_test, contract = spec.load(data_dir=data_dir, download=download, image_size=image_size)
     policy = spec.default_augment if augment is None else augment
     train_full = make_train(build_transform(contract, policy))
     train_eval = make_train(build_transform(contract))  # same images, no augmentation, for val
@@ -149,15 +161,14 @@ def load_splits(name: str, data_dir: str | os.PathLike | None = None, *, augment
 
 
 # ---- torchvision IDX datasets (MNIST, Fashion-MNIST) ------------------------------------------------
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _atomic_copy(src: Path, dst: Path, decompress: bool) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".")
     try:
-        with os.fdopen(fd, "wb") as out, (gzip.open(src, "rb") if decompress else open(src, "rb")) as f:
+        with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") if decompress else open(src, "rb") as f:
             shutil.copyfileobj(f, out)
         os.replace(tmp, dst)
     except BaseException:
@@ -179,8 +190,11 @@ def _stage_idx(cls: type, data_dir: Path, root: Path) -> Path:
     staged = root / "staged" / hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
     raw = staged / cls.__name__ / "raw"
     for f in IDX_FILES:
-        for candidate, gz in ((data_dir / f, False), (data_dir / (f + ".gz"), True),
-                              (data_dir / cls.__name__ / "raw" / (f + ".gz"), True)):
+        for candidate, gz in (
+            (data_dir / f, False),
+            (data_dir / (f + ".gz"), True),
+            (data_dir / cls.__name__ / "raw" / (f + ".gz"), True),
+        ):
             if candidate.exists():
                 mtime = candidate.stat().st_mtime_ns
                 if not (raw / f).exists() or (raw / f).stat().st_mtime_ns != mtime:
@@ -190,7 +204,8 @@ def _stage_idx(cls: type, data_dir: Path, root: Path) -> Path:
         else:
             raise DataNotFoundError(
                 f"{cls.__name__} files not found: expected {', '.join(IDX_FILES)} (or .gz) in "
-                f"{data_dir} or {data_dir / cls.__name__ / 'raw'}; fetch them or pass --data-dir DIR")
+                f"{data_dir} or {data_dir / cls.__name__ / 'raw'}; fetch them or pass --data-dir DIR"
+            )
     return staged
 
 
@@ -203,8 +218,12 @@ def _torchvision_loader(cls: type, contract: Contract):
         else:
             root = DEFAULT_DATA_ROOT
         _open(cls, root, download)  # fail early, once, with a clear message
-        return (lambda t: _open(cls, root, False, train=True, transform=t),
-                lambda t: _open(cls, root, False, train=False, transform=t), contract)
+        return (
+            lambda t: _open(cls, root, False, train=True, transform=t),
+            lambda t: _open(cls, root, False, train=False, transform=t),
+            contract,
+        )
+
     return load
 
 
@@ -216,12 +235,16 @@ def _open(cls: type, root: Path, download: bool, train: bool = True, transform=N
     try:
         return cls(root=str(root), train=train, download=download, transform=transform)
     except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found"; urllib: no network
-        expected = (", ".join(f"{root}/{cls.__name__}/raw/{f}" for f in IDX_FILES) if _is_idx(cls)
-                    else f"{root}/cifar-10-batches-py/{{data_batch_1..5,test_batch,batches.meta}}")
-        hint = ("download failed (no network?)" if download else "not found or corrupted")
+        expected = (
+            ", ".join(f"{root}/{cls.__name__}/raw/{f}" for f in IDX_FILES)
+            if _is_idx(cls)
+            else f"{root}/cifar-10-batches-py/{{data_batch_1..5,test_batch,batches.meta}}"
+        )
+        hint = "download failed (no network?)" if download else "not found or corrupted"
         raise DataNotFoundError(
             f"{cls.__name__}: {hint}; expected {expected}. Run once with a network, or pass "
-            f"--data-dir DIR (DATA_DIR=DIR for make) pointing at pre-fetched files. ({e})") from None
+            f"--data-dir DIR (DATA_DIR=DIR for make) pointing at pre-fetched files. ({e})"
+        ) from None
 
 
 class CIFAR10(datasets.CIFAR10):
@@ -231,11 +254,14 @@ class CIFAR10(datasets.CIFAR10):
 
     def _check_integrity(self) -> bool:
         base = Path(self.root) / self.base_folder
-        return all((base / name).is_file() for name, _ in (*self.train_list, *self.test_list)) and \
-            (base / self.meta["filename"]).is_file()
+        return (
+            all((base / name).is_file() for name, _ in (*self.train_list, *self.test_list))
+            and (base / self.meta["filename"]).is_file()
+        )
 
     def _load_meta(self) -> None:
         import pickle
+
         path = Path(self.root) / self.base_folder / self.meta["filename"]
         if not path.is_file():
             raise RuntimeError(f"CIFAR-10 metadata file {path} not found")
@@ -279,8 +305,9 @@ def _digits_arrays(train: bool) -> tuple[np.ndarray, np.ndarray]:
         for k, im in enumerate(small):
             big[k, 4:24, 4:24] = np.asarray(Image.fromarray(im, "L").resize((20, 20), Image.Resampling.BICUBIC))
         # A fixed, stratified 80/20 split: the "held-out split" every digits number refers to.
-        x_tr, x_te, y_tr, y_te = train_test_split(big, bunch.target, test_size=0.2,
-                                                  stratify=bunch.target, random_state=0)
+        x_tr, x_te, y_tr, y_te = train_test_split(
+            big, bunch.target, test_size=0.2, stratify=bunch.target, random_state=0
+        )
         _DIGITS_CACHE[True], _DIGITS_CACHE[False] = (x_tr, y_tr), (x_te, y_te)
     return _DIGITS_CACHE[train]
 
@@ -289,8 +316,7 @@ def _load_digits(data_dir=None, download=True, image_size=None):
     del data_dir, download, image_size  # embedded in scikit-learn
     x, _ = _digits_arrays(True)
     pixels = x.astype(np.float64) / 255.0
-    contract = Contract(28, 28, 1, (round(float(pixels.mean()), 4),), (round(float(pixels.std()), 4),),
-                        DIGIT_NAMES)
+    contract = Contract(28, 28, 1, (round(float(pixels.mean()), 4),), (round(float(pixels.std()), 4),), DIGIT_NAMES)
     return (lambda t: DigitsDataset(True, t), lambda t: DigitsDataset(False, t), contract)
 
 
@@ -298,8 +324,10 @@ def _load_digits(data_dir=None, download=True, image_size=None):
 def _load_imagefolder(data_dir=None, download=True, image_size=None):
     del download
     if data_dir is None:
-        raise DataNotFoundError("imagefolder needs --data-dir DIR: a tree DIR/<class>/<image> or "
-                                "DIR/train/<class>/... with DIR/val/<class>/...")
+        raise DataNotFoundError(
+            "imagefolder needs --data-dir DIR: a tree DIR/<class>/<image> or "
+            "DIR/train/<class>/... with DIR/val/<class>/..."
+        )
     root = Path(data_dir)
     if not root.is_dir():
         raise DataNotFoundError(f"imagefolder: {root} is not a directory; pass --data-dir DIR")
@@ -312,36 +340,58 @@ def _load_imagefolder(data_dir=None, download=True, image_size=None):
     contract = Contract(size, size, 3, IMAGENET_MEAN, IMAGENET_STD, tuple(probe.classes))
     # Files are read as serving reads a request (EXIF orientation, 16-bit and alpha handling, JPEG
     # draft decoding), not with torchvision's loader, which drops alpha and ignores EXIF.
-    files = {"loader": functools.partial(images.read_file, contract=contract),
-             "is_valid_file": images.is_image_file}
+    files = {"loader": functools.partial(images.read_file, contract=contract), "is_valid_file": images.is_image_file}
     if test_root is None:
         # No val/ folder: hold out a fixed 20 % of each class as the test split.
         targets = np.asarray(probe.targets)
         rng = np.random.default_rng(0)
-        test_idx = sorted(i for c in np.unique(targets)
-                          for i in rng.permutation(np.flatnonzero(targets == c))
-                          [: max(1, int(0.2 * (targets == c).sum()))])
+        test_idx = sorted(
+            i
+            for c in np.unique(targets)
+            for i in rng.permutation(np.flatnonzero(targets == c))[: max(1, int(0.2 * (targets == c).sum()))]
+        )
         train_idx = sorted(set(range(len(targets))) - set(test_idx))
-        return (lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, **files), train_idx),
-                lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, **files), test_idx), contract)
+        return (
+            lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, **files), train_idx),
+            lambda t: Subset(datasets.ImageFolder(str(train_root), transform=t, **files), test_idx),
+            contract,
+        )
     test_probe = datasets.ImageFolder(str(test_root), is_valid_file=images.is_image_file)
     if test_probe.classes != probe.classes:
-        raise DataNotFoundError(f"imagefolder: classes differ between {train_root} {probe.classes} and "
-                                f"{test_root} {test_probe.classes}; give both the same class folders")
-    return (lambda t: datasets.ImageFolder(str(train_root), transform=t, **files),
-            lambda t: datasets.ImageFolder(str(test_root), transform=t, **files), contract)
+        raise DataNotFoundError(
+            f"imagefolder: classes differ between {train_root} {probe.classes} and "
+            f"{test_root} {test_probe.classes}; give both the same class folders"
+        )
+    return (
+        lambda t: datasets.ImageFolder(str(train_root), transform=t, **files),
+        lambda t: datasets.ImageFolder(str(test_root), transform=t, **files),
+        contract,
+    )
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec("digits", "affine", _load_digits,
-                          "scikit-learn's 1,797 handwritten digits at 28x28 (offline)"),
-    "mnist": DatasetSpec("mnist", "affine", _torchvision_loader(
-        datasets.MNIST, Contract(28, 28, 1, MNIST_MEAN, MNIST_STD, DIGIT_NAMES)), "MNIST"),
-    "fashion-mnist": DatasetSpec("fashion-mnist", "crop-flip", _torchvision_loader(
-        datasets.FashionMNIST, Contract(28, 28, 1, FASHION_MEAN, FASHION_STD, FASHION_NAMES)),
-        "Fashion-MNIST"),
-    "cifar10": DatasetSpec("cifar10", "crop-flip", _torchvision_loader(
-        CIFAR10, Contract(32, 32, 3, CIFAR10_MEAN, CIFAR10_STD, CIFAR10_NAMES)), "CIFAR-10"),
-    "imagefolder": DatasetSpec("imagefolder", "resized-crop", _load_imagefolder,
-                               "a class-per-folder tree (--data-dir)"),
+    "digits": DatasetSpec(
+        "digits", "affine", _load_digits, "scikit-learn's 1,797 handwritten digits at 28x28 (offline)"
+    ),
+    "mnist": DatasetSpec(
+        "mnist",
+        "affine",
+        _torchvision_loader(datasets.MNIST, Contract(28, 28, 1, MNIST_MEAN, MNIST_STD, DIGIT_NAMES)),
+        "MNIST",
+    ),
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist",
+        "crop-flip",
+        _torchvision_loader(datasets.FashionMNIST, Contract(28, 28, 1, FASHION_MEAN, FASHION_STD, FASHION_NAMES)),
+        "Fashion-MNIST",
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10",
+        "crop-flip",
+        _torchvision_loader(CIFAR10, Contract(32, 32, 3, CIFAR10_MEAN, CIFAR10_STD, CIFAR10_NAMES)),
+        "CIFAR-10",
+    ),
+    "imagefolder": DatasetSpec(
+        "imagefolder", "resized-crop", _load_imagefolder, "a class-per-folder tree (--data-dir)"
+    ),
 }

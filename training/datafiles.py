@@ -24,7 +24,7 @@ def pattern_images(n: int, h: int, w: int, c: int, classes: int = 10, seed: int 
     band = max(1, h // classes)
     for i, y in enumerate(labels):
         top = (y * h) // classes
-        images[i, top:top + band, :, :] = 230
+        images[i, top : top + band, :, :] = 230
     return images, labels.astype(np.uint8)
 
 
@@ -54,19 +54,24 @@ def write_cifar10(root: Path, per_batch: int = 40, n_test: int = 60) -> Path:
     for name, n, seed in batches:
         images, labels = pattern_images(n, 32, 32, 3, seed=seed)
         # The real batches were pickled by Python 2: str keys, read back with encoding="latin1".
-        entry = {"batch_label": name, "labels": [int(x) for x in labels],
-                 "data": images.transpose(0, 3, 1, 2).reshape(n, -1),  # rows of R..G..B planes
-                 "filenames": [f"{name}_{k}.png" for k in range(n)]}
+        entry = {
+            "batch_label": name,
+            "labels": [int(x) for x in labels],
+            "data": images.transpose(0, 3, 1, 2).reshape(n, -1),  # rows of R..G..B planes
+            "filenames": [f"{name}_{k}.png" for k in range(n)],
+        }
         with open(base / name, "wb") as f:
             pickle.dump(entry, f, protocol=2)
     with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(CIFAR10_NAMES), "num_cases_per_batch": per_batch, "num_vis": 3072}, f,
-                    protocol=2)
+        pickle.dump(
+            {"label_names": list(CIFAR10_NAMES), "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2
+        )
     return root
 
 
-def write_imagefolder(root: Path, classes=("ants", "bees"), per_class: int = 12, split: bool = True,
-                      size: int = 48) -> Path:
+def write_imagefolder(
+    root: Path, classes=("ants", "bees"), per_class: int = 12, split: bool = True, size: int = 48
+) -> Path:
     """A class-per-folder tree of PNG/JPEG files; with ``split``, under train/ and val/."""
     parts = (("train", per_class), ("val", max(2, per_class // 3))) if split else (("", per_class),)
     for part, n in parts:

@@ -31,11 +31,22 @@ class EpochStats:
     images: int
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    scheduler, scaler: torch.amp.GradScaler, device: torch.device, *,
-                    precision: str = "fp32", label_smoothing: float = 0.0, accum_steps: int = 1,
-                    clip_grad_norm: float = 0.0, channels_last: bool = False,
-                    progress: str | None = None, on_step=None) -> EpochStats:
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    *,
+    precision: str = "fp32",
+    label_smoothing: float = 0.0,
+    accum_steps: int = 1,
+    clip_grad_norm: float = 0.0,
+    channels_last: bool = False,
+    progress: str | None = None,
+    on_step=None,
+) -> EpochStats:
     """One pass over ``loader`` (a DataLoader, or ``training.tensordata.TensorBatches`` whose batches
     are on ``device`` already); steps ``scheduler`` after every optimizer step, then calls
     ``on_step(loss)`` with the last batch's loss (a detached tensor: reading it waits for the device,
@@ -74,16 +85,20 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         correct += (logits.detach().argmax(1) == targets).sum()
         if progress is not None and step % 10 == 0:
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}",
-                            acc=f"{correct.item() / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
+            bar.set_postfix(
+                loss=f"{total_loss.item() / seen:.4f}",
+                acc=f"{correct.item() / seen:.3f}",
+                img_s=f"{seen / elapsed:.0f}",
+            )
     loss_sum, n_correct = total_loss.item(), correct.item()  # waits for the device: then time it
     elapsed = time.perf_counter() - start
     return EpochStats(loss_sum / max(seen, 1), n_correct / max(seen, 1), seen / max(elapsed, 1e-9), seen)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, *, precision: str = "fp32",
-            channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, *, precision: str = "fp32", channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on CPU) and targets for every sample in ``loader``."""
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.preserve_format
@@ -96,18 +111,22 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, *, preci
     return torch.cat(all_logits), torch.cat(all_targets)
 
 
-def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
-                           class_names: tuple[str, ...] | list[str]) -> dict:
+def classification_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, class_names: tuple[str, ...] | list[str]
+) -> dict:
     """Accuracy, mean loss, per-class precision/recall/F1/support and the confusion matrix (rows: true)."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     labels = list(range(len(class_names)))  # every class, also one the split happens not to contain
     y_true, y_pred = targets.numpy(), logits.argmax(1).numpy()
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     per_class = {
-        name: {"precision": round(float(precision[i]), 6), "recall": round(float(recall[i]), 6),
-               "f1": round(float(f1[i]), 6), "support": int(support[i])}
+        name: {
+            "precision": round(float(precision[i]), 6),
+            "recall": round(float(recall[i]), 6),
+            "f1": round(float(f1[i]), 6),
+            "support": int(support[i]),
+        }
         for i, name in enumerate(class_names)
     }
     n = int(targets.numel())
@@ -120,7 +139,8 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
     }
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
-             class_names: tuple[str, ...] | list[str], **kwargs) -> dict:
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, class_names: tuple[str, ...] | list[str], **kwargs
+) -> dict:
     logits, targets = predict(model, loader, device, **kwargs)
     return classification_metrics(logits, targets, class_names)

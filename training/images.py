@@ -30,6 +30,7 @@ def is_image_file(path: str) -> bool:
     leaves out GIF and adds formats serving refuses)."""
     return path.lower().endswith(EXTENSIONS)
 
+
 # Modes converted to L/RGB. 16-bit grayscale is rescaled (Pillow's own convert clips it to 255);
 # alpha is composited onto white, the colour a viewer shows behind a transparent image.
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -83,14 +84,14 @@ def to_channels(img: Image.Image, channels: int) -> Image.Image:
     if mode in SIXTEEN_BIT_MODES or mode == "I":
         a = np.asarray(img)
         if mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
-            raise UnsupportedImage(f"32-bit integer image with values {a.min()}..{a.max()}; "
-                                   f"send 8- or 16-bit")
+            raise UnsupportedImage(f"32-bit integer image with values {a.min()}..{a.max()}; send 8- or 16-bit")
         img = Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L")  # 16-bit -> 8-bit
     elif (mode == "P" and "transparency" in img.info) or mode == "PA":
         img = img.convert("RGBA")
     elif mode not in ALPHA_MODES and mode not in PLAIN_MODES:
-        raise UnsupportedImage(f"image mode {mode!r} is not supported; send 8-bit or 16-bit "
-                               f"grayscale, palette, RGB, RGBA or CMYK")
+        raise UnsupportedImage(
+            f"image mode {mode!r} is not supported; send 8-bit or 16-bit grayscale, palette, RGB, RGBA or CMYK"
+        )
     if img.mode in ALPHA_MODES:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -13,7 +13,7 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_i
 
 
 def cpu_name(cpuinfo: str | None = None) -> str:
-    """"<model name> (<n> logical CPUs; <ISA flags>)" from /proc/cpuinfo (or the text given)."""
+    """ "<model name> (<n> logical CPUs; <ISA flags>)" from /proc/cpuinfo (or the text given)."""
     try:
         text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:

@@ -68,12 +68,15 @@ class SimpleCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
         )
         side = _pooled(image_size, 2)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.5),
-                                        nn.Linear(32 * side * side, num_classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(32 * side * side, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -86,13 +89,21 @@ class CifarNet(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 32, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
         )
         side = _pooled(image_size, 3)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * side * side, 64), nn.ReLU(inplace=True),  # 1024 at 32x32
+            nn.Flatten(),
+            nn.Linear(64 * side * side, 64),
+            nn.ReLU(inplace=True),  # 1024 at 32x32
             nn.Linear(64, num_classes),
         )
 
@@ -101,21 +112,24 @@ class CifarNet(nn.Module):
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 class BnCNN(nn.Module):
     """Conv-BatchNorm-ReLU blocks (32/64/128), global average pooling and dropout: size-agnostic."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 dropout: float = 0.3) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, dropout: float = 0.3) -> None:
         super().__init__()
         del image_size  # AdaptiveAvgPool makes the head independent of the input size
         self.features = nn.Sequential(
-            conv_bn(in_channels, 32), conv_bn(32, 32), nn.MaxPool2d(2),
-            conv_bn(32, 64), conv_bn(64, 64), nn.MaxPool2d(2),
-            conv_bn(64, 128), nn.AdaptiveAvgPool2d(1),
+            conv_bn(in_channels, 32),
+            conv_bn(32, 32),
+            nn.MaxPool2d(2),
+            conv_bn(32, 64),
+            conv_bn(64, 64),
+            nn.MaxPool2d(2),
+            conv_bn(64, 128),
+            nn.AdaptiveAvgPool2d(1),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(128, num_classes))
 
@@ -136,17 +150,22 @@ class ResNet9(nn.Module):
     """ResNet-9 in the spirit of the DAWNBench / airbench CIFAR-10 nets (~94 % in a short schedule on
     a GPU): prep 64 -> 128 + residual -> 256 -> 512 + residual -> global max-pool -> linear."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
-                 width: int = 64) -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: int = 64) -> None:
         super().__init__()
         del image_size  # global pooling
         w = width
         self.net = nn.Sequential(
             conv_bn(in_channels, w),
-            conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
-            conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
-            conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+            conv_bn(w, 2 * w),
+            nn.MaxPool2d(2),
+            Residual(2 * w),
+            conv_bn(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            conv_bn(4 * w, 8 * w),
+            nn.MaxPool2d(2),
+            Residual(8 * w),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
         )
         self.fc = nn.Linear(8 * w, num_classes, bias=False)
         # Scaling the logits down (airbench uses 1/8) keeps the early softmax soft: faster, steadier
@@ -164,13 +183,20 @@ class Transfer(nn.Module):
     module only defines structure, so a checkpoint can rebuild it without that file.
     """
 
-    def __init__(self, backbone: str, in_channels: int = 3, num_classes: int = 10,
-                 image_size: int = 224, freeze_backbone: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: str,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        image_size: int = 224,
+        freeze_backbone: bool = False,
+    ) -> None:
         super().__init__()
         del image_size  # both backbones end in adaptive pooling
         if in_channels != 3:
-            raise ValueError(f"{backbone} expects 3-channel RGB input, got in_channels={in_channels}; "
-                             f"train it on an RGB dataset")
+            raise ValueError(
+                f"{backbone} expects 3-channel RGB input, got in_channels={in_channels}; train it on an RGB dataset"
+            )
         if backbone == "resnet18":
             self.backbone = tvm.resnet18(weights=None)
             head_in = self.backbone.fc.in_features
@@ -204,10 +230,14 @@ MODELS: dict[str, ModelSpec] = {
     "cifarnet": ModelSpec(CifarNet, description="CIFAR-10 tutorial net, served as `cifarnet`"),
     "bn_cnn": ModelSpec(BnCNN, description="BatchNorm CNN with global average pooling"),
     "resnet9": ModelSpec(ResNet9, description="fast residual CIFAR-10 net (~94 % on GPU)"),
-    "resnet18": ModelSpec(lambda **kw: Transfer("resnet18", **kw), pretrained=True,
-                          description="torchvision ResNet-18, new head, local weights"),
-    "vgg16": ModelSpec(lambda **kw: Transfer("vgg16", **kw), pretrained=True,
-                       description="torchvision VGG-16, new head, local weights"),
+    "resnet18": ModelSpec(
+        lambda **kw: Transfer("resnet18", **kw),
+        pretrained=True,
+        description="torchvision ResNet-18, new head, local weights",
+    ),
+    "vgg16": ModelSpec(
+        lambda **kw: Transfer("vgg16", **kw), pretrained=True, description="torchvision VGG-16, new head, local weights"
+    ),
 }
 
 

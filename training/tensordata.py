@@ -64,10 +64,17 @@ class TensorSplits:
     contract: Contract
 
 
-def load_tensor_splits(name: str, data_dir: str | os.PathLike | None = None, *, val_fraction: float = 0.1,
-                       seed: int = 0, download: bool = True, image_size: int | None = None,
-                       cache_dir: str | os.PathLike | None = None,
-                       max_bytes: int | None = None) -> TensorSplits | None:
+def load_tensor_splits(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    download: bool = True,
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    max_bytes: int | None = None,
+) -> TensorSplits | None:
     """``load_splits``' train/val/test as uint8 tensors on the CPU (``TensorSet.to`` moves them).
 
     Args are those of ``training.data.load_splits``, and:
@@ -76,8 +83,7 @@ def load_tensor_splits(name: str, data_dir: str | os.PathLike | None = None, *, 
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    make_train, make_test, contract = DATASETS[name].load(data_dir=data_dir, download=download,
-                                                          image_size=image_size)
+    make_train, make_test, contract = DATASETS[name].load(data_dir=data_dir, download=download, image_size=image_size)
     train_ds, test_ds = make_train(None), make_test(None)
     nbytes = (len(train_ds) + len(test_ds)) * int(np.prod(contract.input_shape))
     if max_bytes is not None and nbytes > max_bytes:
@@ -101,15 +107,20 @@ def dataset_tensors(ds: Dataset, contract: Contract, cache_dir: Path) -> TensorS
 
     if isinstance(ds, Subset):
         return dataset_tensors(ds.dataset, contract, cache_dir).subset(list(ds.indices))
-    if isinstance(ds, datasets.MNIST):                       # (N, 28, 28) uint8 tensor
-        return _checked(TensorSet(ds.data.unsqueeze(1).contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)),
-                        contract)
-    if isinstance(ds, datasets.CIFAR10):                     # (N, 32, 32, 3) uint8 numpy
+    if isinstance(ds, datasets.MNIST):  # (N, 28, 28) uint8 tensor
+        return _checked(
+            TensorSet(ds.data.unsqueeze(1).contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)), contract
+        )
+    if isinstance(ds, datasets.CIFAR10):  # (N, 32, 32, 3) uint8 numpy
         images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
         return _checked(TensorSet(images, torch.as_tensor(ds.targets, dtype=torch.long)), contract)
-    if hasattr(ds, "images") and hasattr(ds, "labels"):      # DigitsDataset: (N, 28, 28) uint8 numpy
-        return _checked(TensorSet(torch.from_numpy(np.ascontiguousarray(ds.images))[:, None],
-                                  torch.as_tensor(ds.labels, dtype=torch.long)), contract)
+    if hasattr(ds, "images") and hasattr(ds, "labels"):  # DigitsDataset: (N, 28, 28) uint8 numpy
+        return _checked(
+            TensorSet(
+                torch.from_numpy(np.ascontiguousarray(ds.images))[:, None], torch.as_tensor(ds.labels, dtype=torch.long)
+            ),
+            contract,
+        )
     if isinstance(ds, datasets.ImageFolder):
         return cached_imagefolder(ds, contract, cache_dir)
     raise TypeError(f"no tensor form for {type(ds).__name__}; train it with --pipeline loader")
@@ -117,8 +128,10 @@ def dataset_tensors(ds: Dataset, contract: Contract, cache_dir: Path) -> TensorS
 
 def _checked(data: TensorSet, contract: Contract) -> TensorSet:
     if tuple(data.images.shape[1:]) != contract.input_shape:
-        raise ValueError(f"dataset images are {tuple(data.images.shape[1:])}, the contract says "
-                         f"{contract.input_shape}; train with --pipeline loader to resize them")
+        raise ValueError(
+            f"dataset images are {tuple(data.images.shape[1:])}, the contract says "
+            f"{contract.input_shape}; train with --pipeline loader to resize them"
+        )
     return data
 
 
@@ -166,8 +179,7 @@ def cached_imagefolder(ds, contract: Contract, cache_dir: Path, workers: int | N
     data = TensorSet(torch.cat(images), torch.cat(labels).long())
     # Files changed while decoding would leave pixels under the wrong key: key them as found at the end.
     if source_key(fresh.samples, contract) == key:
-        atomic_write_bytes(path, lambda f: torch.save({"key": key, "images": data.images,
-                                                       "labels": data.labels}, f))
+        atomic_write_bytes(path, lambda f: torch.save({"key": key, "images": data.images, "labels": data.labels}, f))
     return data
 
 
@@ -177,8 +189,17 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def shard_indices(n: int, *, epoch: int, seed: int, rank: int = 0, world: int = 1, repeats: int = 1,
-                  shuffle: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
+def shard_indices(
+    n: int,
+    *,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    repeats: int = 1,
+    shuffle: bool = True,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """This rank's sample order for one epoch: ``repeats`` shuffled passes over ``n`` samples, the
     same on every rank (seeded by ``seed`` and ``epoch``), dealt round-robin so that ranks get
     disjoint, equally long shares (the tail that does not divide by ``world`` is dropped)."""
@@ -188,7 +209,7 @@ def shard_indices(n: int, *, epoch: int, seed: int, rank: int = 0, world: int = 
     else:
         order = torch.arange(n, device=device).repeat(repeats)
     per_rank = len(order) // world
-    return order[rank: per_rank * world: world]
+    return order[rank : per_rank * world : world]
 
 
 class TensorBatches:
@@ -206,9 +227,20 @@ class TensorBatches:
         repeats: passes over the data per epoch (``min_steps`` on small datasets).
     """
 
-    def __init__(self, data: TensorSet, contract: Contract, batch_size: int, *, augment: str = "none",
-                 shuffle: bool = False, drop_last: bool = False, seed: int = 0, rank: int = 0,
-                 world: int = 1, repeats: int = 1) -> None:
+    def __init__(
+        self,
+        data: TensorSet,
+        contract: Contract,
+        batch_size: int,
+        *,
+        augment: str = "none",
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        repeats: int = 1,
+    ) -> None:
         self.data, self.batch_size, self.augment = data, batch_size, augment
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world, self.repeats = rank, world, repeats
@@ -227,18 +259,25 @@ class TensorBatches:
 
     def indices(self) -> torch.Tensor:
         """The samples this rank's batches of this epoch hold, in order."""
-        order = shard_indices(len(self.data), epoch=self.epoch, seed=self.seed, rank=self.rank,
-                              world=self.world, repeats=self.repeats, shuffle=self.shuffle,
-                              device=self.data.images.device)
-        return order[:len(self) * self.batch_size]
+        order = shard_indices(
+            len(self.data),
+            epoch=self.epoch,
+            seed=self.seed,
+            rank=self.rank,
+            world=self.world,
+            repeats=self.repeats,
+            shuffle=self.shuffle,
+            device=self.data.images.device,
+        )
+        return order[: len(self) * self.batch_size]
 
     def __iter__(self):
         dev = self.data.images.device
         order = self.indices()
         g = torch.Generator(device=dev).manual_seed(seed_for(self.seed, self.epoch, self.rank, 1))
         for k in range(len(self)):
-            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            x = self.data.images[idx].to(torch.float32)                    # (B, C, H, W) 0..255
+            idx = order[k * self.batch_size : (k + 1) * self.batch_size]
+            x = self.data.images[idx].to(torch.float32)  # (B, C, H, W) 0..255
             x = augment_batch(self.augment, x, g)
             yield self.normalize(x), self.data.labels[idx]
 

@@ -93,8 +93,9 @@ def seed_everything(seed: int) -> None:
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -115,8 +116,13 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
         # ZeroDivisionError on a 7-step run)
         rising = min(max(warmup, 2), total_steps - 2)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=rising / total_steps,
-            anneal_strategy="cos", cycle_momentum=cfg.optimizer == "sgd")
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=total_steps,
+            pct_start=rising / total_steps,
+            anneal_strategy="cos",
+            cycle_momentum=cfg.optimizer == "sgd",
+        )
     if cfg.schedule == "cosine":
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup))
         if warmup == 0:
@@ -142,13 +148,14 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     backbone_keys = set(model.backbone.state_dict())
-    kept = {k: v for k, v in state.items() if k in backbone_keys
-            and v.shape == model.backbone.state_dict()[k].shape}
+    kept = {k: v for k, v in state.items() if k in backbone_keys and v.shape == model.backbone.state_dict()[k].shape}
     missing = backbone_keys - set(kept)
     if len(kept) == 0 or len(missing) > 0.1 * len(backbone_keys):
-        raise ValueError(f"{path} does not look like weights for this backbone: {len(missing)} of "
-                         f"{len(backbone_keys)} tensors missing (e.g. {sorted(missing)[:3]}); pass a "
-                         f"torchvision state_dict of the same architecture")
+        raise ValueError(
+            f"{path} does not look like weights for this backbone: {len(missing)} of "
+            f"{len(backbone_keys)} tensors missing (e.g. {sorted(missing)[:3]}); pass a "
+            f"torchvision state_dict of the same architecture"
+        )
     model.backbone.load_state_dict(kept, strict=False)
 
 
@@ -165,14 +172,14 @@ class Pipeline:
     """Where a run's batches come from. ``train``/``val``/``test`` yield (images, labels) batches
     (float, normalised); ``set_epoch`` reseeds the training order for an epoch."""
 
-    kind: str                     # "tensor" or "loader"
+    kind: str  # "tensor" or "loader"
     contract: Contract
     train: Batches
     val: Batches
     test: Batches
     set_epoch: Callable[[int], None]
     samples: Callable[[], torch.Tensor]  # a few training images in 0..1, for TensorBoard
-    passes: int                   # passes over the training data per epoch
+    passes: int  # passes over the training data per epoch
 
 
 def _steps_per_pass(n: int, batch_size: int, accum_steps: int, drop_last: bool) -> int:
@@ -189,36 +196,65 @@ def build_pipeline(cfg: TrainConfig, rank: int, world: int, device: torch.device
     data = None
     if cfg.pipeline != "loader":
         budget = memory_budget(device) if cfg.pipeline == "auto" else None
-        data = load_tensor_splits(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                                  image_size=cfg.image_size, max_bytes=budget)
+        data = load_tensor_splits(
+            cfg.dataset,
+            cfg.data_dir,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+            image_size=cfg.image_size,
+            max_bytes=budget,
+        )
         if data is None and rank == 0:
-            print(f"{cfg.dataset} does not fit in a quarter of the free memory on {device}: "
-                  f"DataLoader with {cfg.workers} workers", flush=True)
+            print(
+                f"{cfg.dataset} does not fit in a quarter of the free memory on {device}: "
+                f"DataLoader with {cfg.workers} workers",
+                flush=True,
+            )
     if data is not None:
         drop_last = len(data.train) > cfg.batch_size * world
-        passes = passes_per_epoch(cfg, _steps_per_pass(len(data.train) // world, cfg.batch_size,
-                                                       cfg.accum_steps, drop_last))
+        passes = passes_per_epoch(
+            cfg, _steps_per_pass(len(data.train) // world, cfg.batch_size, cfg.accum_steps, drop_last)
+        )
         policy = cfg.augment or DATASETS[cfg.dataset].default_augment
-        train = TensorBatches(data.train.to(device), data.contract, cfg.batch_size, augment=policy, shuffle=True,
-                              drop_last=drop_last, seed=cfg.seed, rank=rank, world=world, repeats=passes)
+        train = TensorBatches(
+            data.train.to(device),
+            data.contract,
+            cfg.batch_size,
+            augment=policy,
+            shuffle=True,
+            drop_last=drop_last,
+            seed=cfg.seed,
+            rank=rank,
+            world=world,
+            repeats=passes,
+        )
         holdout = data.val if len(data.val) else data.test
         val = TensorBatches(holdout.to(device), data.contract, 256)
         test = TensorBatches(data.test.to(device), data.contract, 256)
         return Pipeline("tensor", data.contract, train, val, test, train.set_epoch, train.sample_grid, passes)
 
-    splits = load_splits(cfg.dataset, cfg.data_dir, augment=cfg.augment, val_fraction=cfg.val_fraction,
-                         seed=cfg.seed, image_size=cfg.image_size)
+    splits = load_splits(
+        cfg.dataset,
+        cfg.data_dir,
+        augment=cfg.augment,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        image_size=cfg.image_size,
+    )
     drop_last = len(splits.train) > cfg.batch_size * world
-    passes = passes_per_epoch(cfg, _steps_per_pass(len(splits.train) // world, cfg.batch_size,
-                                                   cfg.accum_steps, drop_last))
+    passes = passes_per_epoch(
+        cfg, _steps_per_pass(len(splits.train) // world, cfg.batch_size, cfg.accum_steps, drop_last)
+    )
     train_set = ConcatDataset([splits.train] * passes) if passes > 1 else splits.train
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
     loader_kw = {"num_workers": cfg.workers, "pin_memory": device.type == "cuda", "persistent_workers": False}
-    train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                       drop_last=drop_last, **loader_kw)
+    train = DataLoader(
+        train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last, **loader_kw
+    )
     # Their own generator: evaluation must not draw from the global RNG that --resume restores.
-    val = DataLoader(splits.val if len(splits.val) else splits.test, batch_size=256,
-                     generator=torch.Generator(), **loader_kw)
+    val = DataLoader(
+        splits.val if len(splits.val) else splits.test, batch_size=256, generator=torch.Generator(), **loader_kw
+    )
     test = DataLoader(splits.test, batch_size=256, generator=torch.Generator(), **loader_kw)
 
     def samples() -> torch.Tensor:
@@ -227,8 +263,16 @@ def build_pipeline(cfg: TrainConfig, rank: int, world: int, device: torch.device
         std = torch.tensor(splits.contract.std).view(1, -1, 1, 1)
         return (images * std + mean).clamp(0, 1)
 
-    return Pipeline("loader", splits.contract, train, val, test,
-                    sampler.set_epoch if sampler is not None else (lambda epoch: None), samples, passes)
+    return Pipeline(
+        "loader",
+        splits.contract,
+        train,
+        val,
+        test,
+        sampler.set_epoch if sampler is not None else (lambda epoch: None),
+        samples,
+        passes,
+    )
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -259,10 +303,12 @@ def check_run_dir(cfg: TrainConfig) -> None:
         return  # a torn or foreign file: nothing to protect
     changed = [f"{k} {saved.get(k)}" for k in ("dataset", "model") if saved.get(k) != getattr(cfg, k)]
     if changed:
-        raise ValueError(f"{cfg.run_dir} holds a model trained with {' and '.join(changed)}, not "
-                         f"{cfg.dataset}/{cfg.model}; choose another --run name (make train RUN=...), "
-                         f"move the old run away (mv {cfg.run_dir} {Path(cfg.runs_dir) / str(saved.get('dataset'))}), "
-                         f"or pass --overwrite to replace it")
+        raise ValueError(
+            f"{cfg.run_dir} holds a model trained with {' and '.join(changed)}, not "
+            f"{cfg.dataset}/{cfg.model}; choose another --run name (make train RUN=...), "
+            f"move the old run away (mv {cfg.run_dir} {Path(cfg.runs_dir) / str(saved.get('dataset'))}), "
+            f"or pass --overwrite to replace it"
+        )
 
 
 def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
@@ -275,14 +321,19 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
     model, arch_args, channels_last = _build_model(cfg, pipe.contract, device, pretrained=resume is None)
     steps_per_epoch = math.ceil(len(pipe.train) / cfg.accum_steps)
     if is_main:
-        print(f"{pipe.kind} pipeline: {steps_per_epoch} optimizer steps per epoch"
-              + (f" ({pipe.passes} passes over the data, --min-steps {cfg.min_steps})" if pipe.passes > 1 else ""),
-              flush=True)
+        print(
+            f"{pipe.kind} pipeline: {steps_per_epoch} optimizer steps per epoch"
+            + (f" ({pipe.passes} passes over the data, --min-steps {cfg.min_steps})" if pipe.passes > 1 else ""),
+            flush=True,
+        )
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    train_model = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-                   if world > 1 else model)
+    train_model = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
     history: list[dict] = []
     start_epoch, best_acc = 0, -1.0
     if resume is not None:
@@ -291,34 +342,62 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
             print(f"resumed {last_path} at epoch {start_epoch}/{cfg.epochs}")
     writer = _start_run_dir(cfg, pipe, fresh=start_epoch == 0) if is_main else None
 
-    base = {"format": FORMAT_VERSION, "arch": cfg.model, "arch_args": arch_args,
-            "contract": pipe.contract.to_dict(), "dataset": cfg.dataset, "config": _plain(cfg)}
+    base = {
+        "format": FORMAT_VERSION,
+        "arch": cfg.model,
+        "arch_args": arch_args,
+        "contract": pipe.contract.to_dict(),
+        "dataset": cfg.dataset,
+        "config": _plain(cfg),
+    }
     for epoch in range(start_epoch, cfg.epochs):
         pipe.set_epoch(epoch)
         t0 = time.perf_counter()
         stats = train_one_epoch(
-            train_model, pipe.train, optimizer, scheduler, scaler, device, precision=cfg.precision,
-            label_smoothing=cfg.label_smoothing, accum_steps=cfg.accum_steps,
-            clip_grad_norm=cfg.clip_grad_norm, channels_last=channels_last,
+            train_model,
+            pipe.train,
+            optimizer,
+            scheduler,
+            scaler,
+            device,
+            precision=cfg.precision,
+            label_smoothing=cfg.label_smoothing,
+            accum_steps=cfg.accum_steps,
+            clip_grad_norm=cfg.clip_grad_norm,
+            channels_last=channels_last,
             progress=f"epoch {epoch + 1}/{cfg.epochs}" if is_main else None,
-            on_step=_step_logger(writer, optimizer, epoch * steps_per_epoch))
+            on_step=_step_logger(writer, optimizer, epoch * steps_per_epoch),
+        )
         rngs = _gather_rng(world)
         if is_main:
-            val = evaluate(model, pipe.val, device, pipe.contract.class_names, precision=cfg.precision,
-                           channels_last=channels_last)
+            val = evaluate(
+                model, pipe.val, device, pipe.contract.class_names, precision=cfg.precision, channels_last=channels_last
+            )
             record = _epoch_record(cfg, epoch, stats, val, world, optimizer, time.perf_counter() - t0)
             history.append(record)
             _log_epoch(record, writer, cfg.epochs)
-            state = {**base, "state_dict": _cpu_state(model), "epoch": epoch + 1,
-                     "metrics": {"val_accuracy": val["accuracy"], "val_loss": val["loss"]},
-                     "provenance": provenance()}
+            state = {
+                **base,
+                "state_dict": _cpu_state(model),
+                "epoch": epoch + 1,
+                "metrics": {"val_accuracy": val["accuracy"], "val_loss": val["loss"]},
+                "provenance": provenance(),
+            }
             if val["accuracy"] > best_acc:
                 best_acc = val["accuracy"]
                 save_checkpoint(state, best_path)
-            save_checkpoint({**state, "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                             "scaler": scaler.state_dict(), "rng": rngs, "best_val_accuracy": best_acc,
-                             "history": history}, last_path)
+            save_checkpoint(
+                {
+                    **state,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "scaler": scaler.state_dict(),
+                    "rng": rngs,
+                    "best_val_accuracy": best_acc,
+                    "history": history,
+                },
+                last_path,
+            )
         if world > 1:
             dist.barrier()  # rank 0 evaluates and saves while the others wait
 
@@ -337,11 +416,11 @@ def _load_resume(cfg: TrainConfig, last_path: Path, is_main: bool) -> dict | Non
     return resume
 
 
-def _build_model(cfg: TrainConfig, contract: Contract, device: torch.device,
-                 pretrained: bool) -> tuple[nn.Module, dict, bool]:
+def _build_model(
+    cfg: TrainConfig, contract: Contract, device: torch.device, pretrained: bool
+) -> tuple[nn.Module, dict, bool]:
     """The architecture sized for ``contract``, on ``device``; returns (model, arch_args, channels_last)."""
-    arch_args = {"in_channels": contract.channels, "num_classes": contract.num_classes,
-                 "image_size": contract.height}
+    arch_args = {"in_channels": contract.channels, "num_classes": contract.num_classes, "image_size": contract.height}
     if cfg.freeze_backbone:
         arch_args["freeze_backbone"] = True
     model = build_model(cfg.model, **arch_args)
@@ -370,9 +449,11 @@ def _start_run_dir(cfg: TrainConfig, pipe: Pipeline, fresh: bool):
     if not cfg.tensorboard:
         return None
     from torch.utils.tensorboard import SummaryWriter
+
     writer = SummaryWriter(str(cfg.run_dir / "tb"))
     if fresh:
         from torchvision.utils import make_grid
+
         writer.add_image("train/samples", make_grid(pipe.samples(), nrow=8), 0)
     return writer
 
@@ -399,18 +480,26 @@ def _step_logger(writer, optimizer, first_step: int):
     return log
 
 
-def _epoch_record(cfg: TrainConfig, epoch: int, stats, val: dict, world: int, optimizer,
-                  seconds: float) -> dict:
-    return {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-            "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-            "images_per_s": stats.images_per_s * world, "seconds": seconds,
-            "lr": optimizer.param_groups[0]["lr"]}
+def _epoch_record(cfg: TrainConfig, epoch: int, stats, val: dict, world: int, optimizer, seconds: float) -> dict:
+    return {
+        "epoch": epoch + 1,
+        "train_loss": stats.loss,
+        "train_accuracy": stats.accuracy,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "images_per_s": stats.images_per_s * world,
+        "seconds": seconds,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
 
 
 def _log_epoch(record: dict, writer, epochs: int) -> None:
-    print(f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} acc "
-          f"{record['train_accuracy']:.4f}  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}  "
-          f"{record['images_per_s']:.0f} img/s  {record['seconds']:.1f}s", flush=True)
+    print(
+        f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f} acc "
+        f"{record['train_accuracy']:.4f}  val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}  "
+        f"{record['images_per_s']:.0f} img/s  {record['seconds']:.1f}s",
+        flush=True,
+    )
     if writer is not None:
         for key, value in record.items():
             if key != "epoch":
@@ -425,16 +514,24 @@ def _finish(cfg: TrainConfig, best_path: Path, pipe: Pipeline, device, writer, h
     model, contract = model_from_checkpoint(best)
     model.to(device)
     test = evaluate(model, pipe.test, device, contract.class_names)
-    best["metrics"] = {**best["metrics"], "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-                       "test_samples": test["samples"],
-                       "train_seconds": round(sum(h["seconds"] for h in history), 2)}
+    best["metrics"] = {
+        **best["metrics"],
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "test_samples": test["samples"],
+        "train_seconds": round(sum(h["seconds"] for h in history), 2),
+    }
     save_checkpoint(best, best_path)
-    print(f"best epoch {best['epoch']}: val acc {best['metrics']['val_accuracy']:.4f}, "
-          f"test acc {test['accuracy']:.4f} on {test['samples']} held-out images")
+    print(
+        f"best epoch {best['epoch']}: val acc {best['metrics']['val_accuracy']:.4f}, "
+        f"test acc {test['accuracy']:.4f} on {test['samples']} held-out images"
+    )
     if writer is not None:
-        writer.add_hparams({k: v for k, v in _plain(cfg).items() if isinstance(v, (int, float, str, bool))},
-                           {"hparam/test_accuracy": test["accuracy"],
-                            "hparam/val_accuracy": best["metrics"]["val_accuracy"]}, run_name=".")
+        writer.add_hparams(
+            {k: v for k, v in _plain(cfg).items() if isinstance(v, (int, float, str, bool))},
+            {"hparam/test_accuracy": test["accuracy"], "hparam/val_accuracy": best["metrics"]["val_accuracy"]},
+            run_name=".",
+        )
         writer.close()
 
 
@@ -453,6 +550,7 @@ def _cpu_state(model: nn.Module) -> dict:
 
 def _plain(cfg: TrainConfig) -> dict:
     import dataclasses
+
     return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
 
 
@@ -465,5 +563,7 @@ def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
     if saved.get("epochs") != cfg.epochs and cfg.schedule != "none":
         changed.append(f"epochs: {saved.get('epochs')} -> {cfg.epochs} (the LR schedule spans all epochs)")
     if changed:
-        raise ValueError(f"cannot --resume {cfg.run_dir / 'last.pt'} with changed settings ({'; '.join(changed)}); "
-                         f"use the original settings or a new --run name")
+        raise ValueError(
+            f"cannot --resume {cfg.run_dir / 'last.pt'} with changed settings ({'; '.join(changed)}); "
+            f"use the original settings or a new --run name"
+        )

@@ -20,8 +20,9 @@ from training.data import build_transform
 from training.files import atomic_write_bytes
 
 
-def visualize(checkpoint: str | Path, image: str | Path | None, out_dir: str | Path | None = None,
-              max_maps: int = 32) -> list[Path]:
+def visualize(
+    checkpoint: str | Path, image: str | Path | None, out_dir: str | Path | None = None, max_maps: int = 32
+) -> list[Path]:
     """Write ``filters.png`` (first conv layer) and, given an image, ``features_<layer>.png`` for each
     conv layer (its first ``max_maps`` channels). Returns the written paths."""
     ckpt = load_checkpoint(checkpoint)
@@ -32,19 +33,26 @@ def visualize(checkpoint: str | Path, image: str | Path | None, out_dir: str | P
         raise ValueError(f"{checkpoint}: model {type(model).__name__} has no Conv2d layer to visualize")
     run = Path(checkpoint).parent.name
     name, first = convs[0]
-    written = [plot_filters(first.weight.detach(), out / "filters.png",
-                            f"{run} ({ckpt['arch']}): layer {name}, {first.out_channels} filters "
-                            f"{first.kernel_size[0]}x{first.kernel_size[1]} over {first.in_channels} "
-                            f"input channel(s)")]
+    written = [
+        plot_filters(
+            first.weight.detach(),
+            out / "filters.png",
+            f"{run} ({ckpt['arch']}): layer {name}, {first.out_channels} filters "
+            f"{first.kernel_size[0]}x{first.kernel_size[1]} over {first.in_channels} "
+            f"input channel(s)",
+        )
+    ]
     if image is not None:
         if not Path(image).is_file():
-            raise FileNotFoundError(f"--image {image} does not exist; make demo and make export write "
-                                    f"samples, e.g. samples/{run}/")
+            raise FileNotFoundError(
+                f"--image {image} does not exist; make demo and make export write samples, e.g. samples/{run}/"
+            )
         x = build_transform(contract)(Image.open(image)).unsqueeze(0)  # (1, C, H, W), normalised
         maps: dict[str, torch.Tensor] = {}
         # clone: an in-place ReLU after the conv (cifarnet's) would otherwise rewrite the stored map
-        hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: maps.__setitem__(n, o.detach().clone()))
-                 for n, m in convs]
+        hooks = [
+            m.register_forward_hook(lambda _m, _i, o, n=n: maps.__setitem__(n, o.detach().clone())) for n, m in convs
+        ]
         with torch.no_grad():
             probs = torch.softmax(model(x), 1)[0]
         for h in hooks:
@@ -53,10 +61,12 @@ def visualize(checkpoint: str | Path, image: str | Path | None, out_dir: str | P
         seen = _unnormalise(x[0], contract)  # (H, W) or (H, W, 3) in 0..1
         for layer, fmap in maps.items():
             path = out / f"features_{layer.replace('.', '_')}.png"
-            title = (f"{run}: layer {layer} output, {fmap.shape[1]} channels {fmap.shape[2]}x{fmap.shape[3]}"
-                     + (f" (first {max_maps} shown)" if fmap.shape[1] > max_maps else "")
-                     + f"; input {Path(image).name}, predicted {contract.class_names[top]} "
-                       f"(p={float(probs[top]):.3f}, uncalibrated)")
+            title = (
+                f"{run}: layer {layer} output, {fmap.shape[1]} channels {fmap.shape[2]}x{fmap.shape[3]}"
+                + (f" (first {max_maps} shown)" if fmap.shape[1] > max_maps else "")
+                + f"; input {Path(image).name}, predicted {contract.class_names[top]} "
+                f"(p={float(probs[top]):.3f}, uncalibrated)"
+            )
             written.append(plot_feature_maps(fmap[0, :max_maps], seen, path, title))
     return written
 
@@ -84,6 +94,7 @@ def plot_filters(w: torch.Tensor, path: Path, title: str) -> Path:
     """(out, in, kh, kw) weights as a labelled grid of upscaled tiles: RGB for 3 input channels, else the
     mean over input channels in a diverging map (red positive, blue negative)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -109,6 +120,7 @@ def plot_filters(w: torch.Tensor, path: Path, title: str) -> Path:
 def plot_feature_maps(fmap: torch.Tensor, seen: np.ndarray, path: Path, title: str) -> Path:
     """The input (left, large) beside a labelled grid of one layer's channels (C, H, W)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -30,11 +30,13 @@ class StockImageClassifier(BaseHandler):
         ckpt = load_checkpoint(os.path.join(model_dir, "best.pt"))
         self.model, self.contract = model_from_checkpoint(ckpt)
         self.device = torch.device("cpu")
-        self.image_processing = transforms.Compose([
-            transforms.Resize((self.contract.height, self.contract.width)),
-            transforms.ToTensor(),
-            transforms.Normalize(self.contract.mean, self.contract.std),
-        ])
+        self.image_processing = transforms.Compose(
+            [
+                transforms.Resize((self.contract.height, self.contract.width)),
+                transforms.ToTensor(),
+                transforms.Normalize(self.contract.mean, self.contract.std),
+            ]
+        )
         self.mode = "L" if self.contract.channels == 1 else "RGB"
         self.initialized = True
 
@@ -60,5 +62,7 @@ class StockImageClassifier(BaseHandler):
         ps = F.softmax(data, dim=1)
         probs, classes = torch.topk(ps, min(self.topk, ps.shape[1]), dim=1)
         names = self.contract.class_names
-        return [json.dumps({names[c]: p for c, p in zip(cs.tolist(), pr.tolist(), strict=True)})
-                for pr, cs in zip(probs, classes, strict=True)]
+        return [
+            json.dumps({names[c]: p for c, p in zip(cs.tolist(), pr.tolist(), strict=True)})
+            for pr, cs in zip(probs, classes, strict=True)
+        ]

@@ -36,19 +36,23 @@ class TritonPythonModel:
                 pixels[i] = np.stack([self.core.to_pixels(bytes(x)) for x in data.reshape(-1)])
             except self.InputError as e:
                 responses[i] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(e.message, pb_utils.TritonError.INVALID_ARG))
+                    error=pb_utils.TritonError(e.message, pb_utils.TritonError.INVALID_ARG)
+                )
         if pixels:
             order = sorted(pixels)
             logits = self.core.infer(np.concatenate([pixels[i] for i in order]))
             offset = 0
             for i in order:
                 n = len(pixels[i])
-                rows = self.top_k(logits[offset:offset + n], self.k, self.names, self.core.temperature)
+                rows = self.top_k(logits[offset : offset + n], self.k, self.names, self.core.temperature)
                 offset += n
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("LABEL", np.array([[c["label"] for c in r] for r in rows], dtype=object)),
-                    pb_utils.Tensor("INDEX", np.array([[c["index"] for c in r] for r in rows], dtype=np.int64)),
-                    pb_utils.Tensor("PROBABILITY",
-                                    np.array([[c["probability"] for c in r] for r in rows], dtype=np.float32)),
-                ])
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("LABEL", np.array([[c["label"] for c in r] for r in rows], dtype=object)),
+                        pb_utils.Tensor("INDEX", np.array([[c["index"] for c in r] for r in rows], dtype=np.int64)),
+                        pb_utils.Tensor(
+                            "PROBABILITY", np.array([[c["probability"] for c in r] for r in rows], dtype=np.float32)
+                        ),
+                    ]
+                )
         return responses

@@ -72,8 +72,9 @@ def load_service(spec: ModelSpec, gpu_id: int | None, metrics_cache):
     sys.modules.pop(module, None)
     importlib.invalidate_caches()
     try:
-        return TsModelLoader().load(spec.name, str(spec.model_dir), spec.handler, gpu_id, spec.batch_size,
-                                    None, True, metrics_cache)
+        return TsModelLoader().load(
+            spec.name, str(spec.model_dir), spec.handler, gpu_id, spec.batch_size, None, True, metrics_cache
+        )
     finally:
         sys.path.remove(str(spec.model_dir))
         sys.modules.pop(module, None)
@@ -142,20 +143,32 @@ class LoadedModel:
             return [error_reply(503, "prediction_failed", "the handler failed on this batch")] * len(batch)
         took_ms = (time.time() - start) * 1e3
         if not isinstance(answers, list) or len(answers) != len(batch):
-            logger.warning("%s: the handler returned %s for %d requests", self.spec.name,
-                           type(answers).__name__, len(batch))
-            return [error_reply(503, "invalid_handler_output", "the handler's answer did not match the "
-                                                               "batch")] * len(batch)
+            logger.warning(
+                "%s: the handler returned %s for %d requests", self.spec.name, type(answers).__name__, len(batch)
+            )
+            return [error_reply(503, "invalid_handler_output", "the handler's answer did not match the batch")] * len(
+                batch
+            )
         if took_ms > self.spec.response_timeout_s * 1e3:
-            logger.warning("%s: a batch took %.0f ms, over responseTimeout %d s", self.spec.name, took_ms,
-                           self.spec.response_timeout_s)
+            logger.warning(
+                "%s: a batch took %.0f ms, over responseTimeout %d s",
+                self.spec.name,
+                took_ms,
+                self.spec.response_timeout_s,
+            )
         ctx.metrics.add_time("PredictionTime", round(took_ms, 2))
         replies = []
         for i, value in enumerate(answers):
             body, default_type = _serialise(value)
             code, _phrase = ctx.get_response_status(i)
-            replies.append(Reply(code or 200, body, ctx.get_response_content_type(i) or default_type,
-                                 dict(ctx.get_response_headers(i) or {})))
+            replies.append(
+                Reply(
+                    code or 200,
+                    body,
+                    ctx.get_response_content_type(i) or default_type,
+                    dict(ctx.get_response_headers(i) or {}),
+                )
+            )
         return replies
 
 
@@ -172,8 +185,7 @@ class Batcher:
     while the loop runs the model, bodies are read a little at a time and reach the queue one by one.)
     """
 
-    def __init__(self, model: LoadedModel, queue_size: int, loop: asyncio.AbstractEventLoop | None = None
-                 ) -> None:
+    def __init__(self, model: LoadedModel, queue_size: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.model = model
         self.batch_size = model.spec.batch_size
         self.delay = model.spec.max_batch_delay_ms / 1e3
@@ -234,4 +246,3 @@ class Batcher:
 
     def drain_size(self) -> int:
         return len(self.pending)
-

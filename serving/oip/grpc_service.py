@@ -21,14 +21,30 @@ from serving.oip.batching import Inbound
 
 logger = logging.getLogger(__name__)
 
-STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-          404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
-          503: grpc.StatusCode.UNAVAILABLE, 507: grpc.StatusCode.RESOURCE_EXHAUSTED}
-CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
-            "UINT32": "uint_contents", "UINT64": "uint64_contents", "INT8": "int_contents",
-            "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
-            "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    503: grpc.StatusCode.UNAVAILABLE,
+    507: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
 
 
 def _param(p: pb.InferParameter):
@@ -59,11 +75,13 @@ def response_message(answer: dict, wanted: list[str]) -> pb.ModelInferResponse:
     if wanted:
         unknown = sorted(set(wanted) - {o["name"] for o in outputs})
         if unknown:
-            raise InputError(400, "bad_request", f"unknown output(s) {clip(unknown)}; this model has "
-                                                 f"{[o['name'] for o in outputs]}")
+            raise InputError(
+                400, "bad_request", f"unknown output(s) {clip(unknown)}; this model has {[o['name'] for o in outputs]}"
+            )
         outputs = [o for o in outputs if o["name"] in wanted]
-    msg = pb.ModelInferResponse(model_name=answer.get("model_name", ""),
-                                model_version=answer.get("model_version", ""), id=answer.get("id", ""))
+    msg = pb.ModelInferResponse(
+        model_name=answer.get("model_name", ""), model_version=answer.get("model_version", ""), id=answer.get("id", "")
+    )
     for o in outputs:
         msg.outputs.add(name=o["name"], datatype=o["datatype"], shape=o["shape"])
         msg.raw_output_contents.append(v2.tensor_to_bytes(o["datatype"], o["data"]))
@@ -83,8 +101,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if self.rt.token is not None:
             given = dict(context.invocation_metadata()).get("authorization", "")
             if given != f"Bearer {self.rt.token}":
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this server needs metadata "
-                                    "authorization: Bearer <key> (key_file.json)")
+                await context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "this server needs metadata authorization: Bearer <key> (key_file.json)",
+                )
 
     async def ServerLive(self, request, context):  # noqa: N802 -- the proto's names
         return pb.ServerLiveResponse(live=True)
@@ -100,8 +120,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _model(self, name: str, context):
         entry = self.rt.models.get(name)
         if entry is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {clip(name)} is not served here; served: "
-                                                           f"{', '.join(sorted(self.rt.models))}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {clip(name)} is not served here; served: {', '.join(sorted(self.rt.models))}",
+            )
         return entry
 
     async def ModelReady(self, request, context):  # noqa: N802
@@ -131,8 +153,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             reply = self.app.queue_full(request.model_name, batcher)
         else:
             try:
-                reply = await self.app.submit(request.model_name, model, batcher,
-                                              Inbound([("body", doc, "application/json")], headers))
+                reply = await self.app.submit(
+                    request.model_name, model, batcher, Inbound([("body", doc, "application/json")], headers)
+                )
             finally:
                 batcher.release()
         if reply.status != 200:

@@ -52,10 +52,17 @@ class HttpLimits:
 
 def _raw_response(code: int, type_: str, message: str) -> bytes:
     body = json.dumps({"code": code, "type": type_, "message": message}).encode()
-    phrase = {400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large",
-              431: "Request Header Fields Too Large", 503: "Service Unavailable"}[code]
-    return (f"HTTP/1.1 {code} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: close\r\n\r\n").encode() + body
+    phrase = {
+        400: "Bad Request",
+        408: "Request Timeout",
+        413: "Payload Too Large",
+        431: "Request Header Fields Too Large",
+        503: "Service Unavailable",
+    }[code]
+    return (
+        f"HTTP/1.1 {code} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"connection: close\r\n\r\n"
+    ).encode() + body
 
 
 class _Refuse(Exception):
@@ -76,9 +83,13 @@ class BoundedProtocol(HttpToolsProtocol):
         self._discard = 0
         self._read_timer: asyncio.TimerHandle | None = None
         if len(self.connections) > self.limits.max_connections:
-            transport.write(_raw_response(503, "too_many_connections",
-                                          f"this worker has {self.limits.max_connections} open connections, "
-                                          f"its limit; retry in a moment"))
+            transport.write(
+                _raw_response(
+                    503,
+                    "too_many_connections",
+                    f"this worker has {self.limits.max_connections} open connections, its limit; retry in a moment",
+                )
+            )
             transport.close()
             return
         self._arm()
@@ -100,9 +111,11 @@ class BoundedProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         if self.cycle is None or self.cycle.response_complete:  # nothing of ours in flight: say why
-            self.transport.write(_raw_response(408, "request_timeout",
-                                               f"the request was not received within "
-                                               f"{self.limits.read_timeout_s:g} s"))
+            self.transport.write(
+                _raw_response(
+                    408, "request_timeout", f"the request was not received within {self.limits.read_timeout_s:g} s"
+                )
+            )
         self.transport.close()
 
     def connection_lost(self, exc) -> None:
@@ -155,17 +168,21 @@ class BoundedProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
-        if name.lower() == b"content-length" and value.strip().isdigit() and \
-                int(value) > self.limits.max_request_bytes:
-            raise _Refuse(413, "request_too_large", f"the body is {int(value)} bytes, over the limit of "
-                                                    f"{self.limits.max_request_bytes}", body_bytes=int(value))
+        if name.lower() == b"content-length" and value.strip().isdigit() and int(value) > self.limits.max_request_bytes:
+            raise _Refuse(
+                413,
+                "request_too_large",
+                f"the body is {int(value)} bytes, over the limit of {self.limits.max_request_bytes}",
+                body_bytes=int(value),
+            )
         super().on_header(name, value)
 
     def _count(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > self.limits.max_header_bytes:
-            raise _Refuse(431, "headers_too_large", f"the request line and headers exceed "
-                                                    f"{self.limits.max_header_bytes} bytes")
+            raise _Refuse(
+                431, "headers_too_large", f"the request line and headers exceed {self.limits.max_header_bytes} bytes"
+            )
 
     def on_body(self, body: bytes) -> None:
         if self.cycle is not None and len(self.cycle.body) + len(body) > self.limits.max_request_bytes:
@@ -214,8 +231,9 @@ def parameters(body: bytes, content_type: str) -> list[tuple[str, object, str]]:
     if kind == "multipart/form-data":
         return _multipart(body, content_type)
     if kind == "application/x-www-form-urlencoded":
-        return [(k, v.encode(), "text/plain") for k, v in urllib.parse.parse_qsl(body.decode("latin-1"))] \
-            or [("body", body, content_type)]
+        return [(k, v.encode(), "text/plain") for k, v in urllib.parse.parse_qsl(body.decode("latin-1"))] or [
+            ("body", body, content_type)
+        ]
     return [("body", body, content_type)]
 
 
@@ -251,9 +269,17 @@ def _multipart(body: bytes, content_type: str) -> list[tuple[str, object, str]]:
         ctype = state["headers"].get("content-type", "text/plain")
         parts.append((name, b"".join(state["data"]), ctype))
 
-    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
-                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
-                                        "on_part_data": on_part_data, "on_part_end": on_part_end})
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
     try:
         parser.write(body)
         parser.finalize()
@@ -308,16 +334,18 @@ class App:
         get = method in ("GET", "HEAD")
         # health: no token (probes carry none), as TorchServe's /ping
         if parts == ["ping"] and get:
-            return _json_reply(200 if self.rt.ready else 503,
-                               {"status": "Healthy" if self.rt.ready else "Unhealthy"})
+            return _json_reply(200 if self.rt.ready else 503, {"status": "Healthy" if self.rt.ready else "Unhealthy"})
         if parts[:2] == ["v2", "health"] and len(parts) == 3 and get:
             if parts[2] == "live":
                 return _json_reply(200, {"live": True})
             if parts[2] == "ready":
                 return _json_reply(200 if self.rt.ready else 503, {"ready": self.rt.ready})
         if not self._authorised(headers):
-            return error_reply(401, "unauthorized", "this server needs \"Authorization: Bearer <key>\": the "
-                                                    "inference key is in the server's key_file.json")
+            return error_reply(
+                401,
+                "unauthorized",
+                'this server needs "Authorization: Bearer <key>": the inference key is in the server\'s key_file.json',
+            )
         if parts == ["v2"] and get:
             return _json_reply(200, v2.server_metadata(self.rt.version))
         if parts[:1] == ["predictions"] and len(parts) in (2, 3):
@@ -345,14 +373,21 @@ class App:
     def _model(self, name: str):
         model = self.rt.models.get(name)
         if model is None:
-            raise InputError(404, "model_not_found", f"model {clip(name)} is not served here; served: "
-                                                     f"{', '.join(sorted(self.rt.models))}")
+            raise InputError(
+                404,
+                "model_not_found",
+                f"model {clip(name)} is not served here; served: {', '.join(sorted(self.rt.models))}",
+            )
         return model[0]
 
     @staticmethod
     def _not_found(method: str, path: str) -> Reply:
-        return error_reply(404, "not_found", f"{method} {clip(path)} is not a route of this server; see "
-                                             f"docs/serving.md for /predictions/<model> and /v2")
+        return error_reply(
+            404,
+            "not_found",
+            f"{method} {clip(path)} is not a route of this server; see "
+            f"docs/serving.md for /predictions/<model> and /v2",
+        )
 
     async def _infer(self, method: str, name: str, scope, receive, headers: dict[str, str], route: str) -> Reply:
         if method != "POST":
@@ -371,8 +406,7 @@ class App:
         finally:
             batcher.release()
 
-    async def _admitted(self, name: str, model, batcher, scope, receive, headers: dict[str, str], route: str
-                        ) -> Reply:
+    async def _admitted(self, name: str, model, batcher, scope, receive, headers: dict[str, str], route: str) -> Reply:
         started = time.perf_counter()
         body = await read_body(receive, self.rt.http_limits.max_request_bytes)
         ctype = headers.get("content-type", "")
@@ -395,12 +429,17 @@ class App:
             params = parameters(body, ctype)
         request = Inbound(params, headers)
         reply = await self.submit(name, model, batcher, request)
-        self.rt.metrics.inference(name, model.spec.version, time.perf_counter() - started,
-                                  request.enqueued and (time.perf_counter() - request.enqueued))
+        self.rt.metrics.inference(
+            name,
+            model.spec.version,
+            time.perf_counter() - started,
+            request.enqueued and (time.perf_counter() - request.enqueued),
+        )
         if route == "v2":
             reply = self._v2_reply(reply, chosen, binary)
-        return Reply(reply.status, reply.body, reply.content_type,
-                     {**reply.headers, "x-request-id": request.request_id})
+        return Reply(
+            reply.status, reply.body, reply.content_type, {**reply.headers, "x-request-id": request.request_id}
+        )
 
     async def submit(self, name: str, model, batcher, request: Inbound) -> Reply:
         fut = batcher.submit(request)
@@ -408,8 +447,12 @@ class App:
 
     @staticmethod
     def queue_full(name: str, batcher) -> Reply:
-        return error_reply(503, "queue_full", f"model {clip(name)} has {batcher.queue_size} requests waiting "
-                                              f"in this worker, its queue limit; retry in a moment")
+        return error_reply(
+            503,
+            "queue_full",
+            f"model {clip(name)} has {batcher.queue_size} requests waiting "
+            f"in this worker, its queue limit; retry in a moment",
+        )
 
     @staticmethod
     def _v2_reply(reply: Reply, chosen, binary: bool) -> Reply:
@@ -423,5 +466,9 @@ class App:
             return Reply(e.code, v2.with_error_key(json.dumps(e.to_dict()).encode()), "application/json", {})
         if header_length is None:
             return Reply(200, body, "application/json", reply.headers)
-        return Reply(200, body, "application/octet-stream",
-                     {**reply.headers, "Inference-Header-Content-Length": str(header_length)})
+        return Reply(
+            200,
+            body,
+            "application/octet-stream",
+            {**reply.headers, "Inference-Header-Content-Length": str(header_length)},
+        )

@@ -88,12 +88,17 @@ def read_spec(name: str, model_dir: Path) -> ModelSpec:
     config_file = model.get("configFile")
     config = (yaml.safe_load((model_dir / config_file).read_text()) or {}) if config_file else {}
     return ModelSpec(
-        name=name, model_dir=model_dir, handler=model["handler"], version=str(model.get("modelVersion", "1.0")),
+        name=name,
+        model_dir=model_dir,
+        handler=model["handler"],
+        version=str(model.get("modelVersion", "1.0")),
         batch_size=int(config.get("batchSize", DEFAULT_BATCH_SIZE)),
         max_batch_delay_ms=int(config.get("maxBatchDelay", DEFAULT_BATCH_DELAY_MS)),
         job_queue_size=int(config.get("jobQueueSize", DEFAULT_QUEUE)),
         response_timeout_s=int(config.get("responseTimeout", DEFAULT_TIMEOUT_S)),
-        max_workers=int(config.get("maxWorkers", 1)), yaml_config=config)
+        max_workers=int(config.get("maxWorkers", 1)),
+        yaml_config=config,
+    )
 
 
 def open_archives(store: Path, names: list[str], workdir: Path) -> list[ModelSpec]:

@@ -26,8 +26,14 @@ from serving.metrics import BY_NAME, DEFAULT_BUCKETS, METRICS, Metric
 
 HOSTNAME = socket.gethostname()
 EXPORTED_SOURCES = ("frontend", "handler", "worker")  # dcgm metrics come from NVIDIA's exporter
-HOST_METRICS = ("CPUUtilization", "MemoryUsed", "MemoryAvailable", "MemoryUtilization", "DiskAvailable",
-                "DiskUtilization")  # read at scrape time, not kept
+HOST_METRICS = (
+    "CPUUtilization",
+    "MemoryUsed",
+    "MemoryAvailable",
+    "MemoryUtilization",
+    "DiskAvailable",
+    "DiskUtilization",
+)  # read at scrape time, not kept
 GAUGE_MODE: Final = "mostrecent"  # a gauge is "the latest value" in TorchServe too
 
 
@@ -128,15 +134,17 @@ class TsMetricsCache:
     def set_request_ids(self, request_ids) -> None:
         self.request_ids = request_ids
 
-    def add_metric_to_cache(self, metric_name: str, unit: str, dimension_names: list | None = None,
-                            metric_type=None) -> _Bound:
+    def add_metric_to_cache(
+        self, metric_name: str, unit: str, dimension_names: list | None = None, metric_type=None
+    ) -> _Bound:
         return _Bound(self.sink, metric_name)
 
     def get_metric(self, metric_name: str, metric_type=None) -> _Bound:
         return _Bound(self.sink, metric_name)
 
-    def add_metric(self, name: str, value, unit: str = "", idx=None, dimensions: list | None = None,
-                   metric_type=None) -> None:
+    def add_metric(
+        self, name: str, value, unit: str = "", idx=None, dimensions: list | None = None, metric_type=None
+    ) -> None:
         self.sink.record(name, float(value), *self._dims(dimensions))
 
     def add_time(self, name: str, value, idx=None, unit: str = "ms", dimensions=None, metric_type=None) -> None:
@@ -175,9 +183,14 @@ def _host_samples() -> dict[str, float]:
     import psutil
 
     mem, disk = psutil.virtual_memory(), psutil.disk_usage("/")
-    return {"CPUUtilization": psutil.cpu_percent(interval=None), "MemoryUsed": mem.used / 2**20,
-            "MemoryAvailable": mem.available / 2**20, "MemoryUtilization": mem.percent,
-            "DiskAvailable": disk.free / 2**30, "DiskUtilization": disk.percent}
+    return {
+        "CPUUtilization": psutil.cpu_percent(interval=None),
+        "MemoryUsed": mem.used / 2**20,
+        "MemoryAvailable": mem.available / 2**20,
+        "MemoryUtilization": mem.percent,
+        "DiskAvailable": disk.free / 2**30,
+        "DiskUtilization": disk.percent,
+    }
 
 
 def render() -> str:
@@ -202,7 +215,9 @@ def render() -> str:
             lines.append(_sample(name, labels, s.value))
     for name, value in _host_samples().items():
         decl = BY_NAME[name]
-        lines += [f"# HELP {name} {decl.meaning}", f"# TYPE {name} gauge",
-                  _sample(name, {"Level": "Host", "Hostname": HOSTNAME}, value)]
+        lines += [
+            f"# HELP {name} {decl.meaning}",
+            f"# TYPE {name} gauge",
+            _sample(name, {"Level": "Host", "Hostname": HOSTNAME}, value),
+        ]
     return "\n".join(lines) + "\n"
-

@@ -81,8 +81,10 @@ def bind(address: str, what: str, reuse_port: bool = False) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise StartError(f"{what} address {address} is already in use or not available ({e.strerror}); stop "
-                         f"what listens there (make stop) or pick another port") from None
+        raise StartError(
+            f"{what} address {address} is already in use or not available ({e.strerror}); stop "
+            f"what listens there (make stop) or pick another port"
+        ) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -124,28 +126,57 @@ class Supervisor:
         else:
             (self.workdir / KEY_FILE).unlink(missing_ok=True)
         self.settings = self.run_dir / "settings.json"
-        atomic_write_json(self.settings, {"models": [s.to_json() for s in self.specs], "grpc": cfg.grpc,
-                                          "http": cfg.http,
-                                          "workers": self.n, "device": cfg.device, "token": token,
-                                          "drain_s": cfg.drain_s, "run_dir": str(self.run_dir), "loop": cfg.loop,
-                                          "http_limits": asdict(cfg.http_limits)})
-        self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir),
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        atomic_write_json(
+            self.settings,
+            {
+                "models": [s.to_json() for s in self.specs],
+                "grpc": cfg.grpc,
+                "http": cfg.http,
+                "workers": self.n,
+                "device": cfg.device,
+                "token": token,
+                "drain_s": cfg.drain_s,
+                "run_dir": str(self.run_dir),
+                "loop": cfg.loop,
+                "http_limits": asdict(cfg.http_limits),
+            },
+        )
+        self.env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
 
     def spawn(self, slot: int) -> None:
         (self.run_dir / f"worker-{slot}.ready").unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "serving.oip.worker", "--config", str(self.settings), "--slot", str(slot),
-               "--metrics-fd", str(self.metrics_sock.fileno())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "serving.oip.worker",
+            "--config",
+            str(self.settings),
+            "--slot",
+            str(slot),
+            "--metrics-fd",
+            str(self.metrics_sock.fileno()),
+        ]
         self.procs[slot] = subprocess.Popen(cmd, env=self.env, pass_fds=(self.metrics_sock.fileno(),))
         self.started[slot] = time.time()
         self.up.discard(slot)
         self.write_workers()
 
     def write_workers(self) -> None:
-        atomic_write_json(self.workdir / WORKERS_FILE, {
-            "supervisor": os.getpid(), "restarts": self.restarts,
-            "workers": [{"slot": s, "pid": p.pid, "started": self.started[s], "ready": s in self.up}
-                        for s, p in sorted(self.procs.items())]})
+        atomic_write_json(
+            self.workdir / WORKERS_FILE,
+            {
+                "supervisor": os.getpid(),
+                "restarts": self.restarts,
+                "workers": [
+                    {"slot": s, "pid": p.pid, "started": self.started[s], "ready": s in self.up}
+                    for s, p in sorted(self.procs.items())
+                ],
+            },
+        )
 
     def run(self) -> int:
         self.prepare()
@@ -153,8 +184,14 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._stop)
         for slot in range(self.n):
             self.spawn(slot)
-        logger.info("serving %s with %d worker(s): http %s, grpc %s, metrics %s", ", ".join(self.cfg.models),
-                    self.n, self.cfg.http, self.cfg.grpc, self.cfg.metrics)
+        logger.info(
+            "serving %s with %d worker(s): http %s, grpc %s, metrics %s",
+            ", ".join(self.cfg.models),
+            self.n,
+            self.cfg.http,
+            self.cfg.grpc,
+            self.cfg.metrics,
+        )
         while not self.stopping:
             self._watch()
             time.sleep(0.1)
@@ -172,8 +209,9 @@ class Supervisor:
                 continue
             if slot not in self.up:
                 self._stop_all()
-                raise StartError(f"worker {slot} exited with code {code} while loading its models; its log "
-                                 f"lines above say why")
+                raise StartError(
+                    f"worker {slot} exited with code {code} while loading its models; its log lines above say why"
+                )
             logger.warning("worker %d (pid %d) died with code %s; restarting it", slot, proc.pid, code)
             from prometheus_client import multiprocess
 

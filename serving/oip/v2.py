@@ -21,9 +21,20 @@ SERVER_NAME = "visionpipe-oip"
 EXTENSIONS = ("binary_tensor_data",)
 HEADER_LENGTH = "inference-header-content-length"
 # v2 datatypes with a fixed-size element (BYTES is length-prefixed)
-NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-         "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-         "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+NUMPY = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
 
 
 def split_bytes(raw: bytes, where: str) -> list[bytes]:
@@ -35,7 +46,7 @@ def split_bytes(raw: bytes, where: str) -> list[bytes]:
         (n,) = struct.unpack_from("<I", raw, i)
         if i + 4 + n > len(raw):
             raise InputError(400, "bad_tensor", f"{where}: a BYTES element says {n} bytes, fewer follow")
-        out.append(raw[i + 4:i + 4 + n])
+        out.append(raw[i + 4 : i + 4 + n])
         i += 4 + n
     return out
 
@@ -79,14 +90,16 @@ def parse_binary_request(body: bytes, header_length: str) -> dict:
     try:
         n = int(header_length)
     except ValueError:
-        raise InputError(400, "bad_request", f"Inference-Header-Content-Length must be an integer, got "
-                                             f"{clip(header_length)}") from None
+        raise InputError(
+            400, "bad_request", f"Inference-Header-Content-Length must be an integer, got {clip(header_length)}"
+        ) from None
     if not 0 < n <= len(body):
-        raise InputError(400, "bad_request", f"Inference-Header-Content-Length {n} is outside the body's "
-                                             f"{len(body)} bytes")
+        raise InputError(
+            400, "bad_request", f"Inference-Header-Content-Length {n} is outside the body's {len(body)} bytes"
+        )
     doc = _json(body[:n], "the inference header")
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
-        raise InputError(400, "bad_request", "KServe v2: the inference header needs \"inputs\"")
+        raise InputError(400, "bad_request", 'KServe v2: the inference header needs "inputs"')
     offset = n
     for i, tensor in enumerate(doc["inputs"]):
         params = tensor.get("parameters") if isinstance(tensor, dict) else None
@@ -94,9 +107,12 @@ def parse_binary_request(body: bytes, header_length: str) -> dict:
         if size is None:
             continue
         if type(size) is not int or size < 0 or offset + size > len(body):
-            raise InputError(400, "bad_request", f"inputs[{i}].binary_data_size {clip(size)} does not fit the "
-                                                 f"{len(body) - offset} bytes left")
-        tensor["data"] = tensor_from_bytes(tensor.get("datatype"), body[offset:offset + size], f"inputs[{i}]")
+            raise InputError(
+                400,
+                "bad_request",
+                f"inputs[{i}].binary_data_size {clip(size)} does not fit the {len(body) - offset} bytes left",
+            )
+        tensor["data"] = tensor_from_bytes(tensor.get("datatype"), body[offset : offset + size], f"inputs[{i}]")
         offset += size
     if offset != len(body):
         raise InputError(400, "bad_request", f"{len(body) - offset} bytes after the last binary input")
@@ -122,15 +138,17 @@ def requested_outputs(doc: Any) -> tuple[dict[str, bool] | None, bool]:
     return chosen, default_binary
 
 
-def shape_answer(answer: dict, chosen: dict[str, bool] | None, default_binary: bool
-                 ) -> tuple[bytes, int | None]:
+def shape_answer(answer: dict, chosen: dict[str, bool] | None, default_binary: bool) -> tuple[bytes, int | None]:
     """The handler's v2 answer -> (body, JSON header length when binary outputs follow, else None)."""
     outputs = answer.get("outputs", [])
     if chosen is not None:
         unknown = sorted(set(chosen) - {o["name"] for o in outputs})
         if unknown:
-            raise InputError(400, "bad_request", f"KServe v2: unknown output(s) {clip(unknown)}; this model "
-                                                 f"has {[o['name'] for o in outputs]}")
+            raise InputError(
+                400,
+                "bad_request",
+                f"KServe v2: unknown output(s) {clip(unknown)}; this model has {[o['name'] for o in outputs]}",
+            )
         outputs = [o for o in outputs if o["name"] in chosen]
     blobs = []
     shaped = []
@@ -155,17 +173,27 @@ def server_metadata(version: str) -> dict:
 def model_metadata(name: str, version: str, handler) -> dict:
     """Inputs and outputs from the model's contract (our handler); a stock handler declares none."""
     core = getattr(handler, "core", None)
-    doc: dict[str, Any] = {"name": name, "versions": [version], "platform": "torchserve_handler", "inputs": [],
-                           "outputs": []}
+    doc: dict[str, Any] = {
+        "name": name,
+        "versions": [version],
+        "platform": "torchserve_handler",
+        "inputs": [],
+        "outputs": [],
+    }
     if core is None:
         return doc
     c, h, w = core.contract.input_shape
-    doc["inputs"] = [{"name": "images", "datatype": "BYTES", "shape": [-1]},
-                     {"name": "pixels", "datatype": "UINT8", "shape": [-1, c, h, w]}]
+    doc["inputs"] = [
+        {"name": "images", "datatype": "BYTES", "shape": [-1]},
+        {"name": "pixels", "datatype": "UINT8", "shape": [-1, c, h, w]},
+    ]
     doc["outputs"] = [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in V2_OUTPUTS]
-    doc["parameters"] = {"variant": handler.info.variant, "device": handler.info.device,
-                         "classes": list(core.contract.class_names),
-                         "inputs": "send exactly one of the inputs: encoded images (BYTES) or pixels (UINT8)"}
+    doc["parameters"] = {
+        "variant": handler.info.variant,
+        "device": handler.info.device,
+        "classes": list(core.contract.class_names),
+        "inputs": "send exactly one of the inputs: encoded images (BYTES) or pixels (UINT8)",
+    }
     return doc
 
 

@@ -92,26 +92,38 @@ async def serve(cfg: dict, rt: Runtime, loaded: dict, metrics_sock: socket.socke
     rt.models = {name: (m, Batcher(m, max(1, m.spec.job_queue_size // workers))) for name, m in loaded.items()}
     rt.ready = True
     app = App(rt)
-    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", rt.http_limits.max_request_bytes),
-                                           ("grpc.so_reuseport", 1)])
+    grpc_server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", rt.http_limits.max_request_bytes), ("grpc.so_reuseport", 1)]
+    )
     grpc_service.add_to(grpc_server, rt, app)
     grpc_server.add_insecure_port(cfg["grpc"])
     await grpc_server.start()
-    config = uvicorn.Config(app, http=protocol_for(rt.http_limits), lifespan="off", ws="none",
-                            access_log=False, log_level="warning", timeout_keep_alive=int(rt.http_limits.keepalive_s),
-                            timeout_graceful_shutdown=cfg["drain_s"], server_header=False, date_header=False)
+    config = uvicorn.Config(
+        app,
+        http=protocol_for(rt.http_limits),
+        lifespan="off",
+        ws="none",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=int(rt.http_limits.keepalive_s),
+        timeout_graceful_shutdown=cfg["drain_s"],
+        server_header=False,
+        date_header=False,
+    )
     config.load()
     server = AcceptingServer(config)
     loop = asyncio.get_running_loop()
 
     def make_protocol():  # what uvicorn's own create_server would build for each connection
-        return config.http_protocol_class(config=config, server_state=server.server_state,
-                                          app_state=server.lifespan.state, _loop=loop)
+        return config.http_protocol_class(
+            config=config, server_state=server.server_state, app_state=server.lifespan.state, _loop=loop
+        )
 
     from serving.oip.supervisor import bind
 
     http_sock = bind(cfg["http"], "http", reuse_port=True)
     stop_accepting = accept_all(loop, http_sock, make_protocol)
+
     # On SIGTERM: no new connections here (the kernel sends them to the other workers). Done by the loop,
     # not in the signal handler: that runs between any two bytecodes of a request or a batch, and
     # anything it raised would land there (a request answered 500).
@@ -183,17 +195,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metrics-fd", type=int, required=True)
     a = p.parse_args(argv)
     cfg = json.loads(Path(a.config).read_text())
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s [W{a.slot} %(process)d] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s [W{a.slot} %(process)d] %(levelname)s %(name)s: %(message)s",
+    )
     from serving.oip.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()
     metrics_sock = socket.socket(fileno=a.metrics_fd)
-    rt = Runtime(token=cfg.get("token"), metrics=metrics, metrics_port=metrics_sock.getsockname()[1],
-                 http_limits=HttpLimits(**cfg["http_limits"]), version=project_version())
+    rt = Runtime(
+        token=cfg.get("token"),
+        metrics=metrics,
+        metrics_port=metrics_sock.getsockname()[1],
+        http_limits=HttpLimits(**cfg["http_limits"]),
+        version=project_version(),
+    )
     try:
-        loaded = load_models([ModelSpec.from_json(s) for s in cfg["models"]], gpu_for(cfg["device"], a.slot), metrics,
-                             a.slot)
+        loaded = load_models(
+            [ModelSpec.from_json(s) for s in cfg["models"]], gpu_for(cfg["device"], a.slot), metrics, a.slot
+        )
     except Exception as e:
         logger.exception("worker %d: loading failed", os.getpid())
         print(f"LOAD FAILED: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
