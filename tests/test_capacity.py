@@ -65,13 +65,26 @@ def test_open_loop_reports_the_stall_that_a_closed_loop_hides(stalling_server):
     opened = run_open_loop(target, 300, duration_s=3.0, warmup_s=0.5, seed=3)
     closed = run_closed_loop(target, connections=4, duration_s=3.0, warmup_s=0.5)
     assert opened.errors == 0 and closed.errors == 0
-    # Open loop: ~20 % of arrivals land in a stall and wait 0-200 ms for its end.
-    assert 150 <= opened.p99_ms <= 400, opened
-    assert opened.p90_ms >= 50 and opened.p50_ms < 50, opened
-    assert abs(opened.achieved_rps - 300) < 0.1 * 300 and opened.offered_rps == pytest.approx(300, rel=0.1)
-    # Closed loop: 4 requests per stall out of thousands; its p99 says nothing happened.
-    assert closed.p99_ms < 50 <= closed.max_ms and closed.ok > 1000, closed
-    assert opened.generator_cpu > 0 and opened.hdr
+    # Counts of requests caught in a stall, not speeds: a busy machine adds latency to both loops
+    # but cannot take the stall away from the open loop, nor put more than 4 closed-loop requests in
+    # one. The schedule (offered) is the seeded Poisson one, whatever the machine.
+    assert opened.offered_rps == pytest.approx(300, rel=0.1)
+    # Open loop: every arrival during the first 100 ms of a stall waits over 100 ms: ~10 % of them.
+    stalled_open = _waited_over(opened, 100)
+    assert stalled_open >= 0.05 * opened.sent and opened.p99_ms >= 100, (stalled_open, opened)
+    # Closed loop: each of 4 connections waits once per stall, and the 3.5 s run meets at most 5...
+    stalled_closed = _waited_over(closed, 100)
+    assert 1 <= stalled_closed <= 4 * 5, (stalled_closed, closed)
+    # ...out of every request it sent: its share of stalled requests is a small part of the open loop's.
+    assert stalled_closed / closed.ok < stalled_open / opened.sent / 4, (stalled_closed, closed, opened)
+
+
+def _waited_over(r, ms: float) -> int:
+    """How many of a run's measured requests waited ``ms`` or longer (its HDR histogram, in us)."""
+    from hdrh.histogram import HdrHistogram
+
+    h = HdrHistogram.decode(r.hdr)
+    return sum(i.count_added_in_this_iter_step for i in h.get_recorded_iterator() if i.value_iterated_to >= ms * 1e3)
 
 
 def test_failed_answers_and_dead_servers_are_errors(tmp_path):
@@ -145,9 +158,10 @@ def test_open_loop_smoke_against_torchserve(digits_server):
     bodies = list(load_pool("digits", limit=16).images)
     r = run_open_loop(Target.post(f"{digits_server.url}/predictions/digits", bodies), 30, duration_s=3.0,
                       warmup_s=0.5, timeout_s=20)
-    # Plumbing only (speed lives in bench/): every scheduled request answered 200, latencies recorded.
-    assert r.errors == 0 and r.ok == r.sent > 50 and r.achieved_rps > 0, r
-    assert 0 < r.p50_ms <= r.p99_ms and r.hdr
+    # Plumbing only (speed lives in bench/): every scheduled request (~90) answered 200, each latency
+    # recorded in the histogram the percentiles come from.
+    assert r.errors == 0 and r.ok == r.sent > 50, r
+    assert r.p50_ms <= r.p99_ms <= r.max_ms and _waited_over(r, 0) == r.ok
 
 
 def test_lockstep_takes_one_rate_per_system_per_round_and_finds_each_knee():

@@ -31,11 +31,14 @@ def test_forward_backward(arch, channels, size):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_models_are_pure_modules():
-    """No device, precision or training state hidden inside: a fresh model has only parameters."""
-    model = build_model("cifarnet", in_channels=3, num_classes=10, image_size=32)
-    assert {p.device.type for p in model.parameters()} == {"cpu"}
-    assert {p.dtype for p in model.parameters()} == {torch.float32}
+@pytest.mark.parametrize("arch,channels,size", CASES)
+def test_models_are_pure_modules(arch, channels, size):
+    """No device or precision hidden inside: every tensor a model uses is a parameter or a buffer, so
+    ``.to()`` moves all of it. On the meta device (shapes only, no data) a tensor left behind, or one
+    made on a fixed device in ``forward``, fails the forward."""
+    model = build_model(arch, in_channels=channels, num_classes=7, image_size=size).to("meta", torch.float64)
+    logits = model.eval()(torch.empty(2, channels, size, size, device="meta", dtype=torch.float64))
+    assert logits.device.type == "meta" and logits.dtype == torch.float64 and logits.shape == (2, 7)
 
 
 def test_lenet_matches_the_tutorial_shape():
