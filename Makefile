@@ -133,5 +133,11 @@ PYTEST_ARGS ?=
 test: $(VENV_ALL) lint ## the test suite [PYTEST_ARGS=...]
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Each comparison of serving/core.py's limit checks flipped in turn, in a copy of the tree; the fast
+# core tests must fail on every mutant (bench/mutation_check.py). Exit 1 names the survivors.
+.PHONY: mutation-check
+mutation-check: $(VENV_ALL) ## flip each limit comparison of serving/core.py: the core tests must catch every one
+	$(PY) bench/mutation_check.py --json reports/mutation.json
+
 clean: ## remove runs/ artifacts/ samples/ reports/ logs/ model_store/*.mar
 	rm -rf runs artifacts samples reports logs model_store/*.mar

@@ -160,7 +160,9 @@ def test_top_k_is_sorted_and_named():
     assert out[0][0]["probability"] == pytest.approx(np.exp(3) / (1 + np.exp(3) + np.exp(1)), abs=1e-6)
 
 
-def test_classify_end_to_end_with_fake_runner():
+def test_classify_decodes_resizes_and_ranks_by_brightness_with_a_fake_runner():
+    """InferenceCore.classify's own path (decode, resize to the contract, batch, top-k) with a runner
+    that ranks by mean brightness; the model and the server are stand-ins, not exercised here."""
     core = InferenceCore(FakeRunner(RGB), SMALL)
     white, black = encode(Image.new("RGB", (50, 70), "white")), encode(Image.new("RGB", (5, 5), "black"))
     out = core.classify([white, black], topk=3)
@@ -522,3 +524,91 @@ def test_light_background_is_the_ring_median_above_mid_grey():
             r = max(1, min(shape) // 10)
             ring = np.concatenate([a[:r].ravel(), a[-r:].ravel(), a[:, :r].ravel(), a[:, -r:].ravel()])
             assert has_light_background(Image.fromarray(a, "L")) == (float(np.median(ring)) > 127.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# each limit admits its exact value and refuses one more (bench/mutation_check.py flips every
+# comparison of these checks and runs this file: each flip must fail a test)
+# --------------------------------------------------------------------------------------------------
+def _refused(call, *args) -> tuple[int, str]:
+    with pytest.raises(InputError) as err:
+        call(*args)
+    return err.value.code, err.value.type
+
+
+def test_clip_and_messages_cut_only_past_their_limit():
+    from serving.core import MAX_ECHO, MAX_MESSAGE, clip
+
+    # the length note only past MAX_ECHO characters (reprlib may shorten either)
+    assert not clip("e" * MAX_ECHO).endswith("long)") and clip("e" * 5) == repr("e" * 5)
+    assert clip("e" * (MAX_ECHO + 1)).endswith(f"... ({MAX_ECHO + 1} long)")
+    assert InputError(400, "x", "m" * MAX_MESSAGE).message == "m" * MAX_MESSAGE
+    cut = InputError(400, "x", "m" * (MAX_MESSAGE + 1)).message
+    assert len(cut) == MAX_MESSAGE and cut.endswith("...")
+
+
+def test_limits_take_any_positive_integer_and_nothing_else():
+    fields = list(Limits.__dataclass_fields__)
+    assert Limits(**dict.fromkeys(fields, 1)).max_images == 1
+    for bad in (0, -1, 2.0, "3", None):
+        with pytest.raises(ValueError, match="positive integers"):
+            Limits(max_images=bad)
+
+
+def test_image_bytes_and_pixels_are_admitted_up_to_their_limit():
+    png = encode(Image.new("L", (30, 20), 255))  # 600 pixels
+    core = InferenceCore(FakeRunner(DIGITS), Limits(max_image_bytes=len(png), max_pixels=600))
+    assert core.open(png).size == (30, 20)
+    assert _refused(InferenceCore(FakeRunner(DIGITS), Limits(max_image_bytes=len(png) - 1)).open,
+                    png) == (413, "file_too_large")
+    assert _refused(InferenceCore(FakeRunner(DIGITS), Limits(max_pixels=599)).open, png) == (413, "image_too_large")
+    for size in ((1, 5), (5, 1), (1, 1)):  # one pixel wide or high is an image
+        assert core.open(encode(Image.new("L", size))).size == size
+
+
+def test_the_bomb_ratio_applies_above_ratio_free_pixels_and_admits_its_exact_value():
+    from serving.core import RATIO_FREE_PIXELS, open_image
+
+    side = int(RATIO_FREE_PIXELS ** 0.5)
+    assert side * side == RATIO_FREE_PIXELS
+    assert open_image(encode(Image.new("1", (side, side))), Limits()).size == (side, side)  # ~200 bytes
+    taller = encode(Image.new("1", (side, side + 1)))
+    assert _refused(open_image, taller, Limits()) == (413, "bomb_like_image")
+    # exactly max_pixels_per_byte pixels per byte: admitted (bytes after IEND are never read)
+    pixels = side * (side + 1)
+    padded = taller + bytes(4 * (side + 1) - len(taller))
+    per_byte = pixels // len(padded)
+    assert per_byte * len(padded) == pixels
+    assert open_image(padded, Limits(max_pixels_per_byte=per_byte)).size == (side, side + 1)
+    assert _refused(open_image, padded, Limits(max_pixels_per_byte=per_byte - 1)) == (413, "bomb_like_image")
+
+
+def test_topk_takes_1_to_the_number_of_classes():
+    core = InferenceCore(FakeRunner(DIGITS), SMALL)
+    assert (core.check_topk(1), core.check_topk(10), core.check_topk(None)) == (1, 10, SMALL.default_topk)
+    for k in (0, 11):
+        assert _refused(core.check_topk, k) == (400, "bad_parameter")
+
+
+def test_min_confidence_takes_0_and_1_and_nothing_outside():
+    from serving.core import check_min_confidence
+
+    assert (check_min_confidence(0.0), check_min_confidence(1.0)) == (0.0, 1.0)
+    for bad in (-1e-9, 1.0 + 1e-9, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="min_confidence"):
+            check_min_confidence(bad)
+
+
+def test_pixels_must_be_uint8_at_the_contract_shape():
+    core = InferenceCore(FakeRunner(DIGITS), SMALL)
+    good = np.zeros(DIGITS.input_shape, np.uint8)
+    assert core.open(good) is good
+    assert _refused(core.open, good.astype(np.int16)) == (400, "bad_tensor")
+    assert _refused(core.open, np.zeros((1, 28, 27), np.uint8)) == (400, "bad_tensor")
+
+
+def test_a_request_may_decode_exactly_max_request_pixels():
+    png = encode(Image.new("L", (30, 20)))  # 600 pixels each
+    core = InferenceCore(FakeRunner(DIGITS), Limits(max_request_pixels=1200))
+    assert core.open_request([png, png])[1] == 1200
+    assert _refused(core.open_request, [png, png, png]) == (413, "request_too_large")
