@@ -12,8 +12,8 @@ Steps, every one of which must come back clean (exit 0; 1 with one line per prob
   static    docker-compose.yml, Prometheus and Grafana files parse; every dashboard panel has a query;
             the PrometheusRule holds the same rule groups as the docker-compose rules file.
   checkov   the rendered manifests and the Dockerfiles (skips, each justified, in deploy/checkov.yaml).
-  hadolint  the Dockerfiles: serving (TorchServe and the Java-free runtime) and workstation (ignores
-            are inline, each with its reason).
+  hadolint  the Dockerfiles: serving (one file, a target each for TorchServe and the Java-free
+            runtime) and workstation (ignores are inline, each with its reason).
 
 Nothing here touches a cluster or the network.
 """
@@ -38,7 +38,8 @@ K8S_VERSION = "1.32.0"
 DEPLOY_DIR = Path(__file__).resolve().parent
 KUSTOMIZATIONS = ("k8s/base", "k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/oip", "k8s/monitoring",
                   "k8s/kserve", "k8s/kserve/oip", "k8s/training", "k8s/workstation")
-DOCKERFILES = ("docker/Dockerfile", "docker/oip/Dockerfile", "docker/workstation/Dockerfile")
+# The serving images (one file, a target per runtime: torchserve, oip) and the workstation.
+DOCKERFILES = ("docker/Dockerfile", "docker/workstation/Dockerfile")
 STEPS = ("render", "schema", "static", "checkov", "hadolint")
 
 # InferenceService predictor keys that are KServe's own; the rest of the predictor is a PodSpec.

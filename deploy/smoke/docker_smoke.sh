@@ -36,7 +36,7 @@ ensure_base_image
 smoke_build_args
 say "building $IMAGE (log: $SMOKE_DIR/build.log)"
 start=$(date +%s)
-podman build --format docker --network host -f deploy/docker/Dockerfile "${build_args[@]}" "${volumes[@]}" \
+podman build --format docker --network host -f deploy/docker/Dockerfile --target torchserve "${build_args[@]}" "${volumes[@]}" \
     -t "$IMAGE" . >"$SMOKE_DIR/build.log" 2>&1 || { tail -20 "$SMOKE_DIR/build.log"; die "build failed"; }
 say "built in $(( $(date +%s) - start )) s; size $(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# `make docker-smoke RUNTIME=oip`: the Java-free runtime's image (deploy/docker/oip/Dockerfile), built
+# `make docker-smoke RUNTIME=oip`: the Java-free runtime's image (deploy/docker/Dockerfile --target oip), built
 # and run with podman as docker_smoke.sh does the TorchServe one: build on a debootstrapped bookworm,
 # prove no Java is inside, run it the way Kubernetes would (read-only root, tmpfs /tmp, UID 10001, no
 # capabilities), wait for the image's own HEALTHCHECK (/v2/health/ready), post held-out digits to
@@ -38,7 +38,7 @@ if [ -n "${SMOKE_NO_BUILD:-}" ]; then   # re-run the checks on the image as last
 else
     say "building $IMAGE (log: $SMOKE_DIR/oip-build.log)"
     start=$(date +%s)
-    podman build --format docker --network host -f deploy/docker/oip/Dockerfile "${build_args[@]}" "${volumes[@]}" \
+    podman build --format docker --network host -f deploy/docker/Dockerfile --target oip "${build_args[@]}" "${volumes[@]}" \
         -t "$IMAGE" . >"$SMOKE_DIR/oip-build.log" 2>&1 || { tail -20 "$SMOKE_DIR/oip-build.log"; die "build failed"; }
     say "built in $(( $(date +%s) - start )) s"
 fi
