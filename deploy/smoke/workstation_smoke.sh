@@ -12,22 +12,23 @@
 #      artifacts and home files, the same SSH host key, and takes the mounted token.
 # Not part of `make test`: the build installs ~5 GB of wheels. Needs podman, runc, debootstrap, curl and
 # an ssh client. Everything goes under SMOKE_DIR (default /var/tmp/visionpipe-ws-smoke).
-# SMOKE_SKIP_BUILD=1 runs the checks on IMAGE as it is; SMOKE_RUN_ARGS adds `podman run` arguments.
+# SMOKE_NO_BUILD=1 (or SMOKE_SKIP_BUILD=1) runs the checks on IMAGE as it is; SMOKE_RUN_ARGS adds
+# `podman run` arguments.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+SMOKE_NAME=workstation-smoke
 SMOKE_DIR="${SMOKE_DIR:-/var/tmp/visionpipe-ws-smoke}"
-BASE_IMAGE="${BASE_IMAGE:-localhost/debian-bookworm:smoke}"
+SMOKE_NO_BUILD="${SMOKE_NO_BUILD:-${SMOKE_SKIP_BUILD:-}}"
 IMAGE="${IMAGE:-localhost/visionpipe-workstation:smoke}"
 JPORT="${SMOKE_JUPYTER_PORT:-18888}"   # host network: away from a `make workstation` on 8888/2222
 SPORT="${SMOKE_SSH_PORT:-12222}"
 NAME=visionpipe-ws-smoke
 WS_UID=10001
-export CONTAINERS_CONF="$PWD/deploy/smoke/containers.conf"   # runc, cgroupfs, host network, no ulimits
+# shellcheck source=deploy/smoke/base_image.sh
+. deploy/smoke/base_image.sh
 
 trap 'echo "workstation-smoke: error: line $LINENO failed: $BASH_COMMAND" >&2' ERR
-say() { echo "workstation-smoke: $*"; }
-die() { echo "workstation-smoke: error: $*" >&2; exit 1; }
 # The container's own log lines, then stop: used when a check fails.
 fail() { podman logs "$NAME" 2>&1 | tail -25 >&2 || true; die "$*"; }
 
@@ -35,30 +36,8 @@ command -v podman >/dev/null || die "podman not found: apt-get install podman ru
 command -v ssh >/dev/null || die "ssh not found: apt-get install openssh-client"
 mkdir -p "$SMOKE_DIR"
 
-# ---- 1. base image and build (the same as docker_smoke.sh) ------------------------------------------
-# shellcheck source=deploy/smoke/base_image.sh
-. "$(dirname "$0")/base_image.sh"
-ensure_base_image
-build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg VARIANT=cpu
-            --build-arg WS_UID=$WS_UID --build-arg WS_GID=$WS_UID)
-volumes=()
-if [ -d /opt/pypi-more/simple ]; then     # this machine's wheel mirror (torch), as in docker_smoke.sh
-    build_args+=(--build-arg TORCH_INDEX_URL=file:///opt/pypi-more/simple)
-    volumes+=(-v /opt/pypi-more:/opt/pypi-more:ro)
-fi
-if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
-    build_args+=(--build-arg PIP_CERT=/etc/ssl/certs/host-ca.crt)
-    volumes+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/host-ca.crt:ro)
-fi
-if [ -n "${SMOKE_SKIP_BUILD:-}" ]; then
-    say "SMOKE_SKIP_BUILD: using $IMAGE as it is"
-else
-    say "building $IMAGE (log: $SMOKE_DIR/build.log)"
-    start=$(date +%s)
-    podman build --format docker --network host -f deploy/docker/workstation/Dockerfile "${build_args[@]}" \
-        "${volumes[@]}" -t "$IMAGE" . >"$SMOKE_DIR/build.log" 2>&1 || { tail -20 "$SMOKE_DIR/build.log"; die "build failed"; }
-    say "built in $(( $(date +%s) - start )) s; size $(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
-fi
+# ---- 1. base image and build (smoke_build, as the serving images' smokes) ------------------------------
+smoke_build build.log -f deploy/docker/workstation/Dockerfile --build-arg WS_UID=$WS_UID --build-arg WS_GID=$WS_UID
 
 # ---- 2. volumes, keys, run ---------------------------------------------------------------------------
 VOL="$SMOKE_DIR/volumes"
