@@ -57,7 +57,7 @@ VENV_EXPORT := $(VENV_BASE)
 VENV_SERVE  := $(VENV_BASE)
 VENV_ALL    := $(VENV_BASE)
 
-.PHONY: help venv lock lint train evaluate bench-train demo test clean
+.PHONY: help venv lock lint format train evaluate bench-train demo test clean
 # Every target documents itself with a `## text` after its prerequisites (in this file and mk/*.mk);
 # help prints those, in file order. A target without one is internal.
 help: ## this list
@@ -126,8 +126,11 @@ demo: $(VENV_SERVE) ## offline: train digits -> evaluate -> export -> samples/di
 # ---- tests -------------------------------------------------------------------------------------
 # ruff (lint) and mypy on training/ export/ serving/ loadtest/, their rules in pyproject.toml; both
 # run, so that one pass shows every finding.
-lint: $(VENV_BASE) ## ruff and mypy, as configured in pyproject.toml (a step of make test)
-	@rc=0; $(VENV)/bin/ruff check || rc=1; $(VENV)/bin/mypy || rc=1; exit $$rc
+lint: $(VENV_BASE) ## ruff (lint and format check) and mypy, as configured in pyproject.toml (a step of make test)
+	@rc=0; $(VENV)/bin/ruff check || rc=1; $(VENV)/bin/ruff format --check || rc=1; $(VENV)/bin/mypy || rc=1; exit $$rc
+
+format: $(VENV_BASE) ## ruff format: what make lint's format check wants
+	$(VENV)/bin/ruff format
 
 PYTEST_ARGS ?=
 test: $(VENV_ALL) lint ## the test suite [PYTEST_ARGS=...]
