@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 from bench_serve import Setting, _start_profile, profile_summary, server_cpu_s  # noqa: E402
 from bench_serving_core import core_requests_per_s  # noqa: E402
 from export.runtime import read_manifest  # noqa: E402
-from loadtest.capacity import SLO, Point, Search, additive_bound, search_lockstep  # noqa: E402
+from loadtest.capacity import SLO, Point, Search, SearchPlan, additive_bound, search_lockstep  # noqa: E402
 from loadtest.docs import publish_report  # noqa: E402
 from loadtest.images import load_pool  # noqa: E402
 from loadtest.openloop import RunResult, Target, run_closed_loop, run_open_loop  # noqa: E402
@@ -298,7 +298,7 @@ def measure_all(cfg: Config, images: list[bytes], variant: str, work: Path) -> d
         print(f"  searching in lockstep: {', '.join(f'{k} {v.setting}' for k, v in running.items())}", flush=True)
         searches = search_lockstep(
             {k: ((lambda rate, k=k: open_point(running[k].target, rate, cfg, running[k].pid, k)), 0.7 * closed[k])
-             for k in running}, cfg.slo, max_points=cfg.max_points)
+             for k in running}, SearchPlan(cfg.slo, max_points=cfg.max_points))
         results = [result(k, running[k].setting, searches[k], closed[k], screens[k], cfg.slo) for k in running]
         profiles = {r.system: profile_at(cfg, running[r.system], r.capacity_rps, r.system)
                     for r in results[:2] if cfg.profile_s > 0 and r.capacity_rps > 0}

@@ -371,7 +371,7 @@ def check_answers(rt: Runtime, run: str, images: list[bytes], labels: list[int |
 def measure_capacity(runtimes: list[Runtime], run: str, images: list[bytes], a: argparse.Namespace) -> dict:
     """Closed-loop screen per runtime (its ceiling seeds the search), then the open-loop capacity search
     for all runtimes in lockstep, so each sees the same background drift."""
-    from loadtest.capacity import SLO, Point, search_lockstep
+    from loadtest.capacity import SLO, Point, SearchPlan, search_lockstep
     from loadtest.openloop import Target, run_closed_loop, run_open_loop
 
     slo = SLO() if a.slo_p99_ms is None else SLO(p99_ms=a.slo_p99_ms)
@@ -400,8 +400,8 @@ def measure_capacity(runtimes: list[Runtime], run: str, images: list[bytes], a: 
             return p
         return at
 
-    searches = search_lockstep({d: (measure(d), max(1.0, 0.7 * screens[d])) for d in targets}, slo,
-                               max_points=a.max_points)
+    searches = search_lockstep({d: (measure(d), max(1.0, 0.7 * screens[d])) for d in targets},
+                               SearchPlan(slo, max_points=a.max_points))
     out = {"slo": asdict(slo), "screens_rps": {d: round(v) for d, v in screens.items()}, "devices": {}}
     for device, s in searches.items():
         c = s.capacity

@@ -61,16 +61,29 @@ class Search:
         return self.capacity.offered_rps if self.capacity else 0.0
 
 
-def capacity_steps(
-    start_rps: float,
-    slo: SLO = SLO(),
-    step: float = 1.4,
-    resolution: float = 0.05,
-    max_points: int = 8,
-    min_rps: float = 1.0,
-) -> Generator[float, Point, Search]:
+@dataclass(frozen=True)
+class SearchPlan:
+    """How a capacity search goes.
+
+    Args:
+        slo: what a rate must meet to count as served.
+        step: factor between rates while looking for a bracket.
+        resolution: stop bisecting when the bracket's upper end is within this fraction of its lower.
+        max_points: budget of measurements (each costs a run).
+        min_rps: the lowest rate tried before giving up (no capacity at all).
+    """
+
+    slo: SLO = SLO()
+    step: float = 1.4
+    resolution: float = 0.05
+    max_points: int = 8
+    min_rps: float = 1.0
+
+
+def capacity_steps(start_rps: float, plan: SearchPlan = SearchPlan()) -> Generator[float, Point, Search]:
     """The search as a generator: yields the next rate to measure, is sent its ``Point``, returns the
     ``Search`` (see ``search_capacity``). Several searches can so be stepped in turn (``search_lockstep``)."""
+    slo, step, resolution, max_points = plan.slo, plan.step, plan.resolution, plan.max_points
     if start_rps <= 0 or step <= 1 or max_points < 1:
         raise ValueError(f"need start_rps > 0, step > 1, max_points >= 1; got {start_rps}, {step}, {max_points}")
     points: list[Point] = []
@@ -89,7 +102,7 @@ def capacity_steps(
             if lo is not None:
                 break
             rate /= step
-            if rate < min_rps:
+            if rate < plan.min_rps:
                 break
     while lo is not None and hi is not None and hi > lo * (1 + resolution) and len(points) < max_points:
         mid = math.sqrt(lo * hi)
@@ -103,43 +116,20 @@ def capacity_steps(
     return Search(max(passing, key=lambda p: p.offered_rps) if passing else None, points)
 
 
-def search_capacity(
-    measure: Callable[[float], Point],
-    start_rps: float,
-    slo: SLO = SLO(),
-    step: float = 1.4,
-    resolution: float = 0.05,
-    max_points: int = 8,
-    min_rps: float = 1.0,
-) -> Search:
-    """Find the highest offered rate that passes ``slo``.
-
-    Args:
-        measure: runs the load at a rate (req/s) and returns its ``Point``.
-        start_rps: the first rate tried (a closed-loop ceiling times ~0.7 is a good guess).
-        step: factor between rates while looking for a bracket.
-        resolution: stop bisecting when the bracket's upper end is within this fraction of its lower.
-        max_points: budget of measurements (each costs a run).
-    Returns:
-        The capacity point and every point measured.
-    """
-    return search_lockstep({"_": (measure, start_rps)}, slo, step, resolution, max_points, min_rps)["_"]
+def search_capacity(measure: Callable[[float], Point], start_rps: float, plan: SearchPlan = SearchPlan()) -> Search:
+    """Find the highest offered rate that passes ``plan.slo``: ``measure`` runs the load at a rate
+    (req/s) and returns its ``Point``; ``start_rps`` is the first rate tried (a closed-loop ceiling
+    times ~0.7 is a good guess). Returns the capacity point and every point measured."""
+    return search_lockstep({"_": (measure, start_rps)}, plan)["_"]
 
 
 def search_lockstep(
-    systems: dict[str, tuple[Callable[[float], Point], float]],
-    slo: SLO = SLO(),
-    step: float = 1.4,
-    resolution: float = 0.05,
-    max_points: int = 8,
-    min_rps: float = 1.0,
+    systems: dict[str, tuple[Callable[[float], Point], float]], plan: SearchPlan = SearchPlan()
 ) -> dict[str, Search]:
     """One search per system (``name -> (measure, start_rps)``), their measurements taken in turn,
     one rate of each system per round: on a machine whose background load drifts, every system sees
     the same drift instead of one getting a quiet minute and the next a busy one."""
-    gens = {
-        name: capacity_steps(start, slo, step, resolution, max_points, min_rps) for name, (_, start) in systems.items()
-    }
+    gens = {name: capacity_steps(start, plan) for name, (_, start) in systems.items()}
     rates = {name: next(g) for name, g in gens.items()}
     results: dict[str, Search] = {}
     while rates:

@@ -391,6 +391,26 @@ def _percentiles(client: _Client) -> dict:
     }
 
 
+def _run_result(
+    mode: str, arrivals: str, sent: int, duration_s: float, client: _Client, generator_cpu: float
+) -> RunResult:
+    """A run's result from what its client recorded over the measured ``duration_s``."""
+    return RunResult(
+        mode,
+        arrivals,
+        sent / duration_s,
+        client.ok_completed_in_window / duration_s,
+        duration_s,
+        sent,
+        client.ok,
+        client.errors,
+        dict(client.error_kinds),
+        generator_cpu=generator_cpu,
+        connections=client.opened,
+        **_percentiles(client),
+    )
+
+
 def _cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -454,20 +474,7 @@ async def _open_loop(
     cpu, wall = _cpu_s() - cpu0, time.monotonic() - wall0
     client.close()
     sent = int(np.count_nonzero((offsets >= warmup_s) & (offsets < warmup_s + duration_s)))
-    return RunResult(
-        "open",
-        arrivals,
-        sent / duration_s,
-        client.ok_completed_in_window / duration_s,
-        duration_s,
-        sent,
-        client.ok,
-        client.errors,
-        dict(client.error_kinds),
-        generator_cpu=100 * cpu / wall,
-        connections=client.opened,
-        **_percentiles(client),
-    )
+    return _run_result("open", arrivals, sent, duration_s, client, 100 * cpu / wall)
 
 
 async def _closed_loop(
@@ -500,20 +507,7 @@ async def _closed_loop(
         await asyncio.sleep(0.01)
     cpu, wall = _cpu_s() - cpu0, time.monotonic() - wall0
     client.close()
-    return RunResult(
-        "closed",
-        f"{connections} connections",
-        sent_in_window / duration_s,
-        client.ok_completed_in_window / duration_s,
-        duration_s,
-        sent_in_window,
-        client.ok,
-        client.errors,
-        dict(client.error_kinds),
-        generator_cpu=100 * cpu / wall,
-        connections=client.opened,
-        **_percentiles(client),
-    )
+    return _run_result("closed", f"{connections} connections", sent_in_window, duration_s, client, 100 * cpu / wall)
 
 
 def run_open_loop(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from loadtest.capacity import SLO, Point, additive_bound, search_capacity
+from loadtest.capacity import SLO, Point, SearchPlan, additive_bound, search_capacity
 from loadtest.openloop import Target, arrival_times, run_closed_loop, run_open_loop
 
 
@@ -121,21 +121,21 @@ def synthetic(knee_rps: float, errors_above: float | None = None, ceiling: float
 @pytest.mark.parametrize("start", [200.0, 1000.0, 5000.0])
 def test_search_finds_the_knee_within_its_resolution(start):
     measure, calls = synthetic(1000.0)
-    s = search_capacity(measure, start, SLO(p99_ms=50), resolution=0.05, max_points=12)
+    s = search_capacity(measure, start, SearchPlan(SLO(p99_ms=50), resolution=0.05, max_points=12))
     assert 1000 / 1.06 <= s.capacity_rps <= 1000 and len(s.points) == len(calls) <= 12
     assert SLO().passes(s.capacity) and all(p.offered_rps in calls for p in s.points)
 
 
 def test_errors_and_falling_behind_bound_capacity_before_latency_does():
     measure, _ = synthetic(1000.0, errors_above=600)
-    assert 560 <= search_capacity(measure, 300, max_points=12).capacity_rps <= 600
+    assert 560 <= search_capacity(measure, 300, SearchPlan(max_points=12)).capacity_rps <= 600
     measure, _ = synthetic(1000.0, ceiling=400)  # answers capped at 400/s: achieved < 98 % above ~408
-    assert 380 <= search_capacity(measure, 300, max_points=12).capacity_rps <= 408
+    assert 380 <= search_capacity(measure, 300, SearchPlan(max_points=12)).capacity_rps <= 408
 
 
 def test_no_capacity_when_even_the_lowest_rate_fails_and_budget_is_kept():
     measure, calls = synthetic(0.5)
-    s = search_capacity(measure, 100, max_points=5)
+    s = search_capacity(measure, 100, SearchPlan(max_points=5))
     assert s.capacity is None and s.capacity_rps == 0 and len(calls) == 5
 
 
@@ -173,7 +173,7 @@ def test_lockstep_takes_one_rate_per_system_per_round_and_finds_each_knee():
         measure, _ = synthetic(knee)
         return (lambda rate: order.append(name) or measure(rate)), knee / 2
 
-    res = search_lockstep({"a": system("a", 1000.0), "b": system("b", 300.0)}, max_points=10)
+    res = search_lockstep({"a": system("a", 1000.0), "b": system("b", 300.0)}, SearchPlan(max_points=10))
     assert 1000 / 1.06 <= res["a"].capacity_rps <= 1000 and 300 / 1.06 <= res["b"].capacity_rps <= 300
     n = min(order.count("a"), order.count("b"))
     assert order[:2 * n] == ["a", "b"] * n  # alternating while both searches run
