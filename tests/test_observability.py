@@ -313,12 +313,12 @@ def _bound_above(seconds: float) -> float:
     return next((b for b in DEFAULT_BUCKETS if b >= seconds), math.inf)
 
 
-@pytest.mark.slow
 def _driven(result: list) -> list:
     """The series of the models this test sends traffic to (not tinyq, test_hostile's queue model)."""
     return [(m, v) for m, v in result if "tinyq" not in m.values()]
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_and_rule_returns_plausible_data(served, prometheus):
     traffic_s = 5.0
     # the last scrape before the traffic: the exact increases below are counted from it
@@ -428,7 +428,11 @@ def test_a_killed_worker_fires_the_restart_alert(served, prometheus):
     assert prometheus.query(alert["expr"]) == []
     workers = _workers(served, "digits")
     assert workers and all(w["status"] == "READY" for w in workers), workers
-    os.kill(int(workers[0]["pid"]), signal.SIGKILL)  # a worker of the test's own server
+    # A worker of the session's server, the one this module's Prometheus scrapes (a server and a
+    # Prometheus of its own would add a minute per runtime to the suite). Nothing else counts restarts
+    # of it across tests (test_hostile checks each test's own requests), and the end of this test
+    # waits until every worker is READY again and answers.
+    os.kill(int(workers[0]["pid"]), signal.SIGKILL)
     deadline = time.monotonic() + 120
     fired: list = []
     # (an oip worker serves every model: its restart shows for each of them, not all in the same scrape)
