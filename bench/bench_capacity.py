@@ -43,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from bench_serve import Setting, _start_profile, profile_summary, server_cpu_s  # noqa: E402
+from bench_serve import Setting, _start_profile, profile_summary  # noqa: E402
 from bench_serving_core import core_requests_per_s  # noqa: E402
 from export.runtime import read_manifest  # noqa: E402
 from loadtest.capacity import SLO, Point, Search, SearchPlan, additive_bound, search_lockstep  # noqa: E402
@@ -55,6 +55,7 @@ from loadtest.triton_peer import (TritonConfig, TritonServer, infer_request, top
                                   write_repository)
 from loadtest.wrk import run_wrk, write_images, write_wrk_script  # noqa: E402
 from serving.archive import ArchiveConfig, build_archive  # noqa: E402
+from serving.server import tree_cpu_s  # noqa: E402
 from serving.httpclient import request  # noqa: E402
 from training.files import atomic_write_bytes  # noqa: E402
 
@@ -113,9 +114,9 @@ def cpu_model() -> dict:
 
 # ---- measuring ----------------------------------------------------------------------------------
 def open_point(target: Target, rate: float, cfg: Config, server_pid: int, name: str) -> Point:
-    cpu0, t0 = server_cpu_s(server_pid), time.monotonic()
+    cpu0, t0 = tree_cpu_s(server_pid), time.monotonic()
     r: RunResult = run_open_loop(target, rate, cfg.duration_s, cfg.warmup_s)
-    server_cpu = 100 * (server_cpu_s(server_pid) - cpu0) / (time.monotonic() - t0)
+    server_cpu = 100 * (tree_cpu_s(server_pid) - cpu0) / (time.monotonic() - t0)
     extra = {"p90_ms": r.p90_ms, "p999_ms": r.p999_ms, "max_ms": r.max_ms, "error_kinds": r.error_kinds,
              "generator_cpu": r.generator_cpu, "send_lag_p99_ms": r.send_lag_p99_ms, "server_cpu": server_cpu,
              "connections": r.connections, "load_avg": os.getloadavg()[0]}

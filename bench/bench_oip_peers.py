@@ -47,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 from bench_protocol import _read, oip_calls, to_contract_pixels
-from bench_serve import server_cpu_s
 
 from export.runtime import read_manifest
 from loadtest.docs import publish_report
@@ -56,7 +55,7 @@ from loadtest.torchserve import PrivateServer
 from loadtest.wrk import WRK_SCRIPT, run_wrk
 from serving.archive import ArchiveConfig, build_archive
 from serving.httpclient import NoAnswer, request
-from serving.server import free_port, running_pid
+from serving.server import free_port, running_pid, tree_cpu_s
 from training.contract import Contract
 from training.machine import cpu_name
 
@@ -227,9 +226,9 @@ def measure(target: Target, srv: Server, files: dict, scripts: dict, connections
             duration_s: float) -> dict:
     url = srv.http_url + target.path
     run_wrk(url, files[target.body], connections, warmup_s, scripts[target.body])
-    load, cpu = os.getloadavg(), server_cpu_s(srv.pid)
+    load, cpu = os.getloadavg(), tree_cpu_s(srv.pid)
     r = run_wrk(url, files[target.body], connections, duration_s, scripts[target.body])
-    cpu = server_cpu_s(srv.pid) - cpu
+    cpu = tree_cpu_s(srv.pid) - cpu
     errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
     return {"target": target.label, "path": target.path, "body": target.body,
             "req_s": round(r["requests"] / (r["duration_us"] / 1e6), 1), "p50_ms": r["p50_us"] / 1e3,

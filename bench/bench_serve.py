@@ -27,15 +27,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-
-import psutil  # noqa: E402
-
 from export.runtime import read_manifest  # noqa: E402
 from loadtest.capacity import SLO  # noqa: E402
 from loadtest.docs import publish_report  # noqa: E402
 from loadtest.wrk import run_wrk, write_images, write_wrk_script, wrk_binary  # noqa: E402
 from loadtest.torchserve import NOOP_HANDLER, STOCK_HANDLER, PrivateServer, baseline_archive  # noqa: E402
 from serving.archive import ArchiveConfig, build_archive  # noqa: E402
+from serving.server import tree_cpu_s  # noqa: E402
 from training.files import atomic_write_bytes  # noqa: E402
 from training.machine import cpu_name  # noqa: E402
 
@@ -104,23 +102,6 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-# ---- load and CPU accounting ---------------------------------------------------------------------
-def server_cpu_s(pid: int) -> float:
-    """CPU seconds used so far by a process and all its descendants (frontend + workers)."""
-    total = 0.0
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 # ---- one configuration ---------------------------------------------------------------------------
 def measure(cfg: BenchConfig, run: str, kind: str, variant: str, setting: Setting, mar_name: str,
             store: Path, images: list[Path], script: Path, profile_to: Path | None = None) -> Result:
@@ -132,10 +113,10 @@ def measure(cfg: BenchConfig, run: str, kind: str, variant: str, setting: Settin
         if got != (setting.batch, setting.workers):
             raise RuntimeError(f"{mar_name}: TorchServe runs batch/workers {got}, asked {setting}")
         run_wrk(url, images, cfg.connections, cfg.warmup_s, script)
-        cpu0 = server_cpu_s(ts.server.pid)
+        cpu0 = tree_cpu_s(ts.server.pid)
         profiler = _start_profile(ts.worker_pids(mar_name), profile_to, cfg) if profile_to else None
         w = run_wrk(url, images, cfg.connections, cfg.duration_s, script)
-        cpu1 = server_cpu_s(ts.server.pid)
+        cpu1 = tree_cpu_s(ts.server.pid)
         if profiler is not None:
             profiler.wait(timeout=cfg.profile_s + 30)
         ready_s = ts.ready_s

@@ -266,20 +266,9 @@ class Runtime:
 
     def cpu_s(self) -> float:
         """CPU seconds of the runtime and its worker processes so far."""
-        import psutil
-        try:
-            p = psutil.Process(self.proc.pid)
-            procs = [p, *p.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
-        total = 0.0
-        for q in procs:
-            try:
-                t = q.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        from serving.server import tree_cpu_s
+
+        return tree_cpu_s(self.proc.pid)
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

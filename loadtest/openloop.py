@@ -749,6 +749,17 @@ async def _call(f: Callable[[], bool]) -> bool:
     return f()
 
 
+def add_client_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--max-connections and --timeout: the client's two bounds, for every CLI that drives it."""
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="open connections at most; past them a request waits in the client (its latency counts)",
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as failed")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m loadtest.openloop", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
@@ -759,13 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="inter-arrival distribution")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds sent before measuring")
-    p.add_argument(
-        "--max-connections",
-        type=int,
-        default=MAX_CONNECTIONS,
-        help="open connections at most; a request that finds none waits (and its latency counts)",
-    )
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as failed")
+    add_client_options(p)
     p.add_argument("--images-run", default="digits", help="post held-out PNGs of this run (loadtest.images)")
     p.add_argument("--body", action="append", default=[], help="a file to post instead (repeatable)")
     a = p.parse_args(argv)

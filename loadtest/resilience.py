@@ -39,7 +39,15 @@ import numpy as np
 import psutil
 
 from loadtest.docs import update_section
-from loadtest.openloop import MAX_CONNECTIONS, BackgroundLoad, Records, Target, Window, latency_histogram, percentile_ms
+from loadtest.openloop import (
+    BackgroundLoad,
+    Records,
+    Target,
+    Window,
+    add_client_options,
+    latency_histogram,
+    percentile_ms,
+)
 from loadtest.torchserve import PrivateServer
 from loadtest.wrk import run_wrk, write_images, write_wrk_script, wrk_binary
 from serving import httpclient
@@ -600,15 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--docs", default="docs/benchmarks.md", help="'' to skip the docs update")
     load = p.add_argument_group("load (all modes)")
     load.add_argument("--share", type=float, default=0.7, help="load as a share of the measured maximum")
-    load.add_argument(
-        "--max-connections",
-        type=int,
-        default=MAX_CONNECTIONS,
-        help="open connections at most; past them a request waits in the client (its latency counts)",
-    )
-    load.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds before a normal user's request counts as failed"
-    )
+    add_client_options(load)
     load.add_argument(
         "--duration",
         type=seconds,

@@ -497,6 +497,23 @@ def worker_pids(server: Server, model: str, token: str | None = None) -> list[tu
     return sorted((w["id"], w.get("pid"), w["startTime"]) for w in json.loads(answer.body)[0]["workers"])
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and all its descendants (a server's frontend and workers);
+    0 once it is gone."""
+    import psutil  # torchserve's dependency: present wherever a server runs
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = proc.cpu_times()
+            total += t.user + t.system
+    return total
+
+
 def worker_deaths(server: Server) -> list[str]:
     """The log lines that report a worker dying or being restarted, since the server's work dir began."""
     path = server.workdir.joinpath(*DEATH_LOGS[server.runtime])
