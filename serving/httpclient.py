@@ -15,8 +15,10 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -116,6 +118,20 @@ def request(
     path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
     with Session(f"{parts.scheme}://{parts.netloc}", timeout=timeout) as s:
         return s.request(method, path, body, headers)
+
+
+def wait_until_ok(url: str, timeout: float, alive: Callable[[], bool] = lambda: True, interval: float = 0.1) -> bool:
+    """Poll ``GET url`` until it answers 200 (True), ``timeout`` seconds pass or ``alive()`` turns
+    false (False): a server coming up, whose process may also die while it does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            if request("GET", url, timeout=min(2.0, timeout)).status == 200:
+                return True
+        except NoAnswer:
+            pass
+        time.sleep(interval)
+    return False
 
 
 def multipart(files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:

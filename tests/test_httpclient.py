@@ -9,13 +9,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from serving.httpclient import NoAnswer, Session, multipart, request
+from serving.httpclient import NoAnswer, Session, multipart, request, wait_until_ok
 from serving.server import free_port
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive unless a request says otherwise
     connections: set[int] = set()
+
+    def do_GET(self) -> None:
+        self.do_POST()
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -81,3 +84,12 @@ def test_multipart_is_what_a_standard_parser_reads():
     parts = {p.get_param("name", header="content-disposition"): p for p in msg.get_payload()}
     assert parts["a"].get_payload(decode=True) == b"\x89PNG\r\n--x"
     assert parts["a"].get_content_type() == "image/png" and parts["b"].get_payload(decode=True) == b"hi"
+
+
+def test_wait_until_ok_answers_true_once_ready_and_false_when_dead_or_late(server):
+    assert wait_until_ok(server + "/x", timeout=10)
+    assert not wait_until_ok(server + "/status/503", timeout=0.5)
+    calls = []
+    assert not wait_until_ok(server + "/status/503", timeout=60, alive=lambda: calls.append(1) or len(calls) < 3)
+    assert len(calls) == 3  # gave up as soon as the process was gone, not after 60 s
+    assert not wait_until_ok(f"http://127.0.0.1:{free_port()}/", timeout=0.5)

@@ -32,7 +32,7 @@ from serving.client import heldout_digits
 from training.images import encode_png
 from serving.core import StageTimes
 from serving.metrics import BY_NAME, DEFAULT_BUCKETS, METRICS, HandlerMetrics, series_names
-from serving.httpclient import NoAnswer, request
+from serving.httpclient import request, wait_until_ok
 from serving.server import free_port
 from test_serving_core import RecordingMetrics, encode
 
@@ -228,14 +228,7 @@ def prometheus(served, tmp_path_factory):
         proc = subprocess.Popen([binary, f"--config.file={root / 'prometheus.yml'}",
                                  f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address={url[7:]}"],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if request("GET", url + "/-/ready", timeout=1).status == 200:
-                    break
-            except NoAnswer:
-                pass
-            time.sleep(0.2)
+        wait_until_ok(url + "/-/ready", 30, alive=lambda: proc.poll() is None)  # noqa: B023 -- called here
         if proc.poll() is None:
             break
     try:

@@ -23,7 +23,7 @@ import pytest
 
 from served import LIMITS, auth_header, b64, post
 from serving.client import heldout_digits
-from serving.httpclient import NoAnswer, request
+from serving.httpclient import request, wait_until_ok
 from serving.server import free_port
 from training.contract import Contract
 from training.images import encode_png
@@ -220,16 +220,8 @@ def strict_oip(tmp_path_factory, served):
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            if request("GET", url + "/v2/health/ready", timeout=2).status == 200:
-                return
-        except NoAnswer:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"not ready: {log.read_text()[-2000:]}")
+    if not wait_until_ok(url + "/v2/health/ready", timeout, alive=lambda: proc.poll() is None):
+        raise AssertionError(f"not ready (exit code {proc.poll()}): {log.read_text()[-2000:]}")
 
 
 def _predicts(url: str) -> bool:
