@@ -379,3 +379,42 @@ def test_reference_check_gates_int8_by_accuracy_and_fp32_by_logits():
     wrong[:2] = np.roll(logits[:2], 1, axis=1)  # two images flipped: 2 points on 100 images
     numbers, why = reference_check(wrong, ref, "int8", gates)
     assert numbers["drop_points"] == pytest.approx(2.0) and "2.00 points below" in why
+
+
+def test_flip_tta_survives_every_export_format(tmp_path):
+    """A resnet8 with flip TTA: TorchScript and ONNX give the eager model's logits, and a mirror image
+    the same answer as the image (the augmentation is in the graph, not in the serving code)."""
+    import onnxruntime as ort
+
+    from export.variants import INPUT_NAME, export_onnx, export_torchscript, quantize_torch
+    from training.contract import Contract, WithPreprocessing
+    from training.models import build_model
+
+    torch.manual_seed(0)
+    contract = Contract(28, 28, 1, (0.3,), (0.35,), tuple("abcdefghij"))
+    model = build_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=8, flip_tta=True).eval()
+    pixels = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        eager = WithPreprocessing(model, contract).eval()(pixels)
+    export_torchscript(model, contract, tmp_path / "m.pt")
+    export_onnx(model, contract, tmp_path / "m.onnx")
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for x in (pixels, pixels.flip(-1)):
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), eager, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {INPUT_NAME: x.numpy()})[0]), eager,
+                                   atol=1e-4, rtol=1e-4)
+    # INT8: a mirror image gets the same answer up to a quantisation step (the requantised sum is not
+    # exactly symmetric), far closer than the same weights without TTA give.
+    plain = build_model("resnet8", in_channels=1, num_classes=10, image_size=28, width=8)
+    plain.load_state_dict(model.state_dict())
+    normalize = WithPreprocessing(torch.nn.Identity(), contract).normalize
+    with torch.no_grad():
+        change = {}
+        for name, m in (("tta", model), ("plain", plain.eval())):
+            int8 = quantize_torch(m, contract, pixels.numpy())
+            logits = int8(normalize(pixels))
+            assert logits.shape == (5, 10)
+            change[name] = float((int8(normalize(pixels.flip(-1))) - logits).abs().max())
+    assert change["tta"] < change["plain"] / 4, change

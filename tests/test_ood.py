@@ -53,10 +53,13 @@ def probe_pixels(contract, seed: int = 0) -> np.ndarray:
 # the parts
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch, channels, size", [("lenet", 1, 28), ("mnist_cnn", 1, 28), ("simple_cnn", 1, 28),
-                                                  ("cifarnet", 3, 32), ("bn_cnn", 1, 28), ("resnet9", 3, 32)])
+                                                  ("cifarnet", 3, 32), ("bn_cnn", 1, 28), ("resnet9", 3, 32),
+                                                  ("resnet8", 1, 28), ("resnet8+flip_tta", 1, 28)])
 def test_with_features_keeps_the_logits_and_gives_the_head_input(arch, channels, size):
     torch.manual_seed(0)
-    model = build_model(arch, in_channels=channels, num_classes=10, image_size=size).eval()
+    arch, _, flag = arch.partition("+")
+    extra = {flag: True} if flag else {}
+    model = build_model(arch, in_channels=channels, num_classes=10, image_size=size, **extra).eval()
     x = torch.randn(3, channels, size, size)
     logits, features = ood.with_features(model)(x)
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]

@@ -125,7 +125,18 @@ def test_resized_crop_matches_pil_distribution():
     assert abs(spans[0].mean() - spans[1].mean()) < 0.03 and abs(flips[0] - 0.5) < 0.04 and abs(flips[1] - 0.5) < 0.08
 
 
-@pytest.mark.parametrize("policy", ["crop-flip", "affine", "resized-crop"])
+def test_flip_matches_pil_distribution():
+    """flip mirrors about half the images, whole, and moves no pixel otherwise, on both paths."""
+    contract = Contract(28, 28, 1, (0.5,), (0.5,), ("a", "b"))
+    img = _ramp(28, 28)
+    src = torch.from_numpy(img).float()
+    for out in (_tensor_draws("flip", img), _pil_draws("flip", img, contract)):
+        mirrored = (out == src.flip(-1)).flatten(1).all(1)
+        kept = (out == src).flatten(1).all(1)
+        assert bool((mirrored | kept).all()) and abs(mirrored.float().mean() - 0.5) < 0.1
+
+
+@pytest.mark.parametrize("policy", ["flip", "crop-flip", "affine", "resized-crop"])
 def test_augmentation_is_deterministic_under_a_seed(policy):
     x = torch.randint(0, 256, (16, 3, 32, 32)).float()
     a, b = (augment_batch(policy, x, torch.Generator().manual_seed(5)) for _ in range(2))

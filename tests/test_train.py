@@ -63,11 +63,13 @@ def _interrupt_after(epochs_done: int, monkeypatch):
 @pytest.mark.parametrize("pipeline, extra", [
     ("loader", dict(workers=2, min_steps=0)),       # DataLoader worker seeding, PIL augmentation
     ("tensor", dict(min_steps=40, augment="crop-flip")),  # device-side augmentation, 2 passes per epoch
+    ("tensor", dict(min_steps=0, augment="flip", model="bn_cnn", width=8, ema_decay=0.9)),  # weight average
 ])
 def test_resume_gives_identical_weights(tmp_path, monkeypatch, pipeline, extra):
     """Seeded run interrupted after epoch 1 and resumed == the uninterrupted run, bit for bit."""
     common = dict(model="simple_cnn", dataset="digits", epochs=2, val_fraction=0.5, lr=3e-3, seed=7,
-                  runs_dir=str(tmp_path), batch_size=64, tensorboard=False, pipeline=pipeline, **extra)
+                  runs_dir=str(tmp_path), batch_size=64, tensorboard=False, pipeline=pipeline)
+    common.update(extra)
     train_mod.fit(TrainConfig(run="straight", **common))
 
     with monkeypatch.context() as m:
@@ -80,9 +82,13 @@ def test_resume_gives_identical_weights(tmp_path, monkeypatch, pipeline, extra):
     a = load_checkpoint(tmp_path / "straight/last.pt")
     b = load_checkpoint(tmp_path / "resumed/last.pt")
     assert a["epoch"] == b["epoch"] == 2 and a["config"]["pipeline"] == pipeline
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for weights in ("state_dict", "train_state_dict") if "ema_decay" in extra else ("state_dict",):
+        for key in a[weights]:
+            assert torch.equal(a[weights][key], b[weights][key]), (weights, key)
     assert [h["val_accuracy"] for h in a["history"]] == [h["val_accuracy"] for h in b["history"]]
+    if "ema_decay" in extra:  # the average is what is saved (and exported), not the last step's weights
+        assert a["ema_steps"] == b["ema_steps"] > 0 and a["config"]["width"] == 8
+        assert not torch.equal(a["state_dict"]["features.0.0.weight"], a["train_state_dict"]["features.0.0.weight"])
 
 
 def test_warmup_cosine_counts_optimizer_steps():
@@ -199,13 +205,13 @@ def test_torchrun_two_cpu_processes(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "training", "train", "--run-name", "ddp", "--model", "simple_cnn", "--dataset", "digits",
          "--epochs", "2", "--workers", "0", "--min-steps", "0", "--runs-dir", str(tmp_path), "--no-tensorboard",
-         "--val-fraction", "0.5"],
+         "--val-fraction", "0.5", "--ema-decay", "0.9"],
         capture_output=True, text=True, cwd=REPO, timeout=180, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     printed = [line for line in out.stdout.splitlines() if line.endswith("ddp/best.pt")]
     assert printed == [str(tmp_path / "ddp/best.pt")]  # rank 0 only
     last = load_checkpoint(tmp_path / "ddp/last.pt")
-    assert len(last["rng"]) == 2 and last["epoch"] == 2
+    assert len(last["rng"]) == 2 and last["epoch"] == 2 and last["ema_steps"] > 0
     assert [h["epoch"] for h in last["history"]] == [1, 2]
 
 
@@ -245,3 +251,24 @@ def test_torchrun_ranks_get_disjoint_shards_of_the_tensor_pipeline(tmp_path):
     from training.tensordata import load_tensor_splits
     train = load_tensor_splits("digits", val_fraction=0.1, seed=3).train
     assert sorted(labels_a) == sorted(train.labels[a].tolist()) and sorted(labels_b) == sorted(train.labels[b].tolist())
+
+
+def test_auto_precision_follows_the_cpus_bf16_units(monkeypatch):
+    """--precision auto: bf16 only where the CPU computes it natively (AVX2 alone emulates it, slower
+    than fp32); named precisions pass through."""
+    from training import machine
+
+    avx2 = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    amx = "model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert not machine.native_bf16(avx2) and machine.native_bf16(amx)
+    cpu = torch.device("cpu")
+    for text, want in ((avx2, "fp32"), (amx, "bf16")):
+        monkeypatch.setattr(train_mod, "native_bf16", lambda text=text: machine.native_bf16(text))
+        assert train_mod.resolve_precision("auto", cpu) == want
+    assert train_mod.resolve_precision("fp16", cpu) == "fp16" and train_mod.resolve_precision("fp32", cpu) == "fp32"
+
+
+def test_auto_precision_is_settled_before_the_run_is_saved(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "native_bf16", lambda: False)
+    train_tiny(tmp_path, "auto", "simple_cnn", "digits", epochs=1, val_fraction=0.5, precision="auto")
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["precision"] == "fp32"

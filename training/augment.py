@@ -26,6 +26,8 @@ def augment_batch(policy: str, x: torch.Tensor, generator: torch.Generator) -> t
     """Augment ``x`` (N, C, H, W) float 0..255 with ``policy``; returns a new tensor."""
     if policy == "none":
         return x
+    if policy == "flip":
+        return flip(x, generator)
     if policy == "crop-flip":
         return crop_flip(x, generator)
     if policy == "affine":
@@ -39,6 +41,12 @@ def augment_batch(policy: str, x: torch.Tensor, generator: torch.Generator) -> t
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=g, device=device) * (high - low) + low
+
+
+def flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``RandomHorizontalFlip()``: each image mirrored with probability 1/2."""
+    mirrored = torch.rand(x.shape[0], generator=g, device=x.device) < 0.5
+    return torch.where(mirrored[:, None, None, None], x.flip(-1), x)
 
 
 def crop_flip(x: torch.Tensor, g: torch.Generator, padding: int = CROP_PADDING) -> torch.Tensor:

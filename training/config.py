@@ -11,11 +11,12 @@ from pathlib import Path
 
 from training.cli import from_args
 from training.data import AUGMENTATIONS, DATASETS
-from training.models import MODELS
+from training.models import MODELS, takes
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("onecycle", "cosine", "none")
-PRECISIONS = ("fp32", "bf16", "fp16")
+# auto: bf16 on a GPU that supports it or a CPU with bf16 units (training.machine.native_bf16), else fp32.
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 # tensor: the dataset as uint8 on the device, batches augmented there (training.tensordata);
 # loader: DataLoader workers with PIL transforms, for data that does not fit; auto: tensor when it fits.
 PIPELINES = ("auto", "tensor", "loader")
@@ -27,6 +28,8 @@ class TrainConfig:
     model: str = "mnist_cnn"
     dataset: str = "digits"
     data_dir: str | None = None
+    width: int | None = None  # channels of the model's first stage (None = the model's default)
+    flip_tta: bool = False  # evaluate (and export) the mean of each image's and its mirror image's logits
     runs_dir: str = "runs"
     epochs: int = 10
     batch_size: int = 128  # per process
@@ -42,6 +45,7 @@ class TrainConfig:
     # (docs/benchmarks.md, "few epochs on small data").
     min_steps: int = 1000
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # exponential moving average of the weights per optimizer step; 0 = off
     accum_steps: int = 1  # optimizer step every N batches
     clip_grad_norm: float = 0.0  # 0 = off
     precision: str = "fp32"  # autocast dtype; fp16 needs CUDA (GradScaler)
@@ -76,11 +80,30 @@ class TrainConfig:
                 self.augment is None or self.augment in AUGMENTATIONS,
                 f"unknown --augment {self.augment!r}; choose one of {AUGMENTATIONS}",
             ),
+            (
+                self.width is None or self.width >= 1,
+                f"--width must be >= 1, got {self.width}",
+            ),
+            (
+                self.width is None or self.model not in MODELS or takes(self.model, "width"),
+                (
+                    f"--model {self.model} has a fixed width; leave --width out or pick one of "
+                    f"{sorted(m for m in MODELS if takes(m, 'width'))}"
+                ),
+            ),
+            (
+                not self.flip_tta or self.model not in MODELS or takes(self.model, "flip_tta"),
+                (
+                    f"--model {self.model} has no flip test-time augmentation; leave --flip-tta out or pick one "
+                    f"of {sorted(m for m in MODELS if takes(m, 'flip_tta'))}"
+                ),
+            ),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.accum_steps >= 1, f"--accum-steps must be >= 1, got {self.accum_steps}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1) (0: off), got {self.ema_decay}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (
                 self.run and "/" not in self.run,
@@ -122,6 +145,11 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
     },
     "model": {
         "model": f"architecture, one of {', '.join(sorted(MODELS))}",
+        "width": "channels of the first stage, later stages scale with it "
+        f"({', '.join(sorted(m for m in MODELS if takes(m, 'width')))})",
+        "flip_tta": "evaluate, save and export the model with flip test-time augmentation (the mean of each "
+        "image's and its mirror image's logits: twice the inference compute); "
+        f"{', '.join(sorted(m for m in MODELS if takes(m, 'flip_tta')))}",
         "pretrained_weights": "torchvision state_dict file for a fine-tuning model (nothing is downloaded)",
         "freeze_backbone": "train only the new head of a fine-tuning model",
     },
@@ -135,6 +163,8 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
         "accum_steps": "optimizer step every N batches",
         "clip_grad_norm": "clip the gradient norm to this (0: off)",
         "label_smoothing": "cross-entropy label smoothing",
+        "ema_decay": "keep an exponential moving average of the weights (and BatchNorm statistics) with this "
+        "decay per optimizer step; it is evaluated, saved and exported instead of the raw weights (0: off)",
     },
     "schedule (counted in optimizer steps)": {
         "epochs": "epochs; a small dataset makes several passes per epoch to reach --min-steps",
@@ -144,7 +174,8 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
     },
     "device and precision": {
         "device": "auto (cuda when present), cpu, cuda, cuda:N",
-        "precision": f"autocast dtype, one of {', '.join(PRECISIONS)}; fp16 needs CUDA (GradScaler)",
+        "precision": f"autocast dtype, one of {', '.join(PRECISIONS)}; fp16 needs CUDA (GradScaler); auto: bf16 "
+        "where the GPU or CPU computes it natively (avx512_bf16, amx_bf16), else fp32",
         "channels_last": "NHWC memory format (default: on when training on CUDA)",
     },
     "misc": {
@@ -177,3 +208,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return from_args(TrainConfig, args)
+
+
+def parse_train_args(argv: list[str]) -> TrainConfig:
+    """The TrainConfig that ``python -m training train ARGV`` would run (benchmarks size their
+    ceilings from it)."""
+    parser = argparse.ArgumentParser(prog="python -m training train")
+    add_train_arguments(parser)
+    return config_from_args(parser.parse_args(argv))

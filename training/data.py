@@ -75,6 +75,8 @@ def augmentation(policy: str, contract: Contract) -> list[Callable]:
         return []
     if policy == "crop-flip":  # CIFAR-10 standard: 4 px reflect-pad random crop + horizontal flip
         return [v2.RandomCrop((h, w), padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+    if policy == "flip":  # mirror-symmetric classes (clothing) in short schedules: no crop
+        return [v2.RandomHorizontalFlip()]
     if policy == "affine":  # handwriting: small rotation, shift and scale; never flip a digit
         return [v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
     if policy == "resized-crop":  # photos (ImageFolder / transfer learning)
@@ -82,7 +84,7 @@ def augmentation(policy: str, contract: Contract) -> list[Callable]:
     raise ValueError(f"unknown augmentation policy {policy!r}; choose one of {AUGMENTATIONS}")
 
 
-AUGMENTATIONS = ("none", "crop-flip", "affine", "resized-crop")
+AUGMENTATIONS = ("none", "flip", "crop-flip", "affine", "resized-crop")
 
 
 def to_contract(contract: Contract) -> list[Callable]:
@@ -379,9 +381,11 @@ DATASETS: dict[str, DatasetSpec] = {
         _torchvision_loader(datasets.MNIST, Contract(28, 28, 1, MNIST_MEAN, MNIST_STD, DIGIT_NAMES)),
         "MNIST",
     ),
+    # flip, not crop-flip: in a few-epoch budget the crops cost more than they teach (bn_cnn width 16,
+    # 8 epochs: 0.918 test accuracy with flip, 0.896 with crop-flip; docs/benchmarks.md, sweep).
     "fashion-mnist": DatasetSpec(
         "fashion-mnist",
-        "crop-flip",
+        "flip",
         _torchvision_loader(datasets.FashionMNIST, Contract(28, 28, 1, FASHION_MEAN, FASHION_STD, FASHION_NAMES)),
         "Fashion-MNIST",
     ),

@@ -12,12 +12,17 @@ from pathlib import Path
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def cpu_name(cpuinfo: str | None = None) -> str:
-    """ "<model name> (<n> logical CPUs; <ISA flags>)" from /proc/cpuinfo (or the text given)."""
+# bf16 matrix units: without them PyTorch emulates bf16 on the CPU, slower than fp32 (a bn_cnn epoch
+# on Fashion-MNIST did not finish in 5 min on AVX2 alone, against ~70 s in fp32).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo(cpuinfo: str | None) -> tuple[str | None, set[str]] | None:
+    """(model name, flags) of the first CPU in /proc/cpuinfo (or the text given); None if unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        return platform.processor() or platform.machine()
+        return None
     model: str | None = None
     flags: set[str] = set()
     for line in text.splitlines():
@@ -26,5 +31,20 @@ def cpu_name(cpuinfo: str | None = None) -> str:
             model = value.strip()
         elif key.strip() == "flags" and not flags:
             flags = set(value.split())
+    return model, flags
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """ "<model name> (<n> logical CPUs; <ISA flags>)" from /proc/cpuinfo (or the text given)."""
+    info = _cpuinfo(cpuinfo)
+    if info is None:
+        return platform.processor() or platform.machine()
+    model, flags = info
     isa = ", ".join(f for f in ISA_FLAGS if f in flags) or "no AVX2"
     return f"{model or platform.machine()} ({os.cpu_count()} logical CPUs; {isa})"
+
+
+def native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 in hardware (``NATIVE_BF16_FLAGS``)."""
+    info = _cpuinfo(cpuinfo)
+    return info is not None and any(f in info[1] for f in NATIVE_BF16_FLAGS)

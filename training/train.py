@@ -7,6 +7,7 @@ interrupted run continues with ``--resume`` and ends with the same weights as an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from training.checkpoint import FORMAT_VERSION, load_checkpoint, provenance, save_checkpoint
@@ -29,6 +31,7 @@ from training.contract import Contract
 from training.data import DATASETS, load_splits
 from training.engine import evaluate, train_one_epoch
 from training.files import atomic_write_text
+from training.machine import native_bf16
 from training.models import build_model
 
 
@@ -43,6 +46,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} asked for CUDA but none is available; use --device cpu")
     return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where ``device`` computes it natively, else fp32; other names unchanged."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if native_bf16() else "fp32"
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -280,6 +292,13 @@ def fit(cfg: TrainConfig) -> Path:
     """Train as ``cfg`` says; returns the path of ``best.pt``."""
     check_run_dir(cfg)
     device = resolve_device(cfg.device)
+    # Defaults that depend on the machine or the dataset are settled here, once: the saved config (and
+    # so --resume's check) and everything after see the precision and augmentation actually used.
+    cfg = dataclasses.replace(
+        cfg,
+        precision=resolve_precision(cfg.precision, device),
+        augment=cfg.augment or DATASETS[cfg.dataset].default_augment,
+    )
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA (GradScaler); use --precision bf16 on CPU")
     rank, world, device = init_distributed(device)
@@ -328,6 +347,9 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
         )
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, cfg.epochs * steps_per_epoch)
+    ema = build_ema(cfg, model)
+    # What is evaluated, saved as state_dict and exported: the average when there is one.
+    shipped = ema.module if ema is not None else model
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     train_model = (
         nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -337,7 +359,7 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
     history: list[dict] = []
     start_epoch, best_acc = 0, -1.0
     if resume is not None:
-        start_epoch, best_acc, history = _restore(resume, rank, model, optimizer, scheduler, scaler)
+        start_epoch, best_acc, history = _restore(resume, rank, model, optimizer, scheduler, scaler, ema)
         if is_main:
             print(f"resumed {last_path} at epoch {start_epoch}/{cfg.epochs}")
     writer = _start_run_dir(cfg, pipe, fresh=start_epoch == 0) if is_main else None
@@ -366,19 +388,27 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
             clip_grad_norm=cfg.clip_grad_norm,
             channels_last=channels_last,
             progress=f"epoch {epoch + 1}/{cfg.epochs}" if is_main else None,
-            on_step=_step_logger(writer, optimizer, epoch * steps_per_epoch),
+            on_step=_callbacks(
+                _step_logger(writer, optimizer, epoch * steps_per_epoch),
+                (lambda _loss: ema.update_parameters(model)) if ema is not None else None,
+            ),
         )
         rngs = _gather_rng(world)
         if is_main:
             val = evaluate(
-                model, pipe.val, device, pipe.contract.class_names, precision=cfg.precision, channels_last=channels_last
+                shipped,
+                pipe.val,
+                device,
+                pipe.contract.class_names,
+                precision=cfg.precision,
+                channels_last=channels_last,
             )
             record = _epoch_record(cfg, epoch, stats, val, world, optimizer, time.perf_counter() - t0)
             history.append(record)
             _log_epoch(record, writer, cfg.epochs)
             state = {
                 **base,
-                "state_dict": _cpu_state(model),
+                "state_dict": _cpu_state(shipped),
                 "epoch": epoch + 1,
                 "metrics": {"val_accuracy": val["accuracy"], "val_loss": val["loss"]},
                 "provenance": provenance(),
@@ -395,6 +425,12 @@ def _fit(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
                     "rng": rngs,
                     "best_val_accuracy": best_acc,
                     "history": history,
+                    # The raw weights the optimizer goes on from, and how many steps the average holds.
+                    **(
+                        {"train_state_dict": _cpu_state(model), "ema_steps": int(ema.n_averaged)}
+                        if ema is not None
+                        else {}
+                    ),
                 },
                 last_path,
             )
@@ -423,6 +459,10 @@ def _build_model(
     arch_args = {"in_channels": contract.channels, "num_classes": contract.num_classes, "image_size": contract.height}
     if cfg.freeze_backbone:
         arch_args["freeze_backbone"] = True
+    if cfg.width is not None:
+        arch_args["width"] = cfg.width
+    if cfg.flip_tta:
+        arch_args["flip_tta"] = True
     model = build_model(cfg.model, **arch_args)
     if cfg.pretrained_weights and pretrained:
         load_pretrained(model, cfg.pretrained_weights)
@@ -431,9 +471,14 @@ def _build_model(
     return model, arch_args, channels_last
 
 
-def _restore(resume: dict, rank: int, model, optimizer, scheduler, scaler) -> tuple[int, float, list]:
+def _restore(resume: dict, rank: int, model, optimizer, scheduler, scaler, ema) -> tuple[int, float, list]:
     """Load ``last.pt``'s states; returns (epochs done, best validation accuracy, history)."""
-    model.load_state_dict(resume["state_dict"])
+    if ema is not None:
+        model.load_state_dict(resume["train_state_dict"])
+        ema.module.load_state_dict(resume["state_dict"])
+        ema.n_averaged.fill_(resume["ema_steps"])
+    else:
+        model.load_state_dict(resume["state_dict"])
     optimizer.load_state_dict(resume["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(resume["scheduler"])
@@ -461,6 +506,27 @@ def _start_run_dir(cfg: TrainConfig, pipe: Pipeline, fresh: bool):
 # Per-step TensorBoard scalars every this many optimizer steps: reading the loss waits for the device,
 # and 10 gives make demo's 150-step run 15 points and a 5-epoch MNIST run ~200.
 STEP_LOG_EVERY = 10
+
+
+def build_ema(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
+    """The moving average of ``model``'s weights and buffers (BatchNorm statistics too, so the average
+    needs no extra pass to recompute them), or None with ``--ema-decay 0``."""
+    if cfg.ema_decay == 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+
+def _callbacks(*callbacks):
+    """One ``on_step`` calling each of ``callbacks`` that is not None (None when none is)."""
+    live = [c for c in callbacks if c is not None]
+    if not live:
+        return None
+
+    def call(loss) -> None:
+        for c in live:
+            c(loss)
+
+    return call
 
 
 def _step_logger(writer, optimizer, first_step: int):
@@ -549,17 +615,29 @@ def _cpu_state(model: nn.Module) -> dict:
 
 
 def _plain(cfg: TrainConfig) -> dict:
-    import dataclasses
-
     return {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
     """Resuming with a different model, data or optimisation would silently change the run."""
-    fixed: tuple[str, ...] = ("model", "dataset", "batch_size", "optimizer", "schedule", "seed", "accum_steps", "lr")
+    fixed: tuple[str, ...] = (
+        "model",
+        "ema_decay",
+        "width",
+        "flip_tta",
+        "dataset",
+        "batch_size",
+        "optimizer",
+        "schedule",
+        "seed",
+        "accum_steps",
+        "lr",
+    )
     if "pipeline" in saved:  # runs from before the tensor pipeline did not record these
         fixed += ("pipeline", "min_steps", "warmup_steps", "augment")
-    changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in fixed if saved.get(k) != getattr(cfg, k)]
+    # A setting added later is absent from older runs' config, which trained with its default.
+    was = {k: saved.get(k, getattr(TrainConfig, k)) for k in fixed}
+    changed = [f"{k}: {was[k]!r} -> {getattr(cfg, k)!r}" for k in fixed if was[k] != getattr(cfg, k)]
     if saved.get("epochs") != cfg.epochs and cfg.schedule != "none":
         changed.append(f"epochs: {saved.get('epochs')} -> {cfg.epochs} (the LR schedule spans all epochs)")
     if changed:
