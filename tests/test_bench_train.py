@@ -32,7 +32,13 @@ def test_curve_is_cumulative_and_time_to_first_crossing():
     ([0.95], 200.0, "MISSED: no epoch finished within 180 s"),
 ])
 def test_fashion_verdict(accs, seconds, verdict):
-    assert verdict in bench.fashion_section(_result(accs, seconds), None, "machine")
+    assert verdict in bench.fashion_section(_result(accs, seconds), None, "machine", 4000.0)
+
+
+def test_fashion_section_gives_time_to_each_target_and_the_ceiling():
+    text = bench.fashion_section(_result([0.905, 0.921, 0.935]), None, "machine", 4000.0)
+    assert "90% after 40 s, 92% after 80 s, 93% after 120 s, 94% not reached" in text
+    assert "Trainer 2,001 images/s against a step ceiling of 4,000 images/s" in text and "(0.50)" in text
 
 
 def test_demo_verdict_uses_medians():

@@ -47,7 +47,7 @@ NOT_RUN: list[tuple[str, str]] = [
     (r"make (export RUN=digits|demo-serve)\b", ("what make demo already ran (its export, samples, "
                                                "reliability and serve steps): another minute for nothing new")),
     (r"python -m export --run digits", "a second export of what make demo exported (about a minute)"),
-    (r"make (bench-train|bench-export|bench-serve|bench-hostile|capacity|soak)\b",
+    (r"make (bench-train|bench-sweep|bench-export|bench-serve|bench-hostile|capacity|soak)\b",
      "a benchmark: minutes to tens of minutes of full load (docs/benchmarks.md has its results)"),
     (r"make loadtest USERS=32 DURATION=5m", "a five-minute load test"),
     ((r"(\.venv/bin/)?python (bench/|-m training train --run (digits(-mnistcnn)?|fashion|cifarnet) .*--runs-dir "
