@@ -115,9 +115,10 @@ def test_the_makefiles_fashion_recipe_is_the_sweeps_choice():
     from training.data import DATASETS
     from training.models import MODELS
 
-    out = subprocess.run(["make", "-n", "train", "RUN=fashion", "DATA_DIR=/d"], capture_output=True, text=True,
-                         cwd=sweep_train.REPO, check=True).stdout
-    argv = re.sub(r"\s*\\\n\s*", " ", out).split("-m training train ", 1)[1].split()
+    out = subprocess.run(["make", "--no-print-directory", "-n", "train", "RUN=fashion", "DATA_DIR=/d"],
+                         capture_output=True, text=True, cwd=sweep_train.REPO, check=True).stdout
+    line = next(ln for ln in re.sub(r"\s*\\\n\s*", " ", out).splitlines() if "-m training train " in ln)
+    argv = line.split("-m training train ", 1)[1].split()
     made = parse_train_args([a for a in argv if a not in ("--run", "fashion")])
     default_width = inspect.signature(MODELS[made.model].builder).parameters["width"].default
     default_augment = DATASETS[made.dataset].default_augment

@@ -168,18 +168,33 @@ class Residual(nn.Module):
         return x + self.block(x)
 
 
-class ResNet9(nn.Module):
+class PooledResNet(nn.Module):
+    """The residual nets' shared head: a body ending in global pooling, a bias-free linear layer whose
+    logits are scaled by 1/8, and optional flip test-time augmentation (``flip_averaged``)."""
+
+    def __init__(self, body: nn.Sequential, features: int, num_classes: int, flip_tta: bool) -> None:
+        super().__init__()
+        self.flip_tta = flip_tta
+        self.net = body
+        self.fc = nn.Linear(features, num_classes, bias=False)
+        # Scaling the logits down (airbench uses 1/8) keeps the early softmax soft: faster, steadier
+        # convergence with label smoothing and a one-cycle schedule.
+        self.logit_scale = 0.125
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(flip_averaged(self.net, x, self.flip_tta and not self.training)) * self.logit_scale
+
+
+class ResNet9(PooledResNet):
     """ResNet-9 in the spirit of the DAWNBench / airbench CIFAR-10 nets (~94 % in a short schedule on
     a GPU): prep 64 -> 128 + residual -> 256 -> 512 + residual -> global max-pool -> linear."""
 
     def __init__(
         self, in_channels: int = 3, num_classes: int = 10, image_size: int = 32, width: int = 64, flip_tta: bool = False
     ) -> None:
-        super().__init__()
         del image_size  # global pooling
         w = width
-        self.flip_tta = flip_tta
-        self.net = nn.Sequential(
+        body = nn.Sequential(
             conv_bn(in_channels, w),
             conv_bn(w, 2 * w),
             nn.MaxPool2d(2),
@@ -192,30 +207,22 @@ class ResNet9(nn.Module):
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
         )
-        self.fc = nn.Linear(8 * w, num_classes, bias=False)
-        # Scaling the logits down (airbench uses 1/8) keeps the early softmax soft: faster, steadier
-        # convergence with label smoothing and a one-cycle schedule.
-        self.logit_scale = 0.125
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(flip_averaged(self.net, x, self.flip_tta and not self.training)) * self.logit_scale
+        super().__init__(body, 8 * w, num_classes, flip_tta)
 
 
-class ResNet8(nn.Module):
+class ResNet8(PooledResNet):
     """ResNet-9's pattern with one stage fewer, sized for 28x28: prep w at full size, pool -> 2w +
     residual at 14x14 -> pool -> 4w + residual at 7x7 -> global max-pool -> linear. Pooling right after
     the first conv keeps the costly convolutions at 14x14 and below."""
 
-    # Width 16: on 2 AVX2 cores it trains ~2,200 images/s, five epochs in a 3-minute budget, and ended
+    # Width 16: on 2 AVX2 cores it trains ~2,100 images/s, five epochs in a 3-minute budget, and ended
     # ahead of widths 20 and 24 (fewer epochs) and of bn_cnn in that budget (docs/benchmarks.md, sweep).
     def __init__(
         self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 16, flip_tta: bool = False
     ) -> None:
-        super().__init__()
         del image_size  # global pooling
         w = width
-        self.flip_tta = flip_tta
-        self.net = nn.Sequential(
+        body = nn.Sequential(
             conv_bn(in_channels, w),
             nn.MaxPool2d(2),
             conv_bn(w, 2 * w),
@@ -226,11 +233,7 @@ class ResNet8(nn.Module):
             nn.AdaptiveMaxPool2d(1),
             nn.Flatten(),
         )
-        self.fc = nn.Linear(4 * w, num_classes, bias=False)
-        self.logit_scale = 0.125  # as in ResNet9
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(flip_averaged(self.net, x, self.flip_tta and not self.training)) * self.logit_scale
+        super().__init__(body, 4 * w, num_classes, flip_tta)
 
 
 class Transfer(nn.Module):
