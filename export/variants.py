@@ -179,7 +179,12 @@ def quantize_onnx(
     activation = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
     with tempfile.TemporaryDirectory() as tmp:
         prepped = Path(tmp) / "prepped.onnx"
-        quant_pre_process(str(fp32_path), str(prepped))
+        try:
+            quant_pre_process(str(fp32_path), str(prepped))
+        except TypeError:
+            # ORT's symbolic shape inference gives up on the flip of a flip-TTA graph (a Slice with step
+            # -1); ONNX's own shape inference, which it then runs alone, is enough for a conv net.
+            quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=True)
         exclude = []
         if fp32_ends:
             weighted = [n.name for n in onnx.load(str(prepped)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]

@@ -386,7 +386,7 @@ def test_flip_tta_survives_every_export_format(tmp_path):
     the same answer as the image (the augmentation is in the graph, not in the serving code)."""
     import onnxruntime as ort
 
-    from export.variants import INPUT_NAME, export_onnx, export_torchscript, quantize_torch
+    from export.variants import INPUT_NAME, export_onnx, export_torchscript, quantize_onnx, quantize_torch
     from training.contract import Contract, WithPreprocessing
     from training.models import build_model
 
@@ -398,6 +398,9 @@ def test_flip_tta_survives_every_export_format(tmp_path):
         eager = WithPreprocessing(model, contract).eval()(pixels)
     export_torchscript(model, contract, tmp_path / "m.pt")
     export_onnx(model, contract, tmp_path / "m.onnx")
+    quantize_onnx(tmp_path / "m.onnx", pixels.numpy(), tmp_path / "m-int8.onnx")  # ORT's shape inference
+    int8_session = ort.InferenceSession(str(tmp_path / "m-int8.onnx"), providers=["CPUExecutionProvider"])
+    assert int8_session.run(None, {INPUT_NAME: pixels.numpy()})[0].shape == (5, 10)
     scripted = torch.jit.load(str(tmp_path / "m.pt"))
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for x in (pixels, pixels.flip(-1)):

@@ -12,8 +12,8 @@ from pathlib import Path
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-# bf16 matrix units: without them PyTorch emulates bf16 on the CPU, slower than fp32 (a bn_cnn epoch
-# on Fashion-MNIST did not finish in 5 min on AVX2 alone, against ~70 s in fp32).
+# bf16 matrix units: without them PyTorch emulates bf16 on the CPU, far slower than fp32 (bn_cnn and
+# resnet8 steps ran at 1/11-1/12 of fp32's images/s on AVX2 alone; docs/benchmarks.md, step ceiling).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

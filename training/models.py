@@ -151,12 +151,12 @@ def flip_averaged(features: nn.Module, x: torch.Tensor, flip: bool) -> torch.Ten
     """
     if not flip:
         return features(x)
-    # One pass over both views (a batch of 2N): faster than two at small batches, and a forward hook
-    # sees the original images first (training.visualize reads image 0). Sliced at N, not chunk(2):
-    # torch.export fixed the ONNX graph's batch size to the example's with chunk.
-    n = x.shape[0]
-    both = features(torch.cat([x, x.flip(-1)]))
-    return (both[:n] + both[n:]) / 2
+    # Two passes, not one over a concatenated batch of 2N: slicing that batch at a symbolic N broke ONNX
+    # Runtime's shape inference (the ONNX INT8 export), and chunk(2) fixed the graph's batch size. The
+    # mirror image goes first, so that a forward hook keeping the last call sees the original
+    # (training.visualize).
+    mirrored = features(x.flip(-1))
+    return (features(x) + mirrored) / 2
 
 
 class Residual(nn.Module):
@@ -166,6 +166,15 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block(x)
+
+
+class GlobalMaxPool(nn.Module):
+    """(N, C, H, W) -> (N, C), the maximum over space. ``AdaptiveMaxPool2d(1)`` + ``Flatten`` computes the
+    same, but its ONNX export defeats ONNX Runtime's symbolic shape inference, which the ONNX INT8
+    variant needs; a ReduceMax does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.amax(x, dim=(2, 3))
 
 
 class PooledResNet(nn.Module):
@@ -204,8 +213,7 @@ class ResNet9(PooledResNet):
             conv_bn(4 * w, 8 * w),
             nn.MaxPool2d(2),
             Residual(8 * w),
-            nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(),
+            GlobalMaxPool(),
         )
         super().__init__(body, 8 * w, num_classes, flip_tta)
 
@@ -230,8 +238,7 @@ class ResNet8(PooledResNet):
             nn.MaxPool2d(2),
             conv_bn(2 * w, 4 * w),
             Residual(4 * w),
-            nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(),
+            GlobalMaxPool(),
         )
         super().__init__(body, 4 * w, num_classes, flip_tta)
 
