@@ -234,6 +234,20 @@ def demo_section(results: list[TrainResult], machine: str) -> str:
 
 
 # ---- compute ceiling: optimizer steps on random data ---------------------------------------------------
+def optimizer_step(model, optimizer, scaler, x, y, device, precision: str, label_smoothing: float = 0.0) -> None:
+    """The step of ``engine.train_one_epoch`` without the data: what every ceiling here times."""
+    import torch.nn.functional as F
+
+    from training.engine import autocast
+
+    with autocast(device, precision):
+        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def step_rates(models: list[str], batch_size: int, rounds: int, *, device: str = "cpu",
                channels: int = 1, size: int = 28) -> list[tuple[str, str, bool, float]]:
     """(model, precision, channels_last, median images/s) for one AdamW step, settings interleaved.
@@ -242,7 +256,6 @@ def step_rates(models: list[str], batch_size: int, rounds: int, *, device: str =
     """
     import torch
 
-    from training.engine import autocast
     from training.models import build_model
 
     torch.manual_seed(0)
@@ -262,20 +275,12 @@ def step_rates(models: list[str], batch_size: int, rounds: int, *, device: str =
                 settings.append((arch, precision, channels_last, model,
                                  torch.optim.AdamW(model.parameters(), 1e-3), scaler, x, y, []))
 
-    def step(model, opt, scaler, x, y, precision):
-        with autocast(dev, precision):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
     for r in range(rounds + 1):
         for arch, precision, _, model, opt, scaler, x, y, times in settings:
             sync()
             t0 = time.perf_counter()
             for _ in range(1 if dev.type == "cpu" else 10):  # GPU steps are short: time ten
-                step(model, opt, scaler, x, y, precision)
+                optimizer_step(model, opt, scaler, x, y, dev, precision)
             sync()
             if r:  # round 0 warms up (oneDNN primitives, cuDNN autotuning)
                 times.append((time.perf_counter() - t0) / (1 if dev.type == "cpu" else 10))
@@ -291,7 +296,6 @@ def config_ceiling(train_args: list[str], *, channels: int, size: int, rounds: i
 
     from training.config import parse_train_args
     from training.contract import Contract
-    from training.engine import autocast
     from training.train import _build_model, build_optimizer, resolve_device, resolve_precision
 
     cfg = parse_train_args(train_args)
@@ -308,12 +312,7 @@ def config_ceiling(train_args: list[str], *, channels: int, size: int, rounds: i
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step() -> None:
-        with autocast(dev, precision):
-            loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(model, optimizer, scaler, x, y, dev, precision, cfg.label_smoothing)
 
     step()  # oneDNN primitives, cuDNN autotuning
     times = []
@@ -344,11 +343,10 @@ def trainer_vs_ceiling(data_dir: Path, *, model_name: str = "resnet8", batch_siz
     """Images/s of ``training.engine.train_one_epoch`` on ``steps`` batches of the tensor pipeline,
     of the DataLoader pipeline, and of the bare optimizer step on one fixed batch, in turns."""
     import torch
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader, Subset
 
     from training.data import DATASETS, load_splits
-    from training.engine import autocast, train_one_epoch
+    from training.engine import train_one_epoch
     from training.models import build_model
     from training.tensordata import TensorBatches, load_tensor_splits
 
@@ -383,13 +381,8 @@ def trainer_vs_ceiling(data_dir: Path, *, model_name: str = "resnet8", batch_siz
     def ceiling():
         model, opt, scaler = nets["ceiling"]
         model.train()
-        for _ in range(steps):  # the step of engine.train_one_epoch, without the data
-            with autocast(dev, precision):
-                loss = F.cross_entropy(model(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+        for _ in range(steps):
+            optimizer_step(model, opt, scaler, x, y, dev, precision)
         sync()
 
     def timed(run) -> tuple[float, float]:

@@ -57,7 +57,7 @@ from training.machine import cpu_name  # noqa: E402
 # name -> the training arguments besides the dataset (each sized to end inside the budget here, with
 # --min-steps 0 where 2 epochs of 469 steps would otherwise be stretched to the default floor of 1000:
 # bn_cnn at width 32 trains ~900 images/s on 2 AVX2 cores, width 16 ~3,100; resnet8 width 16 ~2,200).
-CL = ["--channels-last"]  # 1.1-1.3x the images/s of NCHW for these nets on AVX2 (fp32)
+CL = ["--channels-last"]  # 1.2-1.3x the images/s of NCHW on AVX2 (fp32; docs/benchmarks.md, step ceiling)
 R8 = ["--model", "resnet8", "--width", "16", "--epochs", "5", "--augment", "flip", *CL]
 CONFIGS: dict[str, list[str]] = {
     "bn_cnn-w32-e2": ["--model", "bn_cnn", "--epochs", "2", "--min-steps", "0", *CL],
